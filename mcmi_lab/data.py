@@ -1,0 +1,392 @@
+"""Data sets as resident tensors, few-/zero-shot views, and batch iteration with tensor augmentation.
+
+A data set is an :class:`ImageData`: images ``(N, C, H, W)`` (uint8 or float), labels ``(N,)``, class names and
+normalisation statistics. A whole epoch lives on the training device; batches are cut and augmented there with
+tensor ops (random crop through padding + offsets, horizontal flip), never per-sample Python.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .utils import check_choice, check_float, check_int
+
+#: Environment variable naming a directory that holds Fashion-MNIST (IDX files, gzipped or not) or CIFAR.
+DATA_ENV = "MCMI_LAB_DATA"
+#: Where Debian's `dataset-fashion-mnist` package puts the files.
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+FASHION_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                 "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+SPLITS = ("train", "test")
+
+
+def cache_dir() -> Path:
+    """The user cache directory: $XDG_CACHE_HOME/mcmi_lab (default ~/.cache/mcmi_lab)."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mcmi_lab"
+
+
+@dataclass(frozen=True)
+class ImageData:
+    """An image classification data set held as tensors.
+
+    images: (N, C, H, W) uint8 (0..255) or float (already in [0, 1]); labels: (N,) int64 in [0, K).
+    `mean`/`std` normalise a batch per channel; `pad`/`flip` are the training augmentation that suits the data.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    name: str = "custom"
+    pad: int = 0
+    flip: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.images, torch.Tensor) or self.images.dim() != 4:
+            shape = tuple(self.images.shape) if isinstance(self.images, torch.Tensor) else type(self.images).__name__
+            raise ValueError(f"images of shape {shape} are not accepted: expected a tensor (N, C, H, W)")
+        if not isinstance(self.labels, torch.Tensor) or self.labels.dim() != 1 or len(self.labels) != len(self.images):
+            raise ValueError(f"labels of shape {tuple(getattr(self.labels, 'shape', ()))} are not accepted: "
+                             f"expected a 1-D tensor of {len(self.images)} class indices")
+        if self.labels.dtype != torch.long:
+            object.__setattr__(self, "labels", self.labels.long())
+        object.__setattr__(self, "classes", tuple(str(c) for c in self.classes))
+        k = len(self.classes)
+        if len(self.labels) and (int(self.labels.min()) < 0 or int(self.labels.max()) >= k):
+            raise ValueError(f"labels in [{int(self.labels.min())}, {int(self.labels.max())}] are not accepted: "
+                             f"expected class indices in [0, {k - 1}] for {k} classes")
+        c = self.images.shape[1]
+        if len(self.mean) != c or len(self.std) != c:
+            raise ValueError(f"mean/std of length {len(self.mean)}/{len(self.std)} are not accepted: "
+                             f"expected one value per channel ({c})")
+
+    # ---- shape facts ----------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def in_channels(self) -> int:
+        return self.images.shape[1]
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return tuple(self.images.shape[2:])
+
+    @property
+    def device(self) -> torch.device:
+        return self.images.device
+
+    def class_counts(self) -> torch.Tensor:
+        return torch.bincount(self.labels.cpu(), minlength=self.num_classes)
+
+    # ---- transforms -----------------------------------------------------------------------------------------
+    def to(self, device: str | torch.device) -> "ImageData":
+        """The same data on `device` (no copy if already there)."""
+        return dataclasses.replace(self, images=self.images.to(device), labels=self.labels.to(device))
+
+    def take(self, index: torch.Tensor) -> "ImageData":
+        """The samples at `index` (a 1-D index tensor), same classes and statistics."""
+        index = index.to(self.labels.device)
+        return dataclasses.replace(self, images=self.images[index], labels=self.labels[index])
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 or [0, 1] float images -> normalised float32 (B, C, H, W)."""
+        x = images.float()
+        if images.dtype == torch.uint8:
+            x = x / 255.0
+        mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
+        return (x - mean) / std
+
+
+# ---- user data ------------------------------------------------------------------------------------------------
+
+def from_tensors(images: torch.Tensor, labels: torch.Tensor, classes: Sequence[str] | int | None = None,
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                 name: str = "custom", pad: int = 0, flip: bool = False) -> ImageData:
+    """Wrap user tensors. images: (N, C, H, W) uint8 or float in [0, 1]; labels: (N,).
+
+    `classes` may be names, a count, or None (then max(label)+1 classes named "0", "1", ...);
+    `mean`/`std` default to the per-channel statistics of `images`.
+    """
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"images of shape {shape} are not accepted: expected a tensor (N, C, H, W)")
+    labels = torch.as_tensor(labels).long()
+    if classes is None:
+        classes = int(labels.max()) + 1 if len(labels) else 0
+    if isinstance(classes, int):
+        classes = [str(i) for i in range(classes)]
+    if mean is None or std is None:
+        x = images.float() / (255.0 if images.dtype == torch.uint8 else 1.0)
+        mean = x.mean(dim=(0, 2, 3)).tolist() if mean is None else mean
+        std = x.std(dim=(0, 2, 3)).clamp_min(1e-6).tolist() if std is None else std
+    return ImageData(images, labels, tuple(classes), tuple(float(m) for m in mean),
+                     tuple(float(s) for s in std), name=name, pad=pad, flip=flip)
+
+
+def from_dataset(dataset, classes: Sequence[str] | None = None, **kwargs) -> ImageData:
+    """Read any torchvision-style Dataset (items ``(image, label)``, image a PIL image or CHW tensor) into tensors.
+
+    PIL images become uint8 tensors; tensors are kept as they are (float expected in [0, 1]).
+    """
+    from torchvision.transforms.functional import pil_to_tensor
+
+    images, labels = [], []
+    for i in range(len(dataset)):
+        image, label = dataset[i]
+        images.append(image if isinstance(image, torch.Tensor) else pil_to_tensor(image))
+        labels.append(int(label))
+    if not images:
+        raise ValueError("an empty dataset is not accepted: expected at least one (image, label) item")
+    classes = classes if classes is not None else getattr(dataset, "classes", None)
+    return from_tensors(torch.stack(images), torch.tensor(labels), classes, **kwargs)
+
+
+# ---- named data sets ------------------------------------------------------------------------------------------
+
+def load_dataset(name: str = "fashion-mnist", split: str = "train", root: str | os.PathLike | None = None,
+                 download: bool = True, **kwargs) -> ImageData:
+    """Load a named data set split as an :class:`ImageData` (CPU tensors).
+
+    name: one of ``DATASETS`` ("fashion-mnist" is the default and is found offline, see
+    :func:`fashion_mnist_root`); split: "train" or "test". `kwargs` go to the loader (e.g. the synthetic
+    task's knobs).
+    """
+    check_choice("split", split, SPLITS)
+    if name not in DATASETS:
+        raise ValueError(f"data set {name!r} is not known: expected one of {', '.join(sorted(DATASETS))}")
+    return DATASETS[name](split=split, root=root, download=download, **kwargs)
+
+
+def _load_fashion_mnist(split: str, root=None, download: bool = True) -> ImageData:
+    from torchvision.datasets import FashionMNIST
+
+    ds = FashionMNIST(str(fashion_mnist_root(root, download)), train=split == "train", download=False)
+    return ImageData(ds.data.unsqueeze(1).contiguous(), ds.targets.clone(), tuple(ds.classes),
+                     (0.2860,), (0.3530,), name="fashion-mnist", pad=2, flip=True)
+
+
+def fashion_mnist_root(root: str | os.PathLike | None = None, download: bool = True) -> Path:
+    """A directory laid out as torchvision's FashionMNIST expects (``<dir>/FashionMNIST/raw/``).
+
+    Looked for, in order: `root`, $MCMI_LAB_DATA, Debian's ``/usr/share/datasets/fashion-mnist``, the user cache
+    (:func:`cache_dir`), and finally torchvision's download into the cache (when `download`). A directory counts
+    if it holds the four IDX files, gzipped or not, either directly or in torchvision's layout.
+    """
+    cache = cache_dir() / "fashion-mnist"
+    candidates = [Path(p) for p in (root, os.environ.get(DATA_ENV)) if p]
+    for source in candidates + [DEBIAN_FASHION_MNIST, cache]:
+        laid_out = _fashion_layout(source, cache)
+        if laid_out is not None:
+            return laid_out
+    if root is not None:
+        raise FileNotFoundError(f"root={str(root)!r} holds no Fashion-MNIST files: expected the four IDX files "
+                                f"({', '.join(FASHION_FILES)}, optionally .gz) or torchvision's FashionMNIST/raw/")
+    if download:
+        try:
+            return _download_fashion_mnist(cache)
+        except Exception as err:  # offline: fall through to the one clear error below
+            reason = f" (download failed: {type(err).__name__}: {err})"
+    else:
+        reason = ""
+    raise FileNotFoundError(
+        "Fashion-MNIST was not found" + reason + ". Get it one of three ways: "
+        "(1) `sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu; files in /usr/share/datasets/fashion-mnist), "
+        f"(2) point ${DATA_ENV} or root= at a directory holding the four IDX files, "
+        f"(3) run once with a network so torchvision downloads it into {cache}.")
+
+
+def _download_fashion_mnist(cache: Path) -> Path:
+    from torchvision.datasets import FashionMNIST
+
+    FashionMNIST(str(cache), train=True, download=True)
+    return cache
+
+
+def _fashion_layout(source: Path, cache: Path) -> Path | None:
+    """`source` itself if it is in torchvision's layout; else the cache after copying its IDX files there."""
+    if all((source / "FashionMNIST" / "raw" / f).is_file() for f in FASHION_FILES):
+        return source
+    found = {f: next((source / n for n in (f, f + ".gz") if (source / n).is_file()), None) for f in FASHION_FILES}
+    if not all(found.values()):
+        return None
+    raw = cache / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for name, path in found.items():
+        if not (raw / name).is_file():
+            tmp = raw / f".{name}.tmp"
+            with (gzip.open(path) if path.suffix == ".gz" else open(path, "rb")) as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            os.replace(tmp, raw / name)
+    return cache
+
+
+def _load_cifar(num_classes: int):
+    stats = {10: ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+             100: ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))}
+
+    def load(split: str, root=None, download: bool = True) -> ImageData:
+        from torchvision.datasets import CIFAR10, CIFAR100
+
+        cls = CIFAR10 if num_classes == 10 else CIFAR100
+        root = Path(root or os.environ.get(DATA_ENV) or cache_dir() / f"cifar{num_classes}")
+        try:
+            ds = cls(str(root), train=split == "train", download=download)
+        except RuntimeError as err:  # torchvision: "Dataset not found or corrupted."
+            raise FileNotFoundError(f"CIFAR-{num_classes} was not found under {root} ({err}): put torchvision's "
+                                    f"{cls.base_folder}/ there, pass root=, or allow download with a network") from None
+        images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+        mean, std = stats[num_classes]
+        return ImageData(images, torch.tensor(ds.targets), tuple(ds.classes), mean, std,
+                         name=f"cifar{num_classes}", pad=4, flip=True)
+
+    return load
+
+
+def _load_synthetic(split: str, root=None, download: bool = True, **kwargs) -> ImageData:
+    from .synthetic import load_synthetic
+
+    return load_synthetic(split, **kwargs)
+
+
+#: name -> loader(split, root, download, **kwargs); a plain dict, extend it to register a data set.
+DATASETS = {
+    "fashion-mnist": _load_fashion_mnist,
+    "cifar10": _load_cifar(10),
+    "cifar100": _load_cifar(100),
+    "synthetic": _load_synthetic,
+}
+
+
+# ---- views ----------------------------------------------------------------------------------------------------
+
+def few_shot(data: ImageData, fraction: float, seed: int = 0) -> ImageData:
+    """A stratified, seeded subset keeping round(fraction * n_c) samples (at least 1) of every class c."""
+    return data.take(_stratified_indices(data, fraction, seed))
+
+
+def _stratified_indices(data: ImageData, fraction: float, seed: int) -> torch.Tensor:
+    check_float("fraction", fraction, 0.0, 1.0, low_open=True)
+    gen = torch.Generator().manual_seed(check_int("seed", seed, minimum=0))
+    labels = data.labels.cpu()
+    keep = []
+    for c in range(data.num_classes):
+        idx = torch.nonzero(labels == c).flatten()
+        if len(idx):
+            keep.append(idx[torch.randperm(len(idx), generator=gen)[:max(1, round(fraction * len(idx)))]])
+    return torch.cat(keep).sort().values
+
+
+def omit_classes(data: ImageData, classes: Sequence[int | str]) -> ImageData:
+    """The data without the samples of `classes` (indices or names). The label space stays the same (K outputs)."""
+    if isinstance(classes, (int, str)):
+        classes = [classes]
+    indices = []
+    for c in classes:
+        if isinstance(c, str) and c in data.classes:
+            c = data.classes.index(c)
+        if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < data.num_classes:
+            raise ValueError(f"omitted class {c!r} is not accepted: expected a class index in "
+                             f"[0, {data.num_classes - 1}] or one of the names {list(data.classes)}")
+        indices.append(c)
+    if len(set(indices)) >= data.num_classes:
+        raise ValueError(f"omitting classes {sorted(set(indices))} is not accepted: at least one of the "
+                         f"{data.num_classes} classes must remain")
+    mask = ~torch.isin(data.labels.cpu(), torch.tensor(indices, dtype=torch.long))
+    return data.take(torch.nonzero(mask).flatten())
+
+
+def subset(data: ImageData, n: int, seed: int = 0) -> ImageData:
+    """n samples for smoke runs, drawn at random but interleaved across classes so that every class appears."""
+    check_int("n", n, minimum=1, maximum=len(data))
+    gen = torch.Generator().manual_seed(check_int("seed", seed, minimum=0))
+    perm = torch.randperm(len(data), generator=gen)
+    labels = data.labels.cpu()[perm]
+    # rank of each sample within its class, in the permuted order; taking the smallest ranks interleaves classes
+    onehot = F.one_hot(labels, data.num_classes)
+    rank = (onehot.cumsum(0) * onehot).sum(1)
+    order = torch.argsort(rank * len(data) + torch.arange(len(data)))
+    return data.take(perm[order[:n]].sort().values)
+
+
+def stratified_split(data: ImageData, fraction: float, seed: int = 0) -> tuple[ImageData, ImageData]:
+    """(rest, validation): a stratified validation part of `fraction`, for model selection that never reads
+    the test set."""
+    val = _stratified_indices(data, fraction, seed)
+    mask = torch.ones(len(data), dtype=torch.bool)
+    mask[val] = False
+    return data.take(torch.nonzero(mask).flatten()), data.take(val)
+
+
+# ---- batches --------------------------------------------------------------------------------------------------
+
+def augment_batch(images: torch.Tensor, pad: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
+    """Random crop (zero padding `pad`, then a random HxW window) and random horizontal flip, on a whole batch.
+
+    images: (B, C, H, W) on any device; the random numbers come from the CPU `generator` so that a run is the same
+    on every device.
+    """
+    b, c, h, w = images.shape
+    dev = images.device
+    if pad > 0:
+        padded = F.pad(images, (pad, pad, pad, pad))
+        oy = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(dev)
+        ox = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(dev)
+        rows = (oy[:, None] + torch.arange(h, device=dev))[:, None, :, None]
+        cols = (ox[:, None] + torch.arange(w, device=dev))[:, None, None, :]
+        images = padded[torch.arange(b, device=dev)[:, None, None, None],
+                        torch.arange(c, device=dev)[None, :, None, None], rows, cols]
+    if flip:
+        mask = (torch.rand(b, generator=generator) < 0.5).to(dev)
+        images = torch.where(mask[:, None, None, None], images.flip(3), images)
+    return images
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The CPU generator for one epoch's order and augmentation: a function of (seed, epoch) only, so a resumed
+    run draws exactly what an uninterrupted one would have."""
+    return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
+
+
+def batches(data: ImageData, batch_size: int, *, shuffle: bool = False, augment: bool = False, seed: int = 0,
+            epoch: int = 0, drop_last: bool = False, rank: int = 0, world_size: int = 1,
+            index: bool = False) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Yield normalised ``(images, labels)`` batches (and the sample indices when `index`) on `data`'s device.
+
+    With `world_size` > 1 the epoch's permutation is cut into equal per-rank shards (the tail that does not divide
+    is dropped when shuffling, so every rank takes the same number of steps); without shuffling the shards are
+    contiguous and exact (no padding duplicates).
+    """
+    check_int("batch_size", batch_size, minimum=1)
+    gen = epoch_generator(seed, epoch)
+    n = len(data)
+    if shuffle:
+        order = torch.randperm(n, generator=gen)
+        per_rank = n // world_size
+        order = order[rank * per_rank:(rank + 1) * per_rank] if world_size > 1 else order
+    else:
+        bounds = [n * r // world_size for r in range(world_size + 1)]
+        order = torch.arange(bounds[rank], bounds[rank + 1])
+    order = order.to(data.device)
+    stop = len(order) - (len(order) % batch_size if drop_last else 0)
+    for start in range(0, stop, batch_size):
+        idx = order[start:start + batch_size]
+        images = data.images[idx]
+        if augment and (data.pad or data.flip):
+            images = augment_batch(images, data.pad, data.flip, gen)
+        out = (data.normalize(images), data.labels[idx])
+        yield (out + (idx,)) if index else out

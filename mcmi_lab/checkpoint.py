@@ -1,0 +1,90 @@
+"""Checkpoints as plain dicts of tensors and primitives, written atomically, loaded without running code.
+
+`torch.load(..., weights_only=True)` refuses any pickle that would construct arbitrary objects, so a checkpoint
+crafted to run code when unpickled is rejected before anything runs.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .utils import atomic_write
+
+FORMAT = "mcmi_lab/1"
+
+
+class UnsafeCheckpointError(ValueError):
+    """The file is not a plain-data checkpoint (it would need arbitrary code to load)."""
+
+
+def save_checkpoint(path: str | os.PathLike, **state: Any) -> Path:
+    """Atomically write `state` (tensors, numbers, strings, lists, dicts) to `path`; returns the path.
+
+    An `nn.Module` value is stored as its state_dict plus its `spec` (name, classes, channels) when it has one.
+    """
+    payload: dict[str, Any] = {"format": FORMAT}
+    for key, value in state.items():
+        if isinstance(value, nn.Module):
+            payload[key] = value.state_dict()
+            if getattr(value, "spec", None) is not None:
+                payload.setdefault("spec", dict(value.spec))
+        else:
+            payload[key] = value
+    return atomic_write(path, lambda f: torch.save(payload, f))
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint` (or any plain-data torch file), safely."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UnsafeCheckpointError(f"checkpoint {str(path)!r} was refused: it is not plain data (tensors, numbers, "
+                                    f"strings, lists, dicts) and loading it would run code ({first})") from None
+    except (RuntimeError, EOFError) as err:
+        raise ValueError(f"checkpoint {str(path)!r} could not be read: {err}") from None
+
+
+def load_state(model: nn.Module, state_dict: dict[str, torch.Tensor], what: str = "checkpoint") -> nn.Module:
+    """`model.load_state_dict(state_dict)` with one clear message listing missing/unexpected keys and shape clashes."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [f"{k}: {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state_dict and hasattr(state_dict[k], "shape") and state_dict[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
+            if items:
+                parts.append(f"{label} ({len(items)}): {', '.join(items[:4])}{' ...' if len(items) > 4 else ''}")
+        raise ValueError(f"{what} does not fit this model ({type(model).__name__}): " + "; ".join(parts))
+    model.load_state_dict(state_dict)
+    return model
+
+
+def save_model(path: str | os.PathLike, model: nn.Module, **extra: Any) -> Path:
+    """Save a model built by `build_model` (weights + spec) with optional extra plain data (e.g. results)."""
+    if getattr(model, "spec", None) is None:
+        raise ValueError("save_model needs a model made by build_model (it has a .spec); use save_checkpoint instead")
+    return save_checkpoint(path, model=model, **extra)
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a model saved by :func:`save_model` (or a training checkpoint of a `build_model` model)."""
+    from .models import build_model
+
+    state = load_checkpoint(path)
+    spec = state.get("spec")
+    if not spec:
+        raise ValueError(f"checkpoint {str(path)!r} has no model spec: it was not saved from a build_model model")
+    spec = dict(spec)
+    model = build_model(spec.pop("name"), spec.pop("num_classes"), spec.pop("in_channels"), **spec)
+    return load_state(model, state["model"], f"checkpoint {str(path)!r}").to(device)

@@ -1,0 +1,87 @@
+"""`predict` exists once; every metric (accuracy, confusion, CMI, NCMI, soft labels) comes from its logits.
+
+Under torch.distributed each rank takes a contiguous, exact shard (no padding duplicates) and the statistics are
+all-reduced, so the numbers equal the single-process ones.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from . import distributed as dist_utils
+from .cmi import CMIMeter
+from .data import ImageData, batches
+from .utils import get_device
+
+
+def iter_logits(model: nn.Module, data: ImageData, batch_size: int = 1000, device=None,
+                shard: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield ``(logits float32, labels)`` per batch under inference mode; the model's train/eval mode is restored.
+
+    `device` defaults to the model's own device. With `shard` under torch.distributed, this rank's exact shard only.
+    """
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    rank, world = (dist_utils.rank(), dist_utils.world_size()) if shard else (0, 1)
+    try:
+        with torch.inference_mode():
+            for images, labels in batches(data.to(device), batch_size, rank=rank, world_size=world):
+                yield model(images).float(), labels
+    finally:
+        model.train(was_training)
+
+
+def predict(model: nn.Module, data: ImageData, batch_size: int = 1000, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """All logits and labels of `data`: ``(N, K) float32, (N,) int64`` on the CPU."""
+    outs = [(logits.cpu(), labels.cpu()) for logits, labels in iter_logits(model, data, batch_size, device)]
+    return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+
+
+def measure_cmi(model: nn.Module, data: ImageData, temperature: float = 1.0, batch_size: int = 1000) -> dict:
+    """One streaming pass: CMI, per-class CMI, separation, NCMI, centroids and accuracy (memory O(K²), not O(N)).
+
+    Under torch.distributed every rank passes its own shard and the sums are all-reduced.
+    """
+    k = data.num_classes
+    meter = CMIMeter(k, temperature, device=next(model.parameters()).device)
+    correct = torch.zeros((), device=meter.count.device)
+    for logits, labels in iter_logits(model, data, batch_size, shard=True):
+        meter.update(logits, labels)
+        correct += (logits.argmax(1) == labels).sum()
+    meter.all_reduce()
+    correct = dist_utils.all_reduce_sum(correct)
+    out = meter.compute()
+    out["accuracy"] = float(correct / meter.count.sum())
+    return out
+
+
+def metrics_from_logits(logits: torch.Tensor, labels: torch.Tensor, num_classes: int, temperature: float = 1.0) -> dict:
+    """Accuracy, per-class accuracy, confusion matrix (rows: true class), NLL, CMI, per-class CMI, Γ and NCMI."""
+    meter = CMIMeter(num_classes, temperature).update(logits, labels)
+    cmi = meter.compute()
+    pred = logits.argmax(1)
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    confusion.index_put_((labels.cpu(), pred.cpu()), torch.ones_like(labels.cpu()), accumulate=True)
+    counts = confusion.sum(1)
+    per_class = (confusion.diag().double() / counts.clamp_min(1)).tolist()
+    nll = torch.nn.functional.cross_entropy(logits.double() / temperature, labels).item()
+    return {
+        "n": len(labels),
+        "accuracy": (pred == labels).double().mean().item(),
+        "per_class_accuracy": per_class,
+        "confusion": confusion.tolist(),
+        "nll": nll,
+        "cmi": cmi["cmi"].item(),
+        "per_class_cmi": cmi["per_class_cmi"].tolist(),
+        "separation": cmi["separation"].item(),
+        "ncmi": cmi["ncmi"].item(),
+    }
+
+
+def evaluate(model: nn.Module, data: ImageData, temperature: float = 1.0, batch_size: int = 1000) -> dict:
+    """`metrics_from_logits` on `predict`'s logits: a JSON-ready dict."""
+    logits, labels = predict(model, data, batch_size)
+    return metrics_from_logits(logits, labels, data.num_classes, temperature)

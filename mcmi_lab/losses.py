@@ -1,0 +1,37 @@
+"""Loss functions of the teacher side: the MCMI objective and Hinton's KD loss. Pure functions of tensors.
+
+The feature-based KD losses (FitNet, AT, ... CRD, DKD) live in :mod:`mcmi_lab.kd`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_TINY = 1e-30
+
+
+def kl_to_centroids_loss(logits: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """mean_x KL(P_x ‖ Q_y), differentiable in the logits; the centroids are constants (detached).
+
+    logits: (B, K), labels: (B,), centroids: (K, K). Computed in float32 at least.
+    """
+    logp = torch.log_softmax(logits.float(), dim=1)
+    logq = torch.log(centroids.detach().to(logp.dtype).clamp_min(_TINY))[labels]
+    return (logp.exp() * (logp - logq)).sum(dim=1).mean()
+
+
+def mcmi_loss(logits: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, lam: float) -> torch.Tensor:
+    """The MCMI objective (minimised): CE(f(x), y) − λ · KL(P_x ‖ Q_y), λ ≥ 0, centroids constant.
+
+    Minimising it maximises the log-likelihood AND the conditional mutual information I(X; Ŷ | Y) = E[KL(P_X ‖ Q_Y)].
+    (The reference code writes `CE + w·KL` with w = −λ; a positive w minimises CMI instead — the sign is pinned by
+    tests/test_losses.py.) Ye et al., arXiv:2401.08732.
+    """
+    return F.cross_entropy(logits.float(), labels) - lam * kl_to_centroids_loss(logits, labels, centroids)
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton et al. (2015): T² · KL(softmax(t/T) ‖ softmax(s/T)), averaged over the batch. Both (B, K)."""
+    log_s = torch.log_softmax(student_logits.float() / temperature, dim=1)
+    log_t = torch.log_softmax(teacher_logits.float() / temperature, dim=1)
+    return F.kl_div(log_s, log_t, reduction="batchmean", log_target=True) * temperature**2

@@ -10,12 +10,17 @@ import torch.nn.functional as F
 _TINY = 1e-30
 
 
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 logits (autocast) to float32; float32/float64 stay as they are."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def kl_to_centroids_loss(logits: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     """mean_x KL(P_x ‖ Q_y), differentiable in the logits; the centroids are constants (detached).
 
     logits: (B, K), labels: (B,), centroids: (K, K). Computed in float32 at least.
     """
-    logp = torch.log_softmax(logits.float(), dim=1)
+    logp = torch.log_softmax(_upcast(logits), dim=1)
     logq = torch.log(centroids.detach().to(logp.dtype).clamp_min(_TINY))[labels]
     return (logp.exp() * (logp - logq)).sum(dim=1).mean()
 
@@ -27,11 +32,11 @@ def mcmi_loss(logits: torch.Tensor, labels: torch.Tensor, centroids: torch.Tenso
     (The reference code writes `CE + w·KL` with w = −λ; a positive w minimises CMI instead — the sign is pinned by
     tests/test_losses.py.) Ye et al., arXiv:2401.08732.
     """
-    return F.cross_entropy(logits.float(), labels) - lam * kl_to_centroids_loss(logits, labels, centroids)
+    return F.cross_entropy(_upcast(logits), labels) - lam * kl_to_centroids_loss(logits, labels, centroids)
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Hinton et al. (2015): T² · KL(softmax(t/T) ‖ softmax(s/T)), averaged over the batch. Both (B, K)."""
-    log_s = torch.log_softmax(student_logits.float() / temperature, dim=1)
-    log_t = torch.log_softmax(teacher_logits.float() / temperature, dim=1)
+    log_s = torch.log_softmax(_upcast(student_logits) / temperature, dim=1)
+    log_t = torch.log_softmax(_upcast(teacher_logits) / temperature, dim=1)
     return F.kl_div(log_s, log_t, reduction="batchmean", log_target=True) * temperature**2

@@ -180,9 +180,9 @@ class MCMIObjective(Objective):
         if not self.guard or self.start_acc <= 0:
             return
         k = max(self.centroids.shape[0], 2)
-        floor = max(0.5 * float(self.start_acc), 1.5 / k)
+        floor = 0.5 * float(self.start_acc)
         recent = float(self.recent_acc)
-        if recent < floor:
+        if floor > 1.5 / k and recent < floor:  # only a teacher well above chance can collapse
             raise StopTraining(
                 f"MCMI fine-tune collapsed with lam={self.lam:g} (update={self.update!r}): running train accuracy fell "
                 f"to {recent:.1%} from {float(self.start_acc):.1%}. KL(P_x ‖ Q_y) is unbounded, so a large λ pushes mass "
@@ -309,7 +309,7 @@ def fit(model: nn.Module, data: ImageData, objective: Objective | None = None, c
         state = load_checkpoint(checkpoint)
         load_state(model, state["model"], f"checkpoint {str(checkpoint)!r}")
         optimizer.load_state_dict(state["optimizer"])
-        objective.load_state_dict(state["objective"])
+        _load_objective(objective, state["objective"])
         history, start = list(state["history"]), int(state["epoch"])
         torch.set_rng_state(state["rng"]["torch"])
         if device.type == "cuda" and state["rng"].get("cuda"):
@@ -382,6 +382,17 @@ def fit(model: nn.Module, data: ImageData, objective: Objective | None = None, c
         dist_utils.barrier()
     model.eval()
     return history
+
+
+def _load_objective(objective: Objective, state: dict) -> None:
+    """load_state_dict that lets buffers created empty (centroids, memory banks) take the saved shape."""
+    for name, value in state.items():
+        owner, _, attr = name.rpartition(".")
+        module = objective.get_submodule(owner) if owner else objective
+        buf = module._buffers.get(attr)
+        if buf is not None and buf.shape != value.shape:
+            module._buffers[attr] = torch.empty(value.shape, dtype=value.dtype, device=buf.device)
+    objective.load_state_dict(state)
 
 
 def _check_finite(names: list[str], first_bad: torch.Tensor, epoch: int) -> None:

@@ -1,0 +1,164 @@
+import copy
+
+import pytest
+import torch
+
+from conftest import random_images, tiny_cnn
+from mcmi_lab import subset
+from mcmi_lab.evaluate import evaluate, measure_cmi, predict
+from mcmi_lab.train import (MCMIObjective, Objective, StopTraining, TrainConfig, fit, kd_objective, mcmi_objective,
+                            mll_objective)
+
+FAST = dict(progress="off", log=False, batch_size=16)
+
+
+def test_fit_learns_and_reports_history():
+    d = random_images(96, k=4)
+    torch.manual_seed(0)
+    model = tiny_cnn(num_classes=4)
+    hist = fit(model, d, epochs=4, lr=0.05, schedule="cosine", eval_data=d, **FAST)
+    assert [r["epoch"] for r in hist] == [1, 2, 3, 4]
+    assert {"loss", "ce", "train_acc", "lr", "time", "eval_acc", "eval_cmi"} <= set(hist[-1])
+    assert hist[-1]["loss"] < hist[0]["loss"]
+    assert hist[0]["lr"] == 0.05 and hist[-1]["lr"] < 0.05
+    assert evaluate(model, d)["accuracy"] > 0.5
+    assert not model.training
+
+
+def test_schedules():
+    cfg = TrainConfig(epochs=240)
+    assert [cfg.lr_at(e) for e in (0, 149, 150, 180, 210)] == pytest.approx([0.05, 0.05, 0.005, 0.0005, 0.00005])
+    cos = TrainConfig(epochs=20, schedule="cosine")
+    assert cos.lr_at(0) == 0.05 and cos.lr_at(10) == pytest.approx(0.025)
+
+
+def _run(d, epochs, checkpoint=None, resume=False, callbacks=(), objective=None):
+    torch.manual_seed(1)
+    model = tiny_cnn(num_classes=4)
+    hist = fit(model, d, objective or mll_objective(), epochs=epochs, checkpoint=checkpoint, resume=resume,
+               callbacks=callbacks, **FAST)
+    return model, hist
+
+
+@pytest.mark.parametrize("objective", ["mll", "mcmi_ema"])
+def test_resume_equals_uninterrupted(tmp_path, objective):
+    d = random_images(80, k=4)
+    make = (lambda: mll_objective()) if objective == "mll" else (lambda: mcmi_objective(0.2, update="ema", ema_decay=0.9))
+    ref_model, ref_hist = _run(d, 3, objective=make())
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_two(record, model):
+        if record["epoch"] == 2:
+            raise Interrupt
+    ckpt = tmp_path / "run.pt"
+    with pytest.raises(Interrupt):
+        _run(d, 3, ckpt, callbacks=[stop_after_two], objective=make())
+    model, hist = _run(d, 3, ckpt, resume=True, objective=make())
+    for a, b in zip(ref_model.state_dict().values(), model.state_dict().values()):
+        assert torch.equal(a, b)
+    strip = lambda h: [{k: v for k, v in r.items() if k != "time"} for r in h]
+    assert strip(hist) == strip(ref_hist)
+
+
+def test_kd_teacher_frozen_in_eval_mode():
+    d = random_images(64, k=4)
+    torch.manual_seed(0)
+    teacher = tiny_cnn(num_classes=4)
+    fit(teacher, d, epochs=1, **FAST)
+    before = copy.deepcopy(teacher.state_dict())
+    student = tiny_cnn(num_classes=4, width=4)
+    objective = kd_objective(teacher)
+    fit(student, d, objective, epochs=2, **FAST)
+    objective.train()
+    assert not teacher.training
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, before[k]), k  # BatchNorm running statistics did not move
+    assert "teacher" not in dict(objective.named_modules()) and not list(objective.state_dict())
+
+
+def test_mcmi_finetune_raises_train_cmi_over_control(fashion_train):
+    d = subset(fashion_train, 3000, seed=0)
+    torch.manual_seed(0)
+    teacher = tiny_cnn(num_classes=10, width=8)
+    fit(teacher, d, epochs=3, batch_size=64, progress="off", log=False, schedule="cosine")
+    cmis = {}
+    for lam in (0.0, 0.5):
+        model = copy.deepcopy(teacher)
+        fit(model, d, mcmi_objective(lam), epochs=2, lr=0.01, schedule="cosine", batch_size=64,
+            progress="off", log=False)
+        cmis[lam] = measure_cmi(model, d)["cmi"].item()
+    assert cmis[0.5] > cmis[0.0], cmis
+
+
+def test_centroid_updates():
+    d = random_images(64, k=4)
+    torch.manual_seed(0)
+    model = tiny_cnn(num_classes=4)
+    start = measure_cmi(model, d)["centroids"]
+    frozen = mcmi_objective(0.1, update="frozen")
+    fit(copy.deepcopy(model), d, frozen, epochs=2, **FAST)
+    assert torch.allclose(frozen.centroids, start.to(frozen.centroids))  # the reference: one pass, then fixed
+    ema = mcmi_objective(0.1, update="ema", ema_decay=0.5)
+    fit(copy.deepcopy(model), d, ema, epochs=1, **FAST)
+    assert not torch.allclose(ema.centroids, start.to(ema.centroids))
+    assert torch.allclose(ema.centroids.sum(1), torch.ones(4, dtype=torch.float64))
+    trained = copy.deepcopy(model)
+    per_epoch = mcmi_objective(0.1, update="epoch")
+    fit(trained, d, per_epoch, epochs=2, **FAST)
+    assert not torch.allclose(per_epoch.centroids, start.to(per_epoch.centroids))
+
+
+def test_collapse_guard_names_lambda():
+    d = random_images(256, k=4)
+    torch.manual_seed(0)
+    model = tiny_cnn(num_classes=4)
+    fit(model, d, epochs=3, **FAST)
+    with pytest.raises(StopTraining, match=r"collapsed with lam=50"):
+        fit(model, d, mcmi_objective(50.0, update="frozen"), epochs=5, lr=0.5, check_every=2, **FAST)
+
+
+def test_non_finite_loss_names_step_and_term():
+    class Broken(Objective):
+        def forward(self, model, images, labels, index=None):
+            logits = model(images)
+            loss = torch.nn.functional.cross_entropy(logits, labels)
+            step_bad = torch.tensor(float("nan")) if index.min() >= 0 and Broken.calls == 2 else torch.tensor(0.0)
+            Broken.calls += 1
+            return loss + step_bad, {"ce": loss.detach(), "bad": step_bad}
+    Broken.calls = 0
+    d = random_images(64, k=4)
+    with pytest.raises(StopTraining, match=r"non-finite (loss|bad) at epoch 1, step 3"):
+        fit(tiny_cnn(num_classes=4), d, Broken(), epochs=1, **FAST)
+
+
+def test_bad_input_is_one_clear_line():
+    d = random_images(32, k=4)
+    for kwargs, name in [(dict(epochs=0), "epochs"), (dict(lr=-1.0), "lr"), (dict(schedule="linear"), "schedule"),
+                         (dict(precision="fp8"), "precision"), (dict(batch_size=0), "batch_size")]:
+        with pytest.raises(ValueError, match=name):
+            fit(tiny_cnn(num_classes=4), d, **{**FAST, **kwargs})
+    for lam in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="lam="):
+            mcmi_objective(lam)
+    with pytest.raises(ValueError, match="update="):
+        mcmi_objective(0.1, update="sometimes")
+    with pytest.raises(ValueError, match="temperature="):
+        kd_objective(tiny_cnn(), temperature=0)
+    with pytest.raises(ValueError, match=r"3 channel\(s\).*in_channels=3"):
+        fit(tiny_cnn(in_channels=1, num_classes=4), random_images(32, k=4, c=3), **FAST)
+    from mcmi_lab import omit_classes
+    with pytest.raises(ValueError, match=r"empty classes \[1\]"):
+        fit(tiny_cnn(num_classes=4), omit_classes(d, [1]), mcmi_objective(0.1), **FAST)
+
+
+def test_predict_restores_mode_and_is_exact():
+    d = random_images(50, k=4)
+    model = tiny_cnn(num_classes=4).train()
+    logits, labels = predict(model, d, batch_size=7)
+    assert model.training and logits.shape == (50, 4) and torch.equal(labels, d.labels)
+    model.eval()
+    with torch.no_grad():
+        ref = model(d.normalize(d.images))
+    assert torch.allclose(logits, ref, atol=1e-5)

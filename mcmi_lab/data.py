@@ -390,3 +390,31 @@ def batches(data: ImageData, batch_size: int, *, shuffle: bool = False, augment:
             images = augment_batch(images, data.pad, data.flip, gen)
         out = (data.normalize(images), data.labels[idx])
         yield (out + (idx,)) if index else out
+
+
+# ---- set-up -----------------------------------------------------------------------------------------------------
+
+def ensure_fashion_mnist(install: bool = True) -> Path:
+    """Make Fashion-MNIST available offline; return its torchvision root.
+
+    When it is nowhere to be found and `install` is true, installs Debian's `dataset-fashion-mnist` with apt-get
+    (as root, or through passwordless sudo); otherwise raises the one error that lists the three ways to get it.
+    """
+    import subprocess
+
+    try:
+        return fashion_mnist_root(download=False)
+    except FileNotFoundError:
+        if not install or shutil.which("apt-get") is None:
+            raise
+    prefix = [] if os.geteuid() == 0 else ["sudo", "-n"]
+    if prefix and shutil.which("sudo") is None:
+        raise FileNotFoundError("Fashion-MNIST is missing and apt-get needs root: run "
+                                "`sudo apt-get install dataset-fashion-mnist`, or see `mcmi-lab data --help`")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    print("installing Debian package dataset-fashion-mnist ...", flush=True)
+    for cmd in (["apt-get", "install", "-y", "-q", "dataset-fashion-mnist"],
+                ["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "dataset-fashion-mnist"]):
+        if subprocess.run(prefix + cmd, env=env, stdout=subprocess.DEVNULL).returncode == 0 and "install" in cmd:
+            break
+    return fashion_mnist_root(download=True)

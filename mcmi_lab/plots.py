@@ -1,0 +1,343 @@
+"""Figures for teachers' output clusters (CMI, NCMI, KL to the class centroids), students and training runs.
+
+Every function returns a ``matplotlib.figure.Figure`` built with the Figure API, not pyplot: nothing is shown or
+kept open, it works without a display, and a notebook shows the returned figure once. Nothing is written unless
+``path=`` is given, and then atomically (a temporary sibling renamed over the target). Inputs are plain Python
+numbers, lists or tensors; a value given as a list (one per seed) is drawn as mean ± standard deviation.
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections import defaultdict
+from typing import Mapping, Sequence
+
+import torch
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+
+from .utils import atomic_write, check_choice
+
+MARKERS = "osD^vP*Xh<>"
+
+
+def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 150) -> None:
+    """Write `fig` atomically; the format follows the suffix (png when there is none)."""
+    fmt = os.path.splitext(str(path))[1].lstrip(".").lower() or "png"
+    atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=dpi, bbox_inches="tight"))
+
+
+def _finish(fig: Figure, path) -> Figure:
+    if path is not None:
+        save_figure(fig, path)
+    return fig
+
+
+def _panels(n: int, size: tuple[float, float] = (4.2, 3.2), ncols: int | None = None):
+    ncols = ncols or min(n, 3)
+    nrows = math.ceil(n / ncols)
+    fig = Figure(figsize=(size[0] * ncols, size[1] * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).flatten()
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return fig, list(axes[:n])
+
+
+def _floats(value) -> list[float]:
+    """A number, a sequence or a tensor -> list of floats."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().double().cpu().flatten().tolist()
+    if isinstance(value, (list, tuple)):
+        return [float(v) for v in value]
+    return [float(value)]
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    return float(t.mean()), float(t.std()) if len(t) > 1 else 0.0
+
+
+def _colors(n: int) -> list:
+    cmap = colormaps["tab10" if n <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
+def _class_names(classes, k: int) -> list[str]:
+    return list(classes) if classes is not None else [str(i) for i in range(k)]
+
+
+# ---- CMI of teachers --------------------------------------------------------------------------------------------
+
+def plot_cmi_bars(results: Mapping[str, Mapping], keys: Sequence[str] = ("cmi", "ncmi"), path=None) -> Figure:
+    """One panel per key (CMI, NCMI), one bar per model. results: name -> {"cmi": v, "ncmi": v}, v a number or
+    a list over seeds (bar = mean, error bar = std, dots = seeds)."""
+    names = list(results)
+    fig, axes = _panels(len(keys))
+    for ax, key in zip(axes, keys):
+        for i, (name, color) in enumerate(zip(names, _colors(len(names)))):
+            if key not in results[name]:
+                continue
+            values = _floats(results[name][key])
+            mean, std = _mean_std(values)
+            ax.bar(i, mean, yerr=std if len(values) > 1 else None, color=color, capsize=4, alpha=0.85)
+            if len(values) > 1:
+                ax.plot([i] * len(values), values, "k.", ms=4)
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+        ax.set_title(key.upper())
+        ax.set_ylabel("nats" if key == "cmi" else key)
+    return _finish(fig, path)
+
+
+def plot_per_class_cmi(per_class: Mapping[str, torch.Tensor], classes: Sequence[str] | None = None,
+                       path=None) -> Figure:
+    """Grouped bars: mean KL(P_x ‖ Q_c) inside each class c, one bar per model. per_class: name -> (K,)."""
+    values = {name: _floats(v) for name, v in per_class.items()}
+    k = max(len(v) for v in values.values())
+    names = _class_names(classes, k)
+    fig, (ax,) = _panels(1, size=(max(6.0, 0.6 * k * max(1, len(values)) ** 0.5), 3.6))
+    width = 0.8 / len(values)
+    for j, ((name, v), color) in enumerate(zip(values.items(), _colors(len(values)))):
+        ax.bar([c - 0.4 + width * (j + 0.5) for c in range(len(v))], v, width, label=name, color=color)
+    ax.set_xticks(range(k), names, rotation=45, ha="right")
+    ax.set_ylabel("per-class CMI (nats)")
+    ax.legend()
+    return _finish(fig, path)
+
+
+def plot_kl_distributions(kl_a: torch.Tensor, labels_a: torch.Tensor, kl_b: torch.Tensor, labels_b: torch.Tensor,
+                          classes: Sequence[str] | None = None, names: tuple[str, str] = ("MLL", "MCMI"),
+                          kind: str = "box", log: bool = False, path=None) -> Figure:
+    """Distribution of KL(P_x ‖ Q_y) per class for two teachers side by side (box or violin per class)."""
+    check_choice("kind", kind, ("box", "violin"))
+    pairs = []
+    for name, kl, labels in ((names[0], kl_a, labels_a), (names[1], kl_b, labels_b)):
+        kl, labels = torch.as_tensor(kl).detach().double().cpu(), torch.as_tensor(labels).detach().long().cpu()
+        if kl.shape != labels.shape or kl.dim() != 1:
+            raise ValueError(f"KL values {tuple(kl.shape)} and labels {tuple(labels.shape)} of {name} are not "
+                             "accepted: expected two (N,) tensors")
+        pairs.append((kl, labels))
+    k = max(int(labels.max()) + 1 for _, labels in pairs if len(labels)) if any(len(p[1]) for p in pairs) else 0
+    k = len(classes) if classes is not None else k
+    fig, (ax,) = _panels(1, size=(max(6.0, 0.8 * k), 3.6))
+    for (kl, labels), shift, color in zip(pairs, (-0.2, 0.2), _colors(2)):
+        groups = [(c + shift, kl[labels == c].numpy()) for c in range(k) if bool((labels == c).any())]
+        if not groups:
+            continue
+        positions, data = zip(*groups)
+        if kind == "box":
+            parts = ax.boxplot(data, positions=positions, widths=0.35, patch_artist=True, flierprops={"ms": 2})
+            for box in parts["boxes"]:
+                box.set_facecolor(color)
+        else:
+            parts = ax.violinplot(data, positions=positions, widths=0.35, showmedians=True)
+            for body in parts["bodies"]:
+                body.set_facecolor(color)
+    ax.set_xticks(range(k), _class_names(classes, k), rotation=45, ha="right")
+    ax.set_ylabel("KL(P_x ‖ Q_y) (nats)")
+    if log:
+        ax.set_yscale("symlog", linthresh=1e-3)
+    ax.legend(handles=[Patch(color=c, label=n) for n, c in zip(names, _colors(2))])
+    return _finish(fig, path)
+
+
+# ---- output space -----------------------------------------------------------------------------------------------
+
+def log_probabilities(outputs: torch.Tensor, inputs: str = "auto") -> torch.Tensor:
+    """(N, K) probabilities or logits -> log-probabilities, float64. inputs: "auto" (probabilities when every row is
+    non-negative and sums to 1), "probs" or "logits"."""
+    check_choice("inputs", inputs, ("auto", "probs", "logits"))
+    x = torch.as_tensor(outputs).detach().double().cpu()
+    if inputs == "auto":
+        is_probs = bool((x >= 0).all()) and torch.allclose(x.sum(dim=1), torch.ones(len(x), dtype=x.dtype), atol=1e-4)
+        inputs = "probs" if is_probs else "logits"
+    return torch.log(x.clamp_min(1e-12)) if inputs == "probs" else torch.log_softmax(x, dim=1)
+
+
+def project_2d(features: torch.Tensor, method: str = "pca", seed: int = 0) -> tuple[torch.Tensor, list[str]]:
+    """(N, D) -> ((N, 2) coordinates, two axis labels). PCA by SVD of the centred features (sign fixed so that
+    each component's largest loading is positive); t-SNE through scikit-learn."""
+    check_choice("method", method, ("pca", "tsne"))
+    x = torch.as_tensor(features).detach().double().cpu()
+    if method == "tsne":
+        try:
+            from sklearn.manifold import TSNE
+        except ImportError:
+            raise ImportError("method='tsne' needs scikit-learn (pip install scikit-learn); method='pca' does not")
+        perplexity = float(max(1, min(30, len(x) - 1)))
+        coords = TSNE(2, init="pca", random_state=seed, perplexity=perplexity).fit_transform(x.numpy())
+        return torch.as_tensor(coords), ["t-SNE 1", "t-SNE 2"]
+    xc = x - x.mean(dim=0)
+    _, s, vh = torch.linalg.svd(xc, full_matrices=False)
+    vh = vh[:2] * torch.sign(vh[:2].gather(1, vh[:2].abs().argmax(dim=1, keepdim=True)))
+    coords = xc @ vh.T
+    if coords.shape[1] < 2:
+        coords = torch.cat([coords, torch.zeros(len(x), 2 - coords.shape[1], dtype=x.dtype)], dim=1)
+    share = (s ** 2 / (s ** 2).sum().clamp_min(1e-300)).tolist() + [0.0, 0.0]
+    return coords, [f"PC1 ({100 * share[0]:.0f}%)", f"PC2 ({100 * share[1]:.0f}%)"]
+
+
+def plot_output_projection(outputs: Mapping[str, torch.Tensor], labels: torch.Tensor,
+                           classes: Sequence[str] | None = None, method: str = "pca", inputs: str = "auto",
+                           max_points: int | None = 5000, seed: int = 0, path=None) -> Figure:
+    """2-D projection of each teacher's log-probabilities (N, K), coloured by class, one panel per teacher.
+
+    The same seeded subset of at most `max_points` samples is drawn for every teacher.
+    """
+    check_choice("method", method, ("pca", "tsne"))
+    labels = torch.as_tensor(labels).detach().long().cpu()
+    keep = torch.arange(len(labels))
+    if max_points is not None and len(labels) > max_points:
+        keep = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[:max_points]
+    k = len(classes) if classes is not None else int(labels.max()) + 1
+    colors, names = _colors(k), _class_names(classes, k)
+    fig, axes = _panels(len(outputs), size=(4.4, 4.0))
+    for ax, (name, out) in zip(axes, outputs.items()):
+        coords, axis_labels = project_2d(log_probabilities(out, inputs)[keep], method, seed)
+        for c in range(k):
+            sel = labels[keep] == c
+            if bool(sel.any()):
+                ax.scatter(coords[sel, 0].numpy(), coords[sel, 1].numpy(), s=4, color=colors[c], label=names[c], alpha=0.7)
+        ax.set_title(name)
+        ax.set_xlabel(axis_labels[0])
+        ax.set_ylabel(axis_labels[1])
+    axes[-1].legend(markerscale=3, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    return _finish(fig, path)
+
+
+# ---- students ---------------------------------------------------------------------------------------------------
+
+def plot_student_vs_teacher_cmi(points: Sequence[Mapping], path=None) -> Figure:
+    """Student accuracy against its teacher's CMI. points: dicts with "teacher", "teacher_cmi", "student_acc" and
+    optionally "method" (the KD method: one marker each); one colour per teacher."""
+    teachers = list(dict.fromkeys(str(p["teacher"]) for p in points))
+    methods = list(dict.fromkeys(str(p.get("method", "")) for p in points))
+    color = dict(zip(teachers, _colors(len(teachers))))
+    marker = {m: MARKERS[i % len(MARKERS)] for i, m in enumerate(methods)}
+    fig, (ax,) = _panels(1, size=(5.2, 4.0))
+    seen = set()
+    for p in points:
+        t, m = str(p["teacher"]), str(p.get("method", ""))
+        label = f"{t} · {m}" if m else t
+        ax.scatter(float(p["teacher_cmi"]), float(p["student_acc"]), color=color[t], marker=marker[m],
+                   s=40, label=None if label in seen else label)
+        seen.add(label)
+    ax.set_xlabel("teacher CMI (nats)")
+    ax.set_ylabel("student accuracy")
+    if points:
+        ax.legend(fontsize=8)
+    return _finish(fig, path)
+
+
+def plot_confusion(confusion: torch.Tensor, classes: Sequence[str] | None = None, normalize: bool = True,
+                   path=None) -> Figure:
+    """Confusion matrix (K, K), rows = true class, columns = prediction; rows scaled to sum 1 when `normalize`."""
+    cm = torch.as_tensor(confusion).detach().double().cpu()
+    if cm.dim() != 2 or cm.shape[0] != cm.shape[1]:
+        raise ValueError(f"confusion of shape {tuple(cm.shape)} is not accepted: expected a square (K, K) matrix")
+    if normalize:
+        cm = cm / cm.sum(dim=1, keepdim=True).clamp_min(1e-12)
+    k = len(cm)
+    names = _class_names(classes, k)
+    fig, (ax,) = _panels(1, size=(max(4.0, 0.5 * k + 2), max(3.5, 0.5 * k + 1.5)))
+    image = ax.imshow(cm.numpy(), cmap="Blues", vmin=0, vmax=1 if normalize else None)
+    fig.colorbar(image, ax=ax, shrink=0.8)
+    if k <= 20:
+        top = float(cm.max()) if k else 1.0
+        for i in range(k):
+            for j in range(k):
+                v = float(cm[i, j])
+                ax.text(j, i, f"{v:.2f}" if normalize else f"{v:g}", ha="center", va="center", fontsize=7,
+                        color="white" if v > 0.6 * top else "black")
+    ax.set_xticks(range(k), names, rotation=45, ha="right")
+    ax.set_yticks(range(k), names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    return _finish(fig, path)
+
+
+# ---- training runs and sweeps -----------------------------------------------------------------------------------
+
+_LR_KEYS, _TIME_KEYS, _X_KEYS = ("lr", "learning_rate"), ("time", "seconds", "epoch_time"), ("epoch", "step")
+
+
+def _number(v) -> float | None:
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, (int, float)):
+        return float(v)
+    if isinstance(v, torch.Tensor) and v.numel() == 1:
+        return float(v)
+    return None
+
+
+def plot_history(history: Sequence[Mapping], path=None) -> Figure:
+    """Training curves of a ``fit`` history (one dict per epoch): panels for the loss terms, accuracies, CMI-like
+    metrics, learning rate and epoch time, each only where such keys exist. x = "epoch" (else the record number)."""
+    keys = list(dict.fromkeys(k for r in history for k, v in r.items() if _number(v) is not None))
+    x_key = next((k for k in _X_KEYS if k in keys), None)
+    groups: dict[str, list[str]] = {"loss": [], "accuracy": [], "CMI": [], "learning rate": [], "seconds": []}
+    for k in keys:
+        if k in _X_KEYS:
+            continue
+        low = k.lower()
+        group = ("learning rate" if k in _LR_KEYS else "seconds" if k in _TIME_KEYS else
+                 "accuracy" if "acc" in low else "CMI" if "cmi" in low or "separation" in low else "loss")
+        groups[group].append(k)
+    groups = {g: ks for g, ks in groups.items() if ks}
+    fig, axes = _panels(max(1, len(groups)))
+    for ax, (group, ks) in zip(axes, groups.items()):
+        for k in ks:
+            pts = [(_number(r.get(x_key)) if x_key else i + 1, _number(r[k])) for i, r in enumerate(history)
+                   if _number(r.get(k)) is not None]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=k)
+        ax.set_title(group)
+        ax.set_xlabel(x_key or "record")
+        values = [_number(r.get(k)) for r in history for k in ks]
+        if group == "learning rate" and min((v for v in values if v is not None), default=0) > 0:
+            ax.set_yscale("log")  # schedules decay by factors
+        ax.legend(fontsize=8)
+    return _finish(fig, path)
+
+
+def _curves(ax, rows: Sequence[Mapping], x: str, y: str, group: str | None) -> None:
+    """Mean ± std of y over rows sharing (group, x), raw rows as faint dots, one line per group."""
+    by_group: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        if _number(r.get(x)) is not None and _number(r.get(y)) is not None:
+            by_group[str(r.get(group, "")) if group else ""][_number(r[x])].append(_number(r[y]))
+    for (name, points), color in zip(by_group.items(), _colors(len(by_group))):
+        xs = sorted(points)
+        stats = [_mean_std(points[v]) for v in xs]
+        ax.errorbar(xs, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", ms=4, capsize=3,
+                    color=color, label=name or None)
+        for v in xs:
+            ax.plot([v] * len(points[v]), points[v], ".", color=color, alpha=0.35)
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    if group and by_group:
+        ax.legend(fontsize=8)
+
+
+def plot_lambda_sweep(rows: Sequence[Mapping], x: str = "lambda",
+                      ys: Sequence[str] = ("teacher_acc", "teacher_cmi", "student_acc"), group: str | None = None,
+                      path=None) -> Figure:
+    """Teacher accuracy, teacher CMI and student accuracy against λ (mean ± std over seeds), one panel per key in
+    `ys` that the rows hold; `group` names a key that splits rows into lines (e.g. the centroid update)."""
+    present = [y for y in ys if any(_number(r.get(y)) is not None for r in rows)] or list(ys[:1])
+    fig, axes = _panels(len(present))
+    for ax, y in zip(axes, present):
+        _curves(ax, rows, x, y, group)
+        ax.set_title(f"{y} vs {x}")
+    return _finish(fig, path)
+
+
+def plot_fraction_curve(rows: Sequence[Mapping], x: str = "fraction", y: str = "student_acc",
+                        group: str = "teacher", logx: bool = False, path=None) -> Figure:
+    """Student accuracy against the training fraction it saw (few-shot), one line per teacher, mean ± std over seeds."""
+    fig, (ax,) = _panels(1, size=(5.2, 3.8))
+    _curves(ax, rows, x, y, group)
+    if logx:
+        ax.set_xscale("log")
+    ax.set_title(f"{y} vs {x}")
+    return _finish(fig, path)

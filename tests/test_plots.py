@@ -1,0 +1,183 @@
+"""Figures: each function returns a Figure on tiny inputs without a display, plots the right numbers, saves atomically;
+the CAM explorer widget builds and redraws without a frontend."""
+import math
+import os
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import pytest
+import torch
+from matplotlib.figure import Figure
+from torch import nn
+
+from mcmi_lab import plots
+from mcmi_lab.data import from_tensors
+
+CLASSES = ["tee", "bag", "boot"]
+
+
+def test_save_is_atomic_and_only_on_request(tmp_path):
+    fig = plots.plot_cmi_bars({"MLL": {"cmi": 0.1, "ncmi": 0.2}})
+    assert os.listdir(tmp_path) == []
+    plots.plot_cmi_bars({"MLL": {"cmi": 0.1, "ncmi": 0.2}}, path=tmp_path / "sub" / "bars.pdf")
+    plots.save_figure(fig, tmp_path / "sub" / "bars.png")
+    assert sorted(os.listdir(tmp_path / "sub")) == ["bars.pdf", "bars.png"]  # no temporary file left behind
+    assert (tmp_path / "sub" / "bars.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "sub" / "bars.pdf").read_bytes()[:4] == b"%PDF"
+
+
+def test_cmi_bars_mean_and_std_over_seeds():
+    fig = plots.plot_cmi_bars({"MLL": {"cmi": [0.1, 0.3], "ncmi": torch.tensor(0.5)},
+                               "MCMI": {"cmi": 0.4}})
+    cmi_ax, ncmi_ax = fig.axes
+    assert [round(p.get_height(), 12) for p in cmi_ax.patches] == [0.2, 0.4]
+    assert [p.get_height() for p in ncmi_ax.patches] == [0.5]  # MCMI has no NCMI: no bar
+    caps = [line for line in cmi_ax.lines if len(line.get_ydata()) == 2 and line.get_xdata()[0] == 0]
+    ys = sorted(float(y) for line in caps for y in line.get_ydata())
+    assert ys[0] == pytest.approx(0.1) and ys[-1] == pytest.approx(0.3)  # the seed dots
+
+
+def test_per_class_cmi_bars():
+    fig = plots.plot_per_class_cmi({"MLL": torch.tensor([0.1, 0.2, 0.3]), "MCMI": [0.3, 0.2, 0.1]}, CLASSES)
+    (ax,) = fig.axes
+    assert [p.get_height() for p in ax.patches] == pytest.approx([0.1, 0.2, 0.3, 0.3, 0.2, 0.1])
+    assert [t.get_text() for t in ax.get_xticklabels()] == CLASSES
+
+
+@pytest.mark.parametrize("kind", ["box", "violin"])
+def test_kl_distributions(kind):
+    g = torch.Generator().manual_seed(0)
+    kl_a, kl_b = torch.rand(30, generator=g), torch.rand(20, generator=g)
+    labels_a, labels_b = torch.arange(30) % 3, torch.arange(20) % 2  # teacher B has no sample of class 2
+    fig = plots.plot_kl_distributions(kl_a, labels_a, kl_b, labels_b, CLASSES, kind=kind, log=True)
+    assert isinstance(fig, Figure) and [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["MLL", "MCMI"]
+    with pytest.raises(ValueError, match="MCMI"):
+        plots.plot_kl_distributions(kl_a, labels_a, kl_b, labels_a, CLASSES)
+    with pytest.raises(ValueError, match="kind='bar'"):
+        plots.plot_kl_distributions(kl_a, labels_a, kl_b, labels_b, CLASSES, kind="bar")
+
+
+def test_log_probabilities_detects_probs_and_logits():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.1]])
+    expected = torch.log_softmax(logits.double(), dim=1)
+    torch.testing.assert_close(plots.log_probabilities(logits), expected)
+    torch.testing.assert_close(plots.log_probabilities(expected.exp()), expected)
+    torch.testing.assert_close(plots.log_probabilities(expected.exp(), inputs="logits"),
+                               torch.log_softmax(expected.exp(), dim=1))
+
+
+def test_pca_projection_matches_covariance_eigenvectors():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(40, 4, generator=g, dtype=torch.float64) * torch.tensor([3.0, 2.0, 1.0, 0.5], dtype=torch.float64)
+    coords, labels = plots.project_2d(x)
+    xc = x - x.mean(0)
+    evals, evecs = torch.linalg.eigh(xc.T @ xc)  # ascending
+    for j, col in enumerate((3, 2)):
+        v = evecs[:, col] * torch.sign(evecs[evecs[:, col].abs().argmax(), col])
+        torch.testing.assert_close(coords[:, j], xc @ v)
+    assert labels[0] == f"PC1 ({100 * float(evals[3] / evals.sum()):.0f}%)"
+    coords, _ = plots.project_2d(x[:, :1])  # one feature: second coordinate is zero
+    assert coords.shape == (40, 2) and bool((coords[:, 1] == 0).all())
+
+
+@pytest.mark.parametrize("method", ["pca", "tsne"])
+def test_output_projection(method):
+    g = torch.Generator().manual_seed(2)
+    labels = torch.arange(24) % 3
+    outputs = {"MLL": torch.randn(24, 3, generator=g), "MCMI": torch.softmax(torch.randn(24, 3, generator=g), 1)}
+    fig = plots.plot_output_projection(outputs, labels, CLASSES, method=method, max_points=20)
+    assert [ax.get_title() for ax in fig.axes] == ["MLL", "MCMI"]
+    assert sum(len(c.get_offsets()) for c in fig.axes[0].collections) == 20
+
+
+def test_student_vs_teacher_cmi():
+    points = [{"teacher": "MLL", "teacher_cmi": 0.1, "student_acc": 80.0, "method": "kd"},
+              {"teacher": "MCMI", "teacher_cmi": 0.3, "student_acc": 82.0, "method": "kd"},
+              {"teacher": "MCMI", "teacher_cmi": 0.3, "student_acc": 81.0, "method": "dkd"},
+              {"teacher": "MCMI", "teacher_cmi": 0.31, "student_acc": 81.5, "method": "kd"}]
+    (ax,) = plots.plot_student_vs_teacher_cmi(points).axes
+    assert [tuple(c.get_offsets()[0]) for c in ax.collections] == [(p["teacher_cmi"], p["student_acc"])
+                                                                    for p in points]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["MLL · kd", "MCMI · kd", "MCMI · dkd"]
+
+
+def test_confusion_rows_normalised():
+    cm = torch.tensor([[8, 2, 0], [0, 5, 5], [0, 0, 0]])
+    fig = plots.plot_confusion(cm, CLASSES)
+    image = fig.axes[0].images[0].get_array()
+    torch.testing.assert_close(torch.as_tensor(image), torch.tensor([[0.8, 0.2, 0.0], [0.0, 0.5, 0.5], [0.0, 0.0, 0.0]],
+                                                                    dtype=torch.float64))
+    raw = plots.plot_confusion(cm, normalize=False).axes[0].images[0].get_array()
+    assert raw.tolist() == cm.tolist()
+    with pytest.raises(ValueError, match="square"):
+        plots.plot_confusion(torch.ones(2, 3))
+
+
+def test_history_panels_follow_the_keys():
+    history = [{"epoch": 1, "lr": 0.05, "time": 3.2, "loss": 0.6, "ce": 0.6, "train_acc": 0.8, "eval_acc": 0.85,
+                "eval_cmi": 0.2, "note": "warm-up"},
+               {"epoch": 2, "lr": 0.005, "time": 3.0, "loss": 0.4, "ce": 0.5, "kl": -0.1, "train_acc": 0.9}]
+    fig = plots.plot_history(history)
+    titles = [ax.get_title() for ax in fig.axes if ax.get_visible()]
+    assert titles == ["loss", "accuracy", "CMI", "learning rate", "seconds"]
+    loss_ax, acc_ax = fig.axes[:2]
+    assert [line.get_label() for line in loss_ax.lines] == ["loss", "ce", "kl"]
+    assert list(acc_ax.lines[1].get_xdata()) == [1]  # eval_acc only in epoch 1
+    assert fig.axes[3].get_yscale() == "log"
+    only_loss = plots.plot_history([{"loss": 1.0}, {"loss": 0.5}])
+    assert list(only_loss.axes[0].lines[0].get_xdata()) == [1, 2]
+
+
+def test_lambda_sweep_and_fraction_curve_average_seeds():
+    rows = [{"lambda": lam, "seed": s, "teacher_acc": 90 - 10 * lam + s, "teacher_cmi": lam / 2,
+             "student_acc": 80 + s} for lam in (0.0, 0.2, 0.5) for s in (0, 1)]
+    fig = plots.plot_lambda_sweep(rows)
+    assert [ax.get_title() for ax in fig.axes] == ["teacher_acc vs lambda", "teacher_cmi vs lambda",
+                                                   "student_acc vs lambda"]
+    mean_line = fig.axes[0].lines[0]
+    assert list(mean_line.get_xdata()) == [0.0, 0.2, 0.5]
+    assert list(mean_line.get_ydata()) == pytest.approx([90.5, 88.5, 85.5])
+    fig = plots.plot_lambda_sweep([{"lambda": 0.1, "student_acc": 1.0}])
+    assert len(fig.axes) == 1
+    rows = [{"teacher": t, "fraction": f, "student_acc": acc + s, "seed": s}
+            for t, acc in (("MLL", 70), ("MCMI", 72)) for f in (0.05, 0.25) for s in (0, 2)]
+    (ax,) = plots.plot_fraction_curve(rows, logx=True).axes
+    means = [list(line.get_ydata()) for line in ax.lines if len(line.get_xdata()) == 2 and line.get_marker() == "o"]
+    assert means == [[71.0, 71.0], [73.0, 73.0]]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["MLL", "MCMI"]
+
+
+def test_nothing_goes_through_pyplot():
+    import matplotlib.pyplot as plt
+
+    before = plt.get_fignums()
+    plots.plot_confusion(torch.eye(2))
+    assert plt.get_fignums() == before
+
+
+# ---- widget -----------------------------------------------------------------------------------------------------
+
+def tiny_cnn(seed: int) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU()),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+
+
+def test_cam_explorer_builds_and_redraws():
+    pytest.importorskip("ipywidgets")
+    from mcmi_lab.widgets import cam_explorer
+
+    images = torch.randint(0, 255, (9, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    data = from_tensors(images, torch.arange(9) % 3, CLASSES)
+    models = {"MLL": tiny_cnn(0), "MCMI": tiny_cnn(1), "control": tiny_cnn(2)}
+    box = cam_explorer(models, data, max_images=4)
+    assert isinstance(box.figure, Figure) and len(box.figure.axes) == 4 * 3  # 4 images x (input + 2 teachers)
+    (label, count, offset), (first, second) = box.children[0].children, box.children[1].children
+    label.value = 1  # class "bag": images 1, 4, 7
+    assert offset.max == 2
+    assert [ax.get_title() for ax in box.figure.axes[::3]] == ["bag"] * 3
+    second.value = "control"
+    count.value = 1
+    assert [ax.get_title().split(" → ")[0] for ax in box.figure.axes[1:]] == ["MLL", "control"]
+    first.value = "control"  # the same teacher twice is drawn once
+    assert len(box.figure.axes) == 2

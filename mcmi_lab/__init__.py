@@ -3,17 +3,43 @@
 Where things live: ``data`` (data sets as tensors, views, batches), ``models`` (zoo + ``build_model``),
 ``cmi`` (centroids, CMI, separation, NCMI, streaming meter), ``losses`` (MCMI and KD losses),
 ``train`` (``fit`` and its objectives), ``evaluate`` (``predict`` and metrics), ``recipes`` (teacher, MCMI
-fine-tune, control), ``kd`` (the KD methods and ``distill``), ``cam`` (Eigen-CAM), ``plots``, ``runs``/``report``
-(artifacts), ``cli`` (``mcmi-lab``).
+fine-tune, controls), ``kd`` (the KD methods and ``distill``), ``cam`` (Eigen-CAM), ``plots``, ``stats``,
+``synthetic`` (known-posterior task), ``runs``/``report`` (artifacts), ``cli`` (``mcmi-lab``).
 """
 __version__ = "0.1.0"
 
+from .checkpoint import load_checkpoint, load_model, save_checkpoint, save_model
+from .cmi import (CMIMeter, class_centroids, conditional_mutual_information, kl_to_centroids, ncmi, per_class_cmi,
+                  probabilities, separation)
 from .data import (DATASETS, ImageData, batches, few_shot, from_dataset, from_tensors, load_dataset,
                    omit_classes, stratified_split, subset)
+from .evaluate import evaluate, measure_cmi, metrics_from_logits, predict
+from .features import capture
+from .losses import kd_loss, mcmi_loss
+from .models import MODELS, build_model, cam_layer, classifier_layer, feature_layers
+from .recipes import finetune_control, finetune_mcmi, temperature_scale, train_teacher
+from .stats import derive_seeds, expected_calibration_error, mean_std, paired_difference
+from .synthetic import SyntheticTask, kl_to_posterior
+from .train import (MCMIObjective, Objective, StopTraining, TrainConfig, fit, kd_objective, mcmi_objective,
+                    mll_objective)
 from .utils import get_device, set_seed
 
 __all__ = [
     "__version__", "get_device", "set_seed",
+    # data
     "DATASETS", "ImageData", "load_dataset", "from_tensors", "from_dataset", "few_shot", "omit_classes",
-    "subset", "stratified_split", "batches",
+    "subset", "stratified_split", "batches", "SyntheticTask",
+    # models
+    "MODELS", "build_model", "feature_layers", "classifier_layer", "cam_layer", "capture",
+    # CMI and losses
+    "CMIMeter", "probabilities", "class_centroids", "kl_to_centroids", "conditional_mutual_information",
+    "per_class_cmi", "separation", "ncmi", "mcmi_loss", "kd_loss",
+    # training
+    "TrainConfig", "fit", "Objective", "MCMIObjective", "StopTraining", "mll_objective", "mcmi_objective",
+    "kd_objective", "train_teacher", "finetune_mcmi", "finetune_control", "temperature_scale",
+    # evaluation and statistics
+    "predict", "evaluate", "metrics_from_logits", "measure_cmi", "kl_to_posterior", "expected_calibration_error",
+    "mean_std", "paired_difference", "derive_seeds",
+    # artifacts
+    "save_checkpoint", "load_checkpoint", "save_model", "load_model",
 ]

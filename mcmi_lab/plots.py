@@ -126,7 +126,8 @@ def plot_kl_distributions(kl_a: torch.Tensor, labels_a: torch.Tensor, kl_b: torc
             continue
         positions, data = zip(*groups)
         if kind == "box":
-            parts = ax.boxplot(data, positions=positions, widths=0.35, patch_artist=True, flierprops={"ms": 2})
+            parts = ax.boxplot(data, positions=positions, widths=0.35, patch_artist=True, flierprops={"ms": 2},
+                               medianprops={"color": "black"})
             for box in parts["boxes"]:
                 box.set_facecolor(color)
         else:

@@ -51,6 +51,7 @@ class TrainConfig:
     eval_every: int = 1               # epochs between evaluations on `eval_data`
     progress: str = "auto"            # "auto" (bar in a terminal or notebook), "bar", "off"
     log: bool = True                  # one plain line per epoch
+    sync_bn: bool = False             # DDP: BatchNorm statistics over all ranks (CUDA only; no-op in one process)
 
     def validate(self) -> "TrainConfig":
         check_int("epochs", self.epochs, minimum=1)
@@ -171,6 +172,9 @@ class MCMIObjective(Objective):
         k = self.centroids.shape[0]
         sums = torch.zeros_like(self.centroids).index_add_(0, labels, probs.double())
         counts = torch.bincount(labels, minlength=k).to(sums).unsqueeze(1)
+        if dist_utils.is_distributed():  # the global batch's class means: every rank keeps the same centroids
+            both = dist_utils.all_reduce_sum(torch.cat([sums, counts], 1))
+            sums, counts = both[:, :-1], both[:, -1:]
         seen = counts > 0
         batch_means = sums / counts.clamp_min(1)
         self.centroids.copy_(torch.where(seen, self.ema_decay * self.centroids + (1 - self.ema_decay) * batch_means,
@@ -179,6 +183,8 @@ class MCMIObjective(Objective):
     def check(self):
         if not self.guard or self.start_acc <= 0:
             return
+        if dist_utils.is_distributed():  # one decision for all ranks: the mean of their running accuracies
+            self.recent_acc.copy_(dist_utils.all_reduce_sum(self.recent_acc.clone()) / dist_utils.world_size())
         k = max(self.centroids.shape[0], 2)
         floor = 0.5 * float(self.start_acc)
         recent = float(self.recent_acc)
@@ -283,7 +289,7 @@ def fit(model: nn.Module, data: ImageData, objective: Objective | None = None, c
     checkpoint: a file written atomically after every epoch; with `resume=True` an existing one is continued,
     to the same weights and history as an uninterrupted run. callbacks: called as ``cb(record, model)`` per epoch.
     """
-    from .evaluate import evaluate
+    from .evaluate import measure_cmi
 
     cfg = dataclasses.replace(config or TrainConfig(), **overrides).validate()
     objective = objective if objective is not None else mll_objective()
@@ -291,6 +297,9 @@ def fit(model: nn.Module, data: ImageData, objective: Objective | None = None, c
     rank, world = dist_utils.rank(), dist_utils.world_size()
     memory_format = torch.channels_last if cfg.channels_last and device.type != "mps" else torch.contiguous_format
     check_model_input(model, data)
+    if cfg.sync_bn and world > 1 and device.type != "cuda":
+        raise ValueError(f"sync_bn=True is not accepted on device {device.type!r}: SyncBatchNorm needs CUDA (the nccl "
+                         "backend); use sync_bn=False (each rank then normalises with its own batch statistics)")
     empty = (data.class_counts() == 0).nonzero().flatten().tolist()
     if isinstance(objective, MCMIObjective) and empty:
         raise ValueError(f"data with empty classes {empty} is not accepted for MCMI training: every class needs "
@@ -305,6 +314,8 @@ def fit(model: nn.Module, data: ImageData, objective: Objective | None = None, c
                                 nesterov=cfg.nesterov)
     history: list[dict] = []
     start = 0
+    if resume and checkpoint is not None and rank == 0:
+        _remove_stale_temp_files(checkpoint)
     if resume and checkpoint is not None and Path(checkpoint).is_file():
         state = load_checkpoint(checkpoint)
         load_state(model, state["model"], f"checkpoint {str(checkpoint)!r}")
@@ -316,7 +327,11 @@ def fit(model: nn.Module, data: ImageData, objective: Objective | None = None, c
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         if cfg.log and rank == 0:
             print(f"resumed from {checkpoint} at epoch {start}/{cfg.epochs}", flush=True)
+    if resume and world > 1:
+        _check_same_start(start, checkpoint, device)
+    restore_bn = dist_utils.convert_sync_batchnorm(model) if cfg.sync_bn and world > 1 else None
     train_model = dist_utils.wrap(model, device) if world > 1 else model
+    objective_params = [p for p in objective.parameters() if p.requires_grad]
     amp = autocast_dtype(cfg.precision, device)
     n_rank = len(data) // world
     drop_last = n_rank % cfg.batch_size == 1  # BatchNorm cannot train on a batch of one
@@ -342,6 +357,8 @@ def fit(model: nn.Module, data: ImageData, objective: Objective | None = None, c
                 loss, terms = objective(train_model, images, labels, index)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if world > 1 and objective_params:  # DDP averages the model's gradients, not the objective's
+                dist_utils.average_gradients(objective_params)
             optimizer.step()
             values = torch.stack([loss.detach().float()] + [t.detach().float() for t in terms.values()])
             if names is None:
@@ -360,6 +377,8 @@ def fit(model: nn.Module, data: ImageData, objective: Objective | None = None, c
             bar.close()
         if names is None:
             raise ValueError(f"data of {len(data)} samples gives no batch of size {cfg.batch_size} per rank")
+        if world > 1:  # BatchNorm statistics drift apart within an epoch: evaluate and save rank 0's everywhere
+            dist_utils.broadcast_buffers(model)
         _check_finite(names, first_bad, epoch)
         objective.check()
         sums = dist_utils.all_reduce_sum(torch.cat([sums, torch.tensor([float(seen)], device=sums.device)]))
@@ -367,8 +386,8 @@ def fit(model: nn.Module, data: ImageData, objective: Objective | None = None, c
         record = {"epoch": epoch + 1, "lr": lr}
         record.update({("train_acc" if k == "acc" else k): v for k, v in zip(names, means)})
         if eval_data is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
-            metrics = evaluate(model, eval_data)
-            record.update(eval_acc=metrics["accuracy"], eval_cmi=metrics["cmi"])
+            metrics = measure_cmi(model, eval_data)  # sharded over the ranks, exact
+            record.update(eval_acc=metrics["accuracy"], eval_cmi=float(metrics["cmi"]))
         record["time"] = time.perf_counter() - t0
         history.append(record)
         if cfg.log and rank == 0:
@@ -380,6 +399,8 @@ def fit(model: nn.Module, data: ImageData, objective: Objective | None = None, c
                             objective=objective.state_dict(), epoch=epoch + 1, history=history,
                             config=dataclasses.asdict(cfg), rng=_rng_state(device))
         dist_utils.barrier()
+    if restore_bn is not None:
+        restore_bn()
     model.eval()
     return history
 
@@ -396,11 +417,30 @@ def _load_objective(objective: Objective, state: dict) -> None:
 
 
 def _check_finite(names: list[str], first_bad: torch.Tensor, epoch: int) -> None:
+    if dist_utils.is_distributed():  # every rank must stop at the same sync point, or the others hang
+        first_bad = -dist_utils.all_reduce_min(torch.where(first_bad >= 0, -first_bad, 1.0))
     bad = (first_bad >= 0).nonzero().flatten().tolist()
     if bad:
-        i = min(bad, key=lambda j: float(first_bad[j]))
+        # the earliest step; at that step a named term (the cause) rather than the total "loss"
+        i = min(bad, key=lambda j: (float(first_bad[j]), j == 0))
         raise StopTraining(f"non-finite {names[i]} at epoch {epoch + 1}, step {int(first_bad[i]) + 1}: training "
                            f"stopped (lower the learning rate or λ, or check the data for NaN/inf)")
+
+
+def _remove_stale_temp_files(checkpoint: str | os.PathLike) -> None:
+    """Temporary files of checkpoint writes that a kill interrupted (atomic_write's `.<name>.*.tmp`)."""
+    path = Path(checkpoint)
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+def _check_same_start(start: int, checkpoint, device: torch.device) -> None:
+    """Every rank must resume from the same epoch (a checkpoint on a disk that only some nodes see would hang)."""
+    t = torch.tensor([start, -start], dtype=torch.float64, device=device)
+    lo, neg_hi = dist_utils.all_reduce_min(t).tolist()
+    if lo != -neg_hi:
+        raise ValueError(f"checkpoint {str(checkpoint)!r} gives epoch {start} on rank {dist_utils.rank()} but ranks "
+                         f"disagree (epochs {int(lo)}..{int(-neg_hi)}): put it on a file system that every node shares")
 
 
 def _rng_state(device: torch.device) -> dict:

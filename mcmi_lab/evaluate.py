@@ -13,7 +13,7 @@ from torch import nn
 from . import distributed as dist_utils
 from .cmi import CMIMeter
 from .data import ImageData, batches
-from .utils import get_device
+from .utils import check_float, get_device
 
 
 def iter_logits(model: nn.Module, data: ImageData, batch_size: int = 1000, device=None,
@@ -21,7 +21,11 @@ def iter_logits(model: nn.Module, data: ImageData, batch_size: int = 1000, devic
     """Yield ``(logits float32, labels)`` per batch under inference mode; the model's train/eval mode is restored.
 
     `device` defaults to the model's own device. With `shard` under torch.distributed, this rank's exact shard only.
+    A float64 model keeps float64 logits (exact comparisons of metrics).
     """
+    from .train import check_model_input
+
+    check_model_input(model, data)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -29,13 +33,14 @@ def iter_logits(model: nn.Module, data: ImageData, batch_size: int = 1000, devic
     try:
         with torch.inference_mode():
             for images, labels in batches(data.to(device), batch_size, rank=rank, world_size=world):
-                yield model(images).float(), labels
+                logits = model(images)
+                yield (logits if logits.dtype == torch.float64 else logits.float()), labels
     finally:
         model.train(was_training)
 
 
 def predict(model: nn.Module, data: ImageData, batch_size: int = 1000, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """All logits and labels of `data`: ``(N, K) float32, (N,) int64`` on the CPU."""
+    """All logits and labels of `data`: ``(N, K) float32 (float64 for a float64 model), (N,) int64`` on the CPU."""
     outs = [(logits.cpu(), labels.cpu()) for logits, labels in iter_logits(model, data, batch_size, device)]
     return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
 
@@ -45,6 +50,7 @@ def measure_cmi(model: nn.Module, data: ImageData, temperature: float = 1.0, bat
 
     Under torch.distributed every rank passes its own shard and the sums are all-reduced.
     """
+    check_float("temperature", temperature, 0.0, low_open=True)
     k = data.num_classes
     meter = CMIMeter(k, temperature, device=next(model.parameters()).device)
     correct = torch.zeros((), device=meter.count.device)
@@ -83,5 +89,6 @@ def metrics_from_logits(logits: torch.Tensor, labels: torch.Tensor, num_classes:
 
 def evaluate(model: nn.Module, data: ImageData, temperature: float = 1.0, batch_size: int = 1000) -> dict:
     """`metrics_from_logits` on `predict`'s logits: a JSON-ready dict."""
+    check_float("temperature", temperature, 0.0, low_open=True)
     logits, labels = predict(model, data, batch_size)
     return metrics_from_logits(logits, labels, data.num_classes, temperature)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -44,13 +46,19 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # a foreign pickle protocol warns before it is refused anyway
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        # torch's message is a page of advice; the offending global (or opcode) is the one fact to show
+        found = re.search(r"Unsupported (global: GLOBAL \S+?|operand \d+)(?= was|\s*$|\n)", str(err))
+        reason = found.group(0) if found else (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise UnsafeCheckpointError(f"checkpoint {str(path)!r} was refused: it is not plain data (tensors, numbers, "
-                                    f"strings, lists, dicts) and loading it would run code ({first})") from None
-    except (RuntimeError, EOFError) as err:
-        raise ValueError(f"checkpoint {str(path)!r} could not be read: {err}") from None
+                                    f"strings, lists, dicts) and loading it would run code ({reason})") from None
+    except Exception as err:  # truncated, empty or not a torch file at all
+        detail = f"{type(err).__name__}: {(str(err).strip().splitlines() or ['(no message)'])[0]}"
+        raise ValueError(f"checkpoint {str(path)!r} could not be read (it is empty, truncated or not written by "
+                         f"torch.save): {detail}") from None
 
 
 def load_state(model: nn.Module, state_dict: dict[str, torch.Tensor], what: str = "checkpoint") -> nn.Module:

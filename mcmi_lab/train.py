@@ -212,6 +212,7 @@ class KDObjective(Objective):
         self.ce_weight = check_float("ce_weight", ce_weight, 0.0)
 
     def prepare(self, model, data):
+        check_model_input(self.teacher, data, "the teacher")
         freeze_teacher(self.teacher, data.device, _memory_format(model))
 
     def forward(self, model, images, labels, index=None):
@@ -262,11 +263,11 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
-def check_model_input(model: nn.Module, data: ImageData) -> None:
+def check_model_input(model: nn.Module, data: ImageData, what: str = "this model") -> None:
     """One clear line when the data's channels do not fit the model's first convolution."""
     conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     if conv is not None and conv.in_channels != data.in_channels:
-        raise ValueError(f"images with {data.in_channels} channel(s) ({data.name}) are not accepted by this model: "
+        raise ValueError(f"images with {data.in_channels} channel(s) ({data.name}) are not accepted by {what}: "
                          f"its first convolution expects {conv.in_channels}; build it with in_channels={data.in_channels}")
 
 

@@ -1,0 +1,370 @@
+"""Reliability and security: safe checkpoints, nothing lost to a kill, one clear line for every bad input."""
+import math
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import random_images, tiny_cnn
+from mcmi_lab import few_shot, from_tensors, omit_classes, stratified_split, subset
+from mcmi_lab.checkpoint import (UnsafeCheckpointError, load_checkpoint, load_model, load_state, save_checkpoint,
+                                 save_model)
+from mcmi_lab.data import batches
+from mcmi_lab.evaluate import evaluate, measure_cmi, predict
+from mcmi_lab.models import build_model
+from mcmi_lab.recipes import finetune_mcmi
+from mcmi_lab.train import Objective, StopTraining, fit, kd_objective, mcmi_objective, mll_objective
+
+FAST = dict(progress="off", log=False, batch_size=16)
+NAN, INF = float("nan"), float("inf")
+
+
+# ---- safe checkpoints -------------------------------------------------------------------------------------------
+
+class _Payload:
+    """Unpickling this calls open(target, "w"): a file appears if the loader runs code."""
+
+    def __init__(self, target):
+        self.target = str(target)
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+def _write_torch(path, target):
+    torch.save({"format": "mcmi_lab/1", "model": {"w": torch.ones(2)}, "extra": _Payload(target)}, path)
+
+
+def _write_pickle(protocol):
+    def write(path, target):
+        with open(path, "wb") as f:
+            pickle.dump({"model": _Payload(target)}, f, protocol=protocol)
+    return write
+
+
+def _write_through_save_checkpoint(path, target):
+    save_checkpoint(path, model=tiny_cnn(), history=[_Payload(target)])
+
+
+@pytest.mark.parametrize("write", [_write_torch, _write_pickle(2), _write_pickle(pickle.HIGHEST_PROTOCOL),
+                                   _write_through_save_checkpoint],
+                         ids=["torch.save", "pickle-2", "pickle-highest", "save_checkpoint"])
+def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path, write):
+    ckpt, target = tmp_path / "evil.pt", tmp_path / "pwned"
+    write(ckpt, target)
+    with pytest.raises(UnsafeCheckpointError, match=r"'.*evil\.pt' was refused: it is not plain data .*would run code"):
+        load_checkpoint(ckpt)
+    with pytest.raises(UnsafeCheckpointError):
+        load_model(ckpt)
+    assert not target.exists()
+    # the payload is live: an unsafe loader does create the file
+    with open(ckpt, "rb") as f:
+        torch.load(f, weights_only=False) if f.read(2) == b"PK" and not f.seek(0) else pickle.load(f)
+    assert target.exists()
+
+
+def test_unsafe_refusal_names_the_global(tmp_path):
+    _write_torch(tmp_path / "evil.pt", tmp_path / "pwned")
+    with pytest.raises(UnsafeCheckpointError, match=r"\(Unsupported global: GLOBAL io\.open\)$"):
+        load_checkpoint(tmp_path / "evil.pt")
+
+
+@pytest.mark.parametrize("content", [b"", b"hello, not a checkpoint", "half"])
+def test_damaged_file_is_one_value_error(tmp_path, content):
+    path = tmp_path / "bad.pt"
+    if content == "half":
+        save_checkpoint(path, x=torch.ones(100))
+        content = path.read_bytes()[:200]
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=r"could not be read \(it is empty, truncated or not written by torch.save\)"):
+        load_checkpoint(path)
+
+
+def test_missing_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope.pt")
+
+
+@pytest.mark.parametrize("other, expected", [
+    (lambda: build_model("cnn_tiny", 5, 1), r"shape mismatches \(2\): fc\.weight: \(10, 32\) vs model \(5, 32\), "
+                                            r"fc\.bias: \(10,\) vs model \(5,\)"),
+    (lambda: build_model("cnn_tiny", 10, 3), r"shape mismatches \(1\): stage1\.0\.weight: \(8, 1, 3, 3\) vs model "
+                                             r"\(8, 3, 3, 3\)"),
+    (lambda: build_model("resnet8", 10, 1), r"missing keys \(\d+\): conv1\.weight, bn1\.weight.*; unexpected keys "
+                                            r"\(\d+\): stage1\.0\.weight"),
+])
+def test_checkpoint_of_another_model_names_keys_and_shapes(tmp_path, other, expected):
+    save_model(tmp_path / "m.pt", build_model("cnn_tiny", 10, 1))
+    state = load_checkpoint(tmp_path / "m.pt")
+    with pytest.raises(ValueError, match=r"checkpoint does not fit this model \(\w+\): " + expected):
+        load_state(other(), state["model"])
+
+
+def test_load_model_with_a_spec_that_disagrees_names_the_shapes(tmp_path):
+    save_model(tmp_path / "m.pt", build_model("cnn_tiny", 10, 1))
+    state = load_checkpoint(tmp_path / "m.pt")
+    state["spec"]["num_classes"] = 7  # a hand-edited or mixed-up file
+    torch.save(state, tmp_path / "edited.pt")
+    with pytest.raises(ValueError, match=r"edited\.pt' does not fit this model \(SmallCNN\): shape mismatches \(2\): "
+                                         r"fc\.weight: \(10, 32\) vs model \(7, 32\)"):
+        load_model(tmp_path / "edited.pt")
+    torch.save({"model": state["model"]}, tmp_path / "bare.pt")
+    with pytest.raises(ValueError, match="has no model spec"):
+        load_model(tmp_path / "bare.pt")
+
+
+def test_resume_from_another_architecture_names_keys(tmp_path):
+    d = random_images(32, k=4)
+    fit(build_model("cnn_tiny", 4, 1), d, epochs=1, checkpoint=tmp_path / "run.pt", **FAST)
+    with pytest.raises(ValueError, match=r"run\.pt' does not fit this model \(SmallCNN\): shape mismatches \(\d+\): "
+                                         r"stage1\.0\.weight: \(8, 1, 3, 3\) vs model \(16, 1, 3, 3\)"):
+        fit(build_model("cnn_small", 4, 1), d, epochs=2, checkpoint=tmp_path / "run.pt", resume=True, **FAST)
+
+
+PLAIN = (dict, OrderedDict, list, tuple, str, int, float, bool, type(None), torch.Tensor)
+
+
+def _walk(obj, path="state"):
+    assert type(obj) in PLAIN, f"{path}: {type(obj).__name__}"
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            assert type(k) in (str, int), f"{path} key {k!r}"
+            yield from _walk(v, f"{path}[{k!r}]")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _walk(v, f"{path}[{i}]")
+    yield path, obj
+
+
+def test_training_checkpoint_holds_only_plain_data(tmp_path):
+    d = random_images(48, k=4)
+    model = build_model("cnn_tiny", 4, 1)
+    fit(model, d, mcmi_objective(0.1, update="ema"), epochs=2, checkpoint=tmp_path / "run.pt", eval_data=d, **FAST)
+    path = tmp_path / "run.pt"
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(path) == []
+    state = load_checkpoint(path)
+    found = dict(_walk(state))
+    assert set(state) == {"format", "model", "spec", "optimizer", "objective", "epoch", "history", "config", "rng"}
+    assert state["epoch"] == 2 and state["spec"] == {"name": "cnn_tiny", "num_classes": 4, "in_channels": 1}
+    assert state["objective"]["centroids"].shape == (4, 4)
+    tensors = [v for v in found.values() if isinstance(v, torch.Tensor)]
+    assert tensors and all(t.device.type == "cpu" for t in tensors)
+
+
+# ---- nothing lost: SIGKILL mid-epoch, resume, same weights --------------------------------------------------------
+
+KILL_SCRIPT = textwrap.dedent('''
+    import sys, time
+    from pathlib import Path
+    import torch
+    from mcmi_lab import from_tensors
+    from mcmi_lab.checkpoint import save_model
+    from mcmi_lab.models import build_model
+    from mcmi_lab.train import MCMIObjective, fit
+
+    torch.set_num_threads(1)
+    mode, ckpt, out, ready = sys.argv[1:5]
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(160) % 4
+    images = torch.randint(0, 80, (160, 1, 12, 12), generator=g, dtype=torch.uint8)
+    for c in range(4):
+        images[labels == c, :, 2 * c:2 * c + 3, 2:5] = 255
+    data = from_tensors(images, labels, 4, pad=2, flip=True)
+
+
+    class Noisy(MCMIObjective):
+        """MCMI with EMA centroids, plus input noise from the global RNG (so its state must be resumed too)."""
+
+        def on_epoch_start(self, model, data, epoch):
+            super().on_epoch_start(model, data, epoch)
+            self.epoch, self.step = epoch, 0
+
+        def forward(self, model, images, labels, index=None):
+            if mode == "hang" and self.epoch == 1 and self.step == 3:  # mid-epoch 2: wait to be killed
+                Path(ready).touch()
+                time.sleep(600)
+            self.step += 1
+            return super().forward(model, images + 0.1 * torch.randn_like(images), labels, index)
+
+
+    torch.manual_seed(0)
+    model = build_model("cnn_tiny", 4, 1, width=4)
+    objective = Noisy(0.2, update="ema", ema_decay=0.9)
+    hist = fit(model, data, objective, epochs=3, batch_size=16, lr=0.05, schedule="cosine", precision="fp32",
+               progress="off", log=False, checkpoint=None if mode == "ref" else ckpt, resume=mode == "resume")
+    save_model(out, model, centroids=objective.centroids,
+               history=[{k: v for k, v in r.items() if k != "time"} for r in hist])
+''')
+
+
+def _start(script, *args):
+    env = dict(os.environ, PYTHONHASHSEED="0")
+    return subprocess.Popen([sys.executable, str(script), *map(str, args)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(proc, timeout=240):
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out
+
+
+def test_sigkill_mid_epoch_then_resume_gives_identical_weights(tmp_path):
+    script = tmp_path / "train_run.py"
+    script.write_text(KILL_SCRIPT)
+    ckpt, ready = tmp_path / "run" / "ckpt.pt", tmp_path / "ready"
+    reference = _start(script, "ref", ckpt, tmp_path / "ref.pt", ready)
+    victim = _start(script, "hang", ckpt, tmp_path / "unused.pt", ready)
+    deadline = time.monotonic() + 240
+    while not ready.exists():
+        assert victim.poll() is None, victim.communicate()[0]
+        assert time.monotonic() < deadline, "the training subprocess never reached epoch 2"
+        time.sleep(0.1)
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait(timeout=60)
+    assert victim.returncode == -signal.SIGKILL
+
+    state = load_checkpoint(ckpt)  # the kill left a loadable checkpoint of the last finished epoch
+    assert state["epoch"] == 1 and len(state["history"]) == 1
+    # as if a kill had also hit a checkpoint write: its temp file must not survive the resume
+    (ckpt.parent / f".{ckpt.name}.killed.tmp").write_bytes(b"half a checkpoint")
+    _finish(_start(script, "resume", ckpt, tmp_path / "resumed.pt", ready))
+    _finish(reference)
+
+    ref, resumed = load_checkpoint(tmp_path / "ref.pt"), load_checkpoint(tmp_path / "resumed.pt")
+    assert ref["model"].keys() == resumed["model"].keys()
+    for name in ref["model"]:
+        assert torch.equal(ref["model"][name], resumed["model"][name]), name
+    assert torch.equal(ref["centroids"], resumed["centroids"])
+    assert ref["history"] == resumed["history"] and len(ref["history"]) == 3
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == ["ckpt.pt"]  # no temp files left
+    assert load_checkpoint(ckpt)["epoch"] == 3
+
+
+# ---- bad input: one clear line naming the parameter, the value and what is accepted ----------------------------
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: build_model("resnet9", 10), r"name='resnet9' is not accepted: expected one of .*cnn_tiny"),
+    (lambda: build_model("cnn_tiny", 0), r"num_classes=0 is not accepted: expected an integer >= 1"),
+    (lambda: build_model("resnet8", 10, depth=3), r"depth=3 is not accepted for model 'resnet8'"),
+    (lambda: kd_objective(tiny_cnn(), temperature=-1.0), r"temperature=-1.0 is not accepted: .*\(0, inf\)"),
+    (lambda: kd_objective(tiny_cnn(), temperature=NAN), r"temperature=nan is not accepted"),
+    (lambda: kd_objective(tiny_cnn(), temperature=INF), r"temperature=inf is not accepted"),
+    (lambda: kd_objective(tiny_cnn(), kd_weight=-0.5), r"kd_weight=-0.5 is not accepted: .*\[0, inf\)"),
+    (lambda: kd_objective(tiny_cnn(), ce_weight=NAN), r"ce_weight=nan is not accepted"),
+    (lambda: mcmi_objective(0.1, ema_decay=1.0), r"ema_decay=1.0 is not accepted: .*\[0, 1\)"),
+    (lambda: mll_objective(label_smoothing=1.0), r"label_smoothing=1.0 is not accepted: .*\[0, 1\)"),
+    (lambda: mll_objective(label_smoothing=-0.1), r"label_smoothing=-0.1 is not accepted"),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_bad_arguments_of_builders_and_objectives(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(epochs=-1), r"epochs=-1 is not accepted: expected an integer >= 1"),
+    (dict(epochs=2.5), r"epochs=2.5 is not accepted"),
+    (dict(momentum=1.0), r"momentum=1.0 is not accepted: .*\[0, 1\)"),
+    (dict(weight_decay=-1e-4), r"weight_decay=-0.0001 is not accepted"),
+    (dict(lr=NAN), r"lr=nan is not accepted"),
+    (dict(check_every=0), r"check_every=0 is not accepted"),
+    (dict(eval_every=0), r"eval_every=0 is not accepted"),
+    (dict(seed=-1), r"seed=-1 is not accepted"),
+    (dict(progress="loud"), r"progress='loud' is not accepted: expected one of 'auto', 'bar', 'off'"),
+])
+def test_bad_train_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        fit(tiny_cnn(num_classes=4), random_images(16, k=4), **{**FAST, **kwargs})
+
+
+@pytest.mark.parametrize("call", ["measure_cmi", "evaluate"])
+@pytest.mark.parametrize("temperature", [0.0, -1.0, NAN, INF])
+def test_bad_measurement_temperature(call, temperature):
+    fn = {"measure_cmi": measure_cmi, "evaluate": evaluate}[call]
+    with pytest.raises(ValueError, match=rf"temperature={temperature!r} is not accepted: expected a finite number"):
+        fn(tiny_cnn(num_classes=4), random_images(8, k=4), temperature=temperature)
+
+
+@pytest.mark.parametrize("call", [
+    lambda d: stratified_split(d, 0.0), lambda d: stratified_split(d, 1.5), lambda d: few_shot(d, INF),
+    lambda d: few_shot(d, "half")], ids=["split-0", "split-1.5", "few_shot-inf", "few_shot-str"])
+def test_bad_fraction(call):
+    with pytest.raises(ValueError, match=r"fraction=.* is not accepted: expected a finite number in \(0, 1\]"):
+        call(random_images(16, k=4))
+
+
+@pytest.mark.parametrize("classes, match", [
+    ([-1], r"omitted class -1 is not accepted: expected a class index in \[0, 3\]"),
+    ([4], r"omitted class 4 is not accepted"),
+    (["c9"], r"omitted class 'c9' is not accepted: .* names \['c0', 'c1', 'c2', 'c3'\]"),
+    ([True], r"omitted class True is not accepted"),
+    (["c0", 1, "c2", 3], r"omitting classes \[0, 1, 2, 3\] is not accepted: at least one of the 4 classes must remain"),
+])
+def test_bad_omitted_classes(classes, match):
+    with pytest.raises(ValueError, match=match):
+        omit_classes(random_images(16, k=4), classes)
+
+
+@pytest.mark.parametrize("n", [0, 17])
+def test_bad_subset_size(n):
+    with pytest.raises(ValueError, match=rf"n={n} is not accepted: expected an integer in \[1, 16\]"):
+        subset(random_images(16, k=4), n)
+
+
+def test_empty_class_is_refused_by_the_mcmi_recipe_and_accepted_by_kd():
+    d = omit_classes(random_images(32, k=4), [2])
+    with pytest.raises(ValueError, match=r"data with empty classes \[2\] is not accepted for MCMI training"):
+        finetune_mcmi(tiny_cnn(num_classes=4), d, 0.1, epochs=1, **FAST)
+    fit(tiny_cnn(num_classes=4, width=4), d, kd_objective(tiny_cnn(num_classes=4)), epochs=1, **FAST)  # zero-shot
+
+
+@pytest.mark.parametrize("call", [predict, evaluate, measure_cmi])
+def test_wrong_channels_for_measurement(call):
+    with pytest.raises(ValueError, match=r"images with 3 channel\(s\) \(custom\) are not accepted by this model: its "
+                                         r"first convolution expects 1; build it with in_channels=3"):
+        call(tiny_cnn(in_channels=1, num_classes=4), random_images(8, k=4, c=3))
+
+
+def test_wrong_channels_for_the_teacher():
+    teacher = build_model("cnn_tiny", 4, 3)
+    with pytest.raises(ValueError, match=r"not accepted by the teacher: its first convolution expects 3"):
+        fit(build_model("cnn_tiny", 4, 1), random_images(16, k=4), kd_objective(teacher), epochs=1, **FAST)
+
+
+def test_nan_image_stops_at_its_step_naming_the_term():
+    d = random_images(64, k=4)
+    images = d.images.float() / 255
+    images[37, 0, 5, 5] = NAN
+    d = from_tensors(images, d.labels, 4, mean=(0.3,), std=(0.3,))
+    order = [b[2] for b in batches(d, 16, shuffle=True, seed=0, epoch=0, index=True)]
+    step = next(i for i, idx in enumerate(order) if 37 in idx.tolist()) + 1
+    with pytest.raises(StopTraining, match=rf"non-finite ce at epoch 1, step {step}: training stopped"):
+        fit(tiny_cnn(num_classes=4), d, epochs=1, augment=False, **FAST)
+
+
+def test_non_finite_teacher_names_the_kd_term():
+    class FlakyTeacher(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net, self.calls = tiny_cnn(num_classes=4), 0
+
+        def forward(self, x):
+            self.calls += 1
+            out = self.net(x)
+            return out * INF if self.calls == 2 else out
+    with pytest.raises(StopTraining, match=r"non-finite kd at epoch 1, step 2"):
+        fit(tiny_cnn(num_classes=4), random_images(64, k=4), kd_objective(FlakyTeacher()), epochs=1, **FAST)
+
+
+def test_resume_without_a_checkpoint_starts_fresh(tmp_path):
+    hist = fit(tiny_cnn(num_classes=4), random_images(32, k=4), epochs=1, checkpoint=tmp_path / "new.pt",
+               resume=True, **FAST)
+    assert [r["epoch"] for r in hist] == [1] and load_checkpoint(tmp_path / "new.pt")["epoch"] == 1
+    assert not math.isnan(hist[0]["loss"])

@@ -1,0 +1,362 @@
+"""One training run from the command line, on one process or many (torchrun + DistributedDataParallel).
+
+    python -m mcmi_lab.launch train --data fashion-mnist --model cnn_small --epochs 5 --out runs/teacher
+    torchrun --nproc_per_node=4 -m mcmi_lab.launch train --objective mcmi --lam 0.5 --teacher runs/teacher/model.pt ...
+    mcmi-lab train ... --nproc 4        # re-executes itself under `python -m torch.distributed.run`
+
+Every rank holds the whole data set as one tensor and trains on its own shard of each epoch (`fit` shards by rank);
+the model is wrapped in DDP, a KD teacher stays a plain frozen module on every rank, and rank 0 alone writes
+``<out>/checkpoint.pt`` (every epoch), ``<out>/model.pt`` and ``<out>/results.json``. ``--resume`` continues the
+checkpoint to the same weights as an uninterrupted run. Across nodes, ``--out`` must be on a shared file system.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+
+from .utils import check_float, check_int
+
+OBJECTIVES = ("mll", "mcmi", "kd")
+LAUNCHER_OPTIONS = ("nproc", "nnodes", "node_rank", "master_addr", "master_port")
+
+
+# ---- joining the process group ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str | None  # None: a single process, no process group
+    owned: bool = False  # this call created the process group (and so may destroy it)
+
+
+def under_torchrun() -> bool:
+    """True inside a process that torchrun (torch.distributed.run) started."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+
+
+def init_distributed(device: str | torch.device | None = None, backend: str | None = None) -> DistInfo:
+    """Join the process group that torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT).
+
+    Outside torchrun (or with WORLD_SIZE=1) nothing is initialised. The device is `device`, else cuda:LOCAL_RANK when
+    CUDA is there, else the CPU; the backend is nccl for CUDA and gloo otherwise, unless `backend` says.
+    """
+    from .utils import get_device
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if world <= 1:
+        return DistInfo(0, 1, 0, get_device(device), None)
+    dev = torch.device(device) if device is not None else (
+        torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu"))
+    if dev.type == "cuda":
+        if dev.index is None:
+            dev = torch.device("cuda", local_rank)
+        if dev.index >= torch.cuda.device_count():
+            raise ValueError(f"LOCAL_RANK={local_rank} is not accepted: this node has {torch.cuda.device_count()} "
+                             f"CUDA device(s); start at most that many processes per node (--nproc)")
+        torch.cuda.set_device(dev)
+    backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
+    owned = not dist.is_initialized()
+    if owned:
+        kwargs = {"device_id": dev} if dev.type == "cuda" else {}
+        dist.init_process_group(backend, **kwargs)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev, dist.get_backend(), owned)
+
+
+# ---- launching: a subprocess, under torchrun when there are several processes ----------------------------------
+
+def torchrun_command(train_args: Sequence[str], nproc: int, nnodes: int = 1, node_rank: int = 0,
+                     master_addr: str | None = None, master_port: int | None = None) -> list[str]:
+    """The `python -m torch.distributed.run ... -m mcmi_lab.launch train ...` command line for `train_args`."""
+    check_int("nproc", nproc, minimum=1)
+    check_int("nnodes", nnodes, minimum=1)
+    check_int("node_rank", node_rank, minimum=0, maximum=nnodes - 1)
+    if nnodes > 1 and not master_addr:
+        raise ValueError(f"nnodes={nnodes} needs master_addr: the address of node 0, the same on every node")
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--nnodes={nnodes}"]
+    if nnodes == 1 and master_addr is None and master_port is None:
+        cmd.append("--standalone")  # a free local port, no rendezvous to set up
+    else:
+        cmd += [f"--node_rank={node_rank}", f"--master_addr={master_addr or '127.0.0.1'}",
+                f"--master_port={master_port or 29500}"]
+    return cmd + ["-m", "mcmi_lab.launch", "train", *train_args]
+
+
+def launch_training(args: Sequence[str], nproc: int = 1, *, nnodes: int = 1, node_rank: int = 0,
+                    master_addr: str | None = None, master_port: int | None = None, capture: bool = True,
+                    check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``train`` with `args` in a subprocess (under torchrun when nproc or nnodes > 1), e.g. from a notebook:
+
+        launch_training(["--data", "fashion-mnist", "--epochs", "5", "--out", "runs/t"], nproc=2)
+
+    capture: keep stdout/stderr (text) in the result. check: raise RuntimeError with the output's tail on failure.
+    """
+    args = list(args)[1:] if args and args[0] == "train" else list(args)
+    if nproc == 1 and nnodes == 1:
+        cmd = [sys.executable, "-m", "mcmi_lab.launch", "train", *args]
+    else:
+        cmd = torchrun_command(args, nproc, nnodes, node_rank, master_addr, master_port)
+    proc = subprocess.run(cmd, capture_output=capture, text=True, env=env)
+    if check and proc.returncode != 0:
+        tail = "\n".join(((proc.stdout or "") + (proc.stderr or "")).strip().splitlines()[-15:])
+        raise RuntimeError(f"training failed with exit status {proc.returncode}: {' '.join(cmd)}\n{tail}")
+    return proc
+
+
+# ---- the `train` command ----------------------------------------------------------------------------------------
+
+def _typed(check, name: str, *bounds, **kw):
+    """An argparse type that reports the library's one-line message (argparse hides a plain ValueError's)."""
+    def parse(text: str):
+        try:
+            value = int(text) if check is check_int else text
+        except ValueError:
+            value = text
+        try:
+            return check(name, value, *bounds, **kw)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    return parse
+
+
+def _value(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def add_train_command(subparsers) -> argparse.ArgumentParser:
+    """Add the ``train`` command to an argparse `subparsers` (``mcmi-lab train``); returns its parser."""
+    from .data import DATASETS
+    from .models import MODELS
+
+    p = subparsers.add_parser("train", help="train a teacher (mll), fine-tune it (mcmi) or distil a student (kd); "
+                              "--nproc N for DistributedDataParallel", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    pos_int, pos_float = (lambda n: _typed(check_int, n, 1)), (lambda n: _typed(check_float, n, 0.0, low_open=True))
+    g = p.add_argument_group("what to train")
+    g.add_argument("--objective", choices=OBJECTIVES, default="mll", help="mll (teacher), mcmi (fine-tune --teacher), "
+                   "kd (distil --teacher into --model)")
+    g.add_argument("--data", choices=sorted(DATASETS), default="fashion-mnist")
+    g.add_argument("--data-root", help="directory holding the data set files")
+    g.add_argument("--model", choices=list(MODELS), help="architecture (default cnn_small; mcmi: the teacher's)")
+    g.add_argument("--width", type=pos_int("--width"), help="width of cnn_small / cnn_tiny")
+    g.add_argument("--teacher", type=Path, help="model.pt of the teacher (mcmi: the model fine-tuned; kd: distilled)")
+    g.add_argument("--lam", type=_typed(check_float, "--lam", 0.0), default=0.2, help="mcmi: λ of CE − λ·KL (0.2)")
+    g.add_argument("--update", choices=("frozen", "epoch", "ema"), default="epoch", help="mcmi: centroid update")
+    g.add_argument("--method", default="kd", help="kd: KD method (kd, fitnet, at, crd, dkd, ...; default kd)")
+    g.add_argument("--temperature", type=pos_float("--temperature"), help="kd: temperature (default 4)")
+    g.add_argument("--hparam", nargs=2, action="append", metavar=("NAME", "VALUE"), help="kd: a method "
+                   "hyper-parameter (repeatable)")
+    g.add_argument("--label-smoothing", type=_typed(check_float, "--label-smoothing", 0.0, 1.0, high_open=True),
+                   default=0.0, help="mll: label smoothing (a control teacher)")
+    g = p.add_argument_group("data views")
+    g.add_argument("--subset", type=pos_int("--subset"), help="train on N samples (smoke runs)")
+    g.add_argument("--fraction", type=_typed(check_float, "--fraction", 0.0, 1.0, low_open=True), default=1.0,
+                   help="few-shot: a stratified fraction of the training set")
+    g.add_argument("--omit", nargs="+", default=[], metavar="CLASS", help="zero-shot: classes left out of training")
+    g.add_argument("--eval-subset", type=pos_int("--eval-subset"), help="evaluate on N test samples")
+    g.add_argument("--no-eval", action="store_true", help="no test-set evaluation")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=pos_int("--epochs"), help="default 240 (mll, kd) or 20 (mcmi)")
+    g.add_argument("--batch-size", type=pos_int("--batch-size"), default=64, help="per process")
+    g.add_argument("--lr", type=pos_float("--lr"), default=0.05)
+    g.add_argument("--schedule", choices=("step", "cosine", "constant"), help="default cosine (mcmi), else step")
+    g.add_argument("--weight-decay", type=_typed(check_float, "--weight-decay", 0.0), default=5e-4)
+    g.add_argument("--no-augment", action="store_true")
+    g.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
+    g.add_argument("--seed", type=_typed(check_int, "--seed", 0), default=0)
+    g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK, else cpu)")
+    g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (CUDA only)")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", type=Path, required=True, help="run folder: checkpoint.pt, model.pt, results.json")
+    g.add_argument("--resume", action="store_true", help="continue <out>/checkpoint.pt")
+    g = p.add_argument_group("processes (torchrun)")
+    g.add_argument("--nproc", type=pos_int("--nproc"), default=1, help="processes on this node (GPUs)")
+    g.add_argument("--nnodes", type=pos_int("--nnodes"), default=1)
+    g.add_argument("--node-rank", type=_typed(check_int, "--node-rank", 0), default=0)
+    g.add_argument("--master-addr", help="address of node 0 (multi-node)")
+    g.add_argument("--master-port", type=_typed(check_int, "--master-port", 1, 65535))
+    p.set_defaults(func=train_command)
+    return p
+
+
+def train_argv(args: argparse.Namespace) -> list[str]:
+    """The command line of `args` without the launcher options (what each torchrun worker receives)."""
+    probe = argparse.ArgumentParser()
+    add_train_command(probe.add_subparsers(dest="command"))
+    own = set(vars(probe.parse_args(["train", "--out", "."]))) - set(LAUNCHER_OPTIONS) - {"func", "command"}
+    out: list[str] = []
+    for key, value in vars(args).items():
+        flag = "--" + key.replace("_", "-")
+        if key not in own or value is None or value is False or value == []:
+            continue
+        if value is True:
+            out.append(flag)
+        elif key == "hparam":
+            for name, v in value:
+                out += [flag, name, v]
+        else:
+            out += [flag, *map(str, value if isinstance(value, list) else [value])]
+    return out
+
+
+def check_train_args(args: argparse.Namespace) -> None:
+    """Cross-option checks: one ValueError line naming the option, the value and what is accepted."""
+    if args.objective in ("mcmi", "kd") and args.teacher is None:
+        raise ValueError(f"--objective {args.objective} needs --teacher PATH (a model.pt written by train)")
+    if args.objective == "mll" and args.teacher is not None:
+        raise ValueError("--teacher is not accepted with --objective mll: expected --objective mcmi or kd")
+    if args.objective != "kd" and (args.method != "kd" or args.hparam or args.temperature is not None):
+        raise ValueError("--method, --hparam and --temperature are not accepted with --objective "
+                         f"{args.objective}: they configure --objective kd")
+    if args.teacher is not None and not Path(args.teacher).is_file():
+        raise FileNotFoundError(f"--teacher {str(args.teacher)!r} does not exist: expected a model.pt written by train")
+    if args.nnodes > 1 and not args.master_addr:
+        raise ValueError(f"--nnodes {args.nnodes} needs --master-addr: the address of node 0")
+    if args.node_rank >= args.nnodes:
+        raise ValueError(f"--node-rank={args.node_rank} is not accepted: expected an integer in [0, {args.nnodes - 1}]")
+    if not args.resume and (Path(args.out) / "checkpoint.pt").exists():
+        raise ValueError(f"--out {str(args.out)!r} already holds checkpoint.pt: pass --resume to continue it, or "
+                         "choose another --out")
+
+
+def train_command(args: argparse.Namespace) -> int:
+    """``train``: re-executes under torchrun when asked for several processes, else trains here; exit status."""
+    check_train_args(args)
+    if (args.nproc > 1 or args.nnodes > 1) and not under_torchrun():
+        cmd = torchrun_command(train_argv(args), args.nproc, args.nnodes, args.node_rank, args.master_addr,
+                               args.master_port)
+        print("launching:", " ".join(cmd), flush=True)
+        return subprocess.run(cmd).returncode
+    run_training(args)
+    return 0
+
+
+def run_training(args: argparse.Namespace) -> dict:
+    """Train as `args` say in this process (one rank of torchrun, or alone); rank 0 writes the artifacts."""
+    info = init_distributed(args.device)
+    try:
+        return _train(args, info)
+    finally:
+        if info.owned and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _load_data(args, rank: int):
+    from . import distributed as dist_utils
+    from .data import few_shot, load_dataset, omit_classes, subset
+
+    for turn in (0, 1):  # rank 0 first: it may lay out the cache that the others then read
+        if (rank == 0) == (turn == 0):
+            train = load_dataset(args.data, "train", root=args.data_root)
+            test = None if args.no_eval else load_dataset(args.data, "test", root=args.data_root)
+        dist_utils.barrier()
+    if args.subset:
+        train = subset(train, min(args.subset, len(train)), seed=args.seed)
+    if args.fraction < 1:
+        train = few_shot(train, args.fraction, seed=args.seed)
+    if args.omit:
+        train = omit_classes(train, [int(c) if c.lstrip("-").isdigit() else c for c in args.omit])
+    if test is not None and args.eval_subset:
+        test = subset(test, min(args.eval_subset, len(test)), seed=args.seed)
+    return train, test
+
+
+def _build(args, data, device):
+    from .checkpoint import load_model
+    from .models import build_model
+    from .train import kd_objective, mcmi_objective, mll_objective
+    from .utils import set_seed
+
+    teacher = load_model(args.teacher, device) if args.teacher is not None else None
+    if teacher is not None and teacher.spec["num_classes"] != data.num_classes:
+        raise ValueError(f"--teacher {str(args.teacher)!r} has {teacher.spec['num_classes']} classes: expected "
+                         f"{data.num_classes}, the classes of --data {args.data}")
+    if args.objective == "mcmi":
+        if args.model is not None and args.model != teacher.spec["name"]:
+            raise ValueError(f"--model {args.model} is not accepted with --objective mcmi: the model fine-tuned is the "
+                             f"teacher ({teacher.spec['name']})")
+        return teacher, mcmi_objective(args.lam, update=args.update)
+    set_seed(args.seed)  # the initial weights are a function of the seed
+    width = {} if args.width is None else {"width": args.width}
+    model = build_model(args.model or "cnn_small", data.num_classes, data.in_channels, **width)
+    if args.objective == "mll":
+        return model, mll_objective(args.label_smoothing)
+    hparams = {name: _value(v) for name, v in (args.hparam or [])}
+    if args.temperature is not None:
+        hparams["temperature"] = args.temperature
+    try:
+        from .kd import kd_method_objective
+    except ImportError:  # a checkout without the KD methods: Hinton KD only
+        if args.method != "kd":
+            raise ValueError(f"--method {args.method} is not accepted: expected kd (mcmi_lab.kd is missing)") from None
+        return model, kd_objective(teacher, **hparams)
+    return model, kd_method_objective(args.method, teacher, **hparams)
+
+
+def _train(args, info: DistInfo) -> dict:
+    from .checkpoint import save_model
+    from .evaluate import evaluate
+    from .train import TrainConfig, fit
+    from .utils import write_json
+
+    out = Path(args.out)
+    train, test = _load_data(args, info.rank)
+    model, objective = _build(args, train, info.device)
+    mcmi = args.objective == "mcmi"
+    cfg = TrainConfig(epochs=args.epochs or (20 if mcmi else 240), batch_size=args.batch_size, lr=args.lr,
+                      schedule=args.schedule or ("cosine" if mcmi else "step"), weight_decay=args.weight_decay,
+                      augment=not args.no_augment, precision=args.precision, seed=args.seed, device=str(info.device),
+                      sync_bn=args.sync_bn)
+    if info.rank == 0:
+        print(f"train {args.objective}: {len(train)} {train.name} images, {info.world_size} process(es) on "
+              f"{info.device} ({info.backend or 'no process group'}), out {out}", flush=True)
+    history = fit(model, train, objective, cfg, eval_data=test, checkpoint=out / "checkpoint.pt", resume=args.resume)
+    metrics = evaluate(model, test) if test is not None else None
+    results = {"objective": args.objective, "method": args.method if args.objective == "kd" else None,
+               "data": args.data, "train_size": len(train), "model": dict(model.spec),
+               "teacher": str(args.teacher) if args.teacher else None, "world_size": info.world_size,
+               "backend": info.backend, "device": str(info.device), "config": dataclasses.asdict(cfg),
+               "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"},
+               "history": history, "test": metrics}
+    if info.rank == 0:
+        save_model(out / "model.pt", model)
+        write_json(out / "results.json", results)
+        summary = f"test accuracy {metrics['accuracy']:.4f}, CMI {metrics['cmi']:.4f}; " if metrics else ""
+        print(f"{summary}wrote {out / 'model.pt'} and {out / 'results.json'}", flush=True)
+    from . import distributed as dist_utils
+
+    dist_utils.barrier()
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m mcmi_lab.launch train ...``; returns the exit status (2 for bad input)."""
+    parser = argparse.ArgumentParser(prog="python -m mcmi_lab.launch", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_train_command(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"{parser.prog} {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

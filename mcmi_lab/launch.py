@@ -122,7 +122,7 @@ def _typed(check, name: str, *bounds, **kw):
     """An argparse type that reports the library's one-line message (argparse hides a plain ValueError's)."""
     def parse(text: str):
         try:
-            value = int(text) if check is check_int else text
+            value = int(text) if check is check_int else float(text)
         except ValueError:
             value = text
         try:

@@ -2,6 +2,7 @@
 import math
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -368,3 +369,71 @@ def test_resume_without_a_checkpoint_starts_fresh(tmp_path):
                resume=True, **FAST)
     assert [r["epoch"] for r in hist] == [1] and load_checkpoint(tmp_path / "new.pt")["epoch"] == 1
     assert not math.isnan(hist[0]["loss"])
+
+
+# ---- bad input on the command line (mcmi_lab.launch) -----------------------------------------------------------
+
+@pytest.mark.parametrize("argv, match", [
+    (["--epochs", "0"], r"argument --epochs: --epochs=0 is not accepted: expected an integer >= 1"),
+    (["--epochs", "two"], r"--epochs='two' is not accepted: expected an integer >= 1"),
+    (["--lam", "-0.5"], r"--lam=-0.5 is not accepted: expected a finite number in \[0, inf\)"),
+    (["--lam", "nan"], r"--lam=nan is not accepted"),
+    (["--lam", "inf"], r"--lam=inf is not accepted"),
+    (["--temperature", "0"], r"--temperature=0.0 is not accepted: expected a finite number in \(0, inf\)"),
+    (["--fraction", "0"], r"--fraction=0.0 is not accepted: expected a finite number in \(0, 1\]"),
+    (["--fraction", "1.5"], r"--fraction=1.5 is not accepted"),
+    (["--lr", "-1"], r"--lr=-1.0 is not accepted"),
+    (["--objective", "mse"], r"argument --objective: invalid choice: 'mse'"),
+    (["--data", "mnist2"], r"argument --data: invalid choice: 'mnist2'"),
+    (["--model", "resnet9"], r"argument --model: invalid choice: 'resnet9'"),
+    (["--update", "sometimes"], r"argument --update: invalid choice: 'sometimes'"),
+    (["--nproc", "0"], r"--nproc=0 is not accepted: expected an integer >= 1"),
+    (["--master-port", "70000"], r"--master-port=70000 is not accepted: expected an integer in \[1, 65535\]"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+def test_launch_rejects_bad_values(argv, match, tmp_path, capsys):
+    from mcmi_lab import launch
+
+    with pytest.raises(SystemExit) as exit_:
+        launch.main(["train", "--out", str(tmp_path), *argv])
+    assert exit_.value.code == 2
+    assert len(re.findall(match, capsys.readouterr().err)) == 1
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--objective", "mcmi"], r"--objective mcmi needs --teacher PATH"),
+    (["--objective", "kd"], r"--objective kd needs --teacher PATH"),
+    (["--teacher", "t.pt"], r"--teacher is not accepted with --objective mll: expected --objective mcmi or kd"),
+    (["--objective", "mcmi", "--teacher", "missing.pt"], r"--teacher 'missing.pt' does not exist"),
+    (["--temperature", "2"], r"--method, --hparam and --temperature are not accepted with --objective mll"),
+    (["--nnodes", "2"], r"--nnodes 2 needs --master-addr"),
+    (["--nnodes", "2", "--node-rank", "2", "--master-addr", "h"], r"--node-rank=2 is not accepted: expected an "
+                                                                  r"integer in \[0, 1\]"),
+    (["--omit", "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "--data", "synthetic", "--subset", "20",
+      "--no-eval"], r"omitting classes \[0, 1, 2, 3, 4, 5, 6, 7, 8, 9\] is not accepted"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+def test_launch_rejects_bad_combinations(argv, match, tmp_path, capsys, monkeypatch):
+    from mcmi_lab import launch
+
+    monkeypatch.chdir(tmp_path)
+    assert launch.main(["train", "--out", str(tmp_path / "run"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("python -m mcmi_lab.launch train: error: ") and len(err.strip().splitlines()) == 1
+    assert re.search(match, err), err
+
+
+def test_launch_refuses_to_overwrite_a_run_without_resume(tmp_path, capsys):
+    from mcmi_lab import launch
+
+    save_checkpoint(tmp_path / "checkpoint.pt", epoch=1)
+    assert launch.main(["train", "--out", str(tmp_path)]) == 2
+    assert "already holds checkpoint.pt: pass --resume to continue it" in capsys.readouterr().err
+
+
+def test_launch_teacher_with_other_classes(tmp_path, capsys):
+    from mcmi_lab import launch
+
+    save_model(tmp_path / "t.pt", build_model("cnn_tiny", 3, 1))
+    argv = ["train", "--objective", "kd", "--teacher", str(tmp_path / "t.pt"), "--data", "synthetic", "--subset", "20",
+            "--no-eval", "--out", str(tmp_path / "run")]
+    assert launch.main(argv) == 2
+    assert "has 3 classes: expected 10, the classes of --data synthetic" in capsys.readouterr().err

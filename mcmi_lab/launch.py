@@ -71,7 +71,7 @@ def init_distributed(device: str | torch.device | None = None, backend: str | No
     backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
     owned = not dist.is_initialized()
     if owned:
-        kwargs = {"device_id": dev} if dev.type == "cuda" else {}
+        kwargs = {"device_id": dev} if backend == "nccl" else {}  # binds NCCL to this rank's GPU up front
         dist.init_process_group(backend, **kwargs)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev, dist.get_backend(), owned)
 

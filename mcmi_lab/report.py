@@ -1,0 +1,448 @@
+"""The report of a run: ``report.md`` and a self-contained ``report.html`` built from the merged ``results.json``.
+
+What was run, the teacher table, students per KD method, per few-shot fraction and per omitted class, each as
+mean ± std over seeds (n), the paired difference MCMI − control with its 95% interval, the known-BCPD table, the
+key figures, and a plain "which claims held" list computed from the same numbers. A claim *held* when the whole
+interval lies on its side of zero, is *reversed* when the whole interval lies on the other side, and is *not
+shown* otherwise (or with one seed, where there is no interval).
+"""
+from __future__ import annotations
+
+import base64
+import html
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from .runs import RESULTS, collect_results, seed_dirs
+from .stats import format_mean_std, mean_std, paired_difference
+from .utils import write_json, write_text
+
+TEACHER_LABELS = {"none": "no teacher (labels only)", "mll": "MLL", "control": "control (λ = 0)",
+                  "label_smoothing": "label smoothing", "temperature": "temperature-scaled MLL", "mcmi": "MCMI"}
+
+
+# ---- tables -----------------------------------------------------------------------------------------------------
+
+def _cell_text(value: Any, digits: int) -> str:
+    if isinstance(value, float):
+        return "—" if math.isnan(value) else f"{value:.{digits}f}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_cell_text(v, digits) for v in value)
+    if isinstance(value, Mapping):
+        return ", ".join(f"{k}: {_cell_text(v, digits)}" for k, v in value.items())
+    return "—" if value is None else str(value).replace("|", "\\|")
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None, digits: int = 3,
+                   headers: Sequence[str] | None = None) -> str:
+    """Rows of dicts as a Markdown table: `columns` (default: the first row's keys) in order, floats with `digits`."""
+    if not rows:
+        return ""
+    columns = list(columns if columns is not None else rows[0])
+    headers = list(headers if headers is not None else columns)
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(["---"] * len(columns)) + "|"]
+    lines += ["| " + " | ".join(_cell_text(r.get(c), digits) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+# ---- per-seed values --------------------------------------------------------------------------------------------
+
+SeedRows = dict[str, list[dict]]
+
+
+def seed_rows(results: Mapping[str, Any], notebook: str, key: str) -> SeedRows:
+    """``{seed: results[seed][notebook][key]}`` for the seeds that have it."""
+    out = {}
+    for seed, notebooks in results.get("seeds", {}).items():
+        rows = notebooks.get(notebook, {}).get(key)
+        if rows:
+            out[seed] = rows
+    return out
+
+
+def values(rows: SeedRows, metric: str | Callable[[dict], Any], **match: Any) -> dict[str, float]:
+    """``{seed: metric}`` of the first row in each seed whose fields equal `match` (numbers only)."""
+    get = metric if callable(metric) else (lambda r: r.get(metric))
+    out = {}
+    for seed, seed_list in rows.items():
+        for r in seed_list:
+            if all(r.get(k) == v for k, v in match.items()):
+                v = get(r)
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                    out[seed] = float(v)
+                break
+    return out
+
+
+def cell(vals: Mapping[str, float], scale: float = 1.0, digits: int = 3) -> str:
+    """"84.2 ± 1.3 (n=3)" over seeds, or "—" without values."""
+    if not vals:
+        return "—"
+    mean, std = mean_std([scale * v for v in vals.values()])
+    return format_mean_std(mean, std, len(vals), digits)
+
+
+def difference(a: Mapping[str, float], b: Mapping[str, float], scale: float = 1.0) -> dict | None:
+    """Paired difference a − b over the seeds both have (stats.paired_difference), scaled; None without pairs."""
+    common = [s for s in a if s in b]
+    if not common:
+        return None
+    return paired_difference([scale * a[s] for s in common], [scale * b[s] for s in common])
+
+
+def format_difference(d: dict | None, digits: int = 2) -> str:
+    if d is None:
+        return "—"
+    if d["n"] < 2:
+        return f"{d['mean']:+.{digits}f} (n=1, no interval)"
+    return f"{d['mean']:+.{digits}f} (95% CI {d['low']:+.{digits}f} .. {d['high']:+.{digits}f}, n={d['n']})"
+
+
+def verdict(d: dict | None, sign: int = 1) -> str:
+    """"held" when the interval lies on the side `sign` of 0, "reversed" on the other side, else "not shown"."""
+    if d is None:
+        return "not measured"
+    if d["n"] < 2 or math.isnan(d["low"]):
+        return "not shown (one seed: no interval)"
+    low, high = (d["low"], d["high"]) if sign > 0 else (-d["high"], -d["low"])
+    return "held" if low > 0 else "reversed" if high < 0 else "not shown"
+
+
+# ---- the report -------------------------------------------------------------------------------------------------
+
+class _Report:
+    """Builds the Markdown text section by section; collects the claims as it goes."""
+
+    def __init__(self, results: Mapping[str, Any], out: Path):
+        self.results, self.out = results, out
+        self.lines: list[str] = []
+        self.claims: list[str] = []
+
+    def add(self, *lines: str) -> None:
+        self.lines.extend(lines)
+
+    def claim(self, text: str, d: dict | None, sign: int = 1, digits: int = 2) -> None:
+        self.claims.append(f"- {text}: {format_difference(d, digits)} — **{verdict(d, sign)}**")
+
+    def figure(self, path: Path | None, caption: str) -> None:
+        if path is not None and path.is_file():
+            self.add(f"![{caption}]({path.relative_to(self.out).as_posix()})", "", f"*{caption}*", "")
+
+
+def _acc(v: Mapping[str, float]) -> str:
+    return cell(v, 100.0, 1)
+
+
+def _teachers(rep: _Report) -> None:
+    rows = seed_rows(rep.results, "01_teachers", "teachers")
+    if not rows:
+        return
+    names = list(dict.fromkeys(r["teacher"] for rs in rows.values() for r in rs))
+    cols = [("test_acc", "test acc (%)", 100.0, 1), ("train_acc", "train acc (%)", 100.0, 1),
+            ("train_cmi", "train CMI", 1.0, 3), ("test_cmi", "test CMI", 1.0, 3),
+            ("train_ncmi", "train NCMI", 1.0, 3), ("test_ncmi", "test NCMI", 1.0, 3), ("test_ece", "test ECE", 1.0, 3)]
+    table = [{"teacher": TEACHER_LABELS.get(n, n),
+              **{h: cell(values(rows, k, teacher=n), s, d) for k, h, s, d in cols}} for n in names]
+    rep.add("## Teachers", "", "Mean ± std over seeds (n). CMI and NCMI in nats; train = the teachers' training data.",
+            "", markdown_table(table, ["teacher"] + [h for _, h, _, _ in cols]), "")
+    diffs = [("test accuracy (points)", "test_acc", 100.0), ("train CMI", "train_cmi", 1.0), ("test CMI", "test_cmi", 1.0)]
+    rep.add("MCMI − control, paired by seed:", "")
+    for label, key, scale in diffs:
+        d = difference(values(rows, key, teacher="mcmi"), values(rows, key, teacher="control"), scale)
+        rep.add(f"- {label}: {format_difference(d, 3 if scale == 1.0 else 2)}")
+    rep.add("")
+    rep.claim("MCMI raises the teacher's train CMI over the λ = 0 control (MCMI − control)",
+              difference(values(rows, "train_cmi", teacher="mcmi"), values(rows, "train_cmi", teacher="control")),
+              digits=3)
+    d = difference(values(rows, "test_acc", teacher="mcmi"), values(rows, "test_acc", teacher="control"), 100.0)
+    rep.claims.append(f"- MCMI teacher test accuracy vs control (points; the paper reports a small cost): "
+                      f"{format_difference(d)}")
+
+
+def _students(rep: _Report) -> None:
+    rows = seed_rows(rep.results, "03_distill", "students")
+    if not rows:
+        return
+    methods = list(dict.fromkeys(r["method"] for rs in rows.values() for r in rs if r["teacher"] != "none"))
+    teachers = list(dict.fromkeys(r["teacher"] for rs in rows.values() for r in rs))
+    table = [{"teacher": TEACHER_LABELS.get(t, t),
+              **{m: _acc(values(rows, "student_acc", teacher=t, method=("ce" if t == "none" else m)))
+                 for m in methods}} for t in teachers]
+    rep.add("## Students by KD method", "", "Student test accuracy (%), mean ± std over seeds (n). The no-teacher "
+            "row is the same student trained on the labels alone.", "", markdown_table(table, ["teacher"] + methods), "")
+    rep.add("MCMI − control, paired by seed (points):", "")
+    for m in methods:
+        d = difference(values(rows, "student_acc", teacher="mcmi", method=m),
+                       values(rows, "student_acc", teacher="control", method=m), 100.0)
+        rep.add(f"- {m}: {format_difference(d)}")
+        rep.claim(f"{m} student: an MCMI teacher gives a better student than the control (points)", d)
+    rep.add("")
+
+
+def _few_shot(rep: _Report) -> None:
+    rows = seed_rows(rep.results, "05_few_shot", "few_shot")
+    if not rows:
+        return
+    fractions = sorted({r["fraction"] for rs in rows.values() for r in rs})
+    teachers = list(dict.fromkeys(r["teacher"] for rs in rows.values() for r in rs))
+    table = [{"teacher": TEACHER_LABELS.get(t, t),
+              **{f"{f:g}": _acc(values(rows, "student_acc", teacher=t, fraction=f)) for f in fractions}}
+             for t in teachers]
+    rep.add("## Few-shot students", "", "KD student test accuracy (%) by the fraction of the training data it saw "
+            "(stratified; the teachers saw all of it).", "",
+            markdown_table(table, ["teacher"] + [f"{f:g}" for f in fractions]), "", "MCMI − control (points):", "")
+    for f in fractions:
+        d = difference(values(rows, "student_acc", teacher="mcmi", fraction=f),
+                       values(rows, "student_acc", teacher="control", fraction=f), 100.0)
+        rep.add(f"- fraction {f:g}: {format_difference(d)}")
+        if f == fractions[0]:
+            rep.claim(f"few-shot (fraction {f:g}): MCMI − control student accuracy (points)", d)
+    rep.add("")
+
+
+def _omitted_mean(r: dict) -> float | None:
+    accs = list(r.get("omitted_acc", {}).values())
+    return sum(accs) / len(accs) if accs else None
+
+
+def _zero_shot(rep: _Report) -> None:
+    rows = seed_rows(rep.results, "06_zero_shot", "zero_shot")
+    if not rows:
+        return
+    sets = list(dict.fromkeys(tuple(r["omitted"]) for rs in rows.values() for r in rs))
+    teachers = list(dict.fromkeys(r["teacher"] for rs in rows.values() for r in rs))
+    classes = next(iter(rep.results["seeds"].values())).get("06_zero_shot", {}).get("classes")
+    rep.add("## Zero-shot students", "", "The student never saw the omitted classes; the teacher did. Test accuracy "
+            "(%) overall and on each omitted class.", "")
+    for s in sets:
+        names = [classes[c] if classes else str(c) for c in s]
+        cols = ["overall"] + [f"class {c} ({n})" for c, n in zip(s, names)]
+        table = []
+        for t in teachers:
+            row = {"teacher": TEACHER_LABELS.get(t, t),
+                   "overall": _acc(values(rows, "student_acc", teacher=t, omitted=list(s)))}
+            for c, col in zip(s, cols[1:]):
+                row[col] = _acc(values(rows, lambda r, c=c: r["omitted_acc"].get(str(c)), teacher=t, omitted=list(s)))
+            table.append(row)
+        rep.add(f"### Omitted: {', '.join(names)}", "", markdown_table(table, ["teacher"] + cols), "")
+        d = difference(values(rows, _omitted_mean, teacher="mcmi", omitted=list(s)),
+                       values(rows, _omitted_mean, teacher="control", omitted=list(s)), 100.0)
+        rep.add(f"MCMI − control on the omitted classes (points): {format_difference(d)}", "")
+        rep.claim(f"zero-shot ({', '.join(names)} omitted): MCMI − control accuracy on the omitted classes (points)", d)
+
+
+def _lambda_sweep(rep: _Report) -> Path | None:
+    rows = seed_rows(rep.results, "07_lambda_sweep", "lambda_sweep")
+    if not rows:
+        return None
+    lams = sorted({r["lambda"] for rs in rows.values() for r in rs})
+    table = []
+    for lam in lams:
+        collapsed = sum(1 for rs in rows.values() for r in rs if r["lambda"] == lam and r.get("collapsed"))
+        table.append({"λ": f"{lam:g}", "teacher test acc (%)": _acc(values(rows, "teacher_acc", **{"lambda": lam})),
+                      "teacher train CMI": cell(values(rows, "teacher_cmi", **{"lambda": lam})),
+                      "student acc (%)": _acc(values(rows, "student_acc", **{"lambda": lam})),
+                      "collapsed runs": collapsed})
+    rep.add("## λ sweep", "", markdown_table(table), "")
+    from .plots import plot_lambda_sweep
+
+    flat = [r for rs in rows.values() for r in rs if not r.get("collapsed")]
+    return _save(rep, "lambda_sweep", lambda path: plot_lambda_sweep(flat, path=path)) if flat else None
+
+
+def _known_bcpd(rep: _Report) -> None:
+    rows = seed_rows(rep.results, "08_known_bcpd", "known_bcpd")
+    if not rows:
+        return
+    teachers = list(dict.fromkeys(r["teacher"] for rs in rows.values() for r in rs))
+    table = [{"teacher": TEACHER_LABELS.get(t, t) if t != "bayes" else "Bayes posterior P*",
+              "KL(P* ‖ P) (nats)": cell(values(rows, "kl_to_bayes", teacher=t)),
+              "ECE": cell(values(rows, "ece", teacher=t)),
+              "accuracy (%)": _acc(values(rows, "accuracy", teacher=t)),
+              "KD student acc (%)": _acc(values(rows, "student_acc", teacher=t))} for t in teachers]
+    bayes = [nb.get("08_known_bcpd", {}).get("bayes_accuracy") for nb in rep.results["seeds"].values()]
+    bayes = next((b for b in bayes if b is not None), None)
+    rep.add("## Known Bayes posterior (synthetic task)", "",
+            "Teachers trained on a task whose P*(y|x) is known exactly, scored on test data by KL(P* ‖ P_teacher), "
+            "top-label ECE and accuracy, next to the accuracy of their KD students."
+            + (f" Bayes accuracy (closed form): {100 * bayes:.1f}%." if bayes is not None else ""), "",
+            markdown_table(table), "")
+    for other in ("control", "mll"):
+        d = difference(values(rows, "kl_to_bayes", teacher="mcmi"), values(rows, "kl_to_bayes", teacher=other))
+        rep.claim(f"known BCPD: MCMI is closer to P* than {TEACHER_LABELS[other]} (KL difference MCMI − {other}, "
+                  "nats; negative is closer)", d, sign=-1, digits=3)
+
+
+def _eigencam(rep: _Report) -> None:
+    rows = seed_rows(rep.results, "04_eigencam", "cam")
+    if not rows:
+        return
+    models = list(dict.fromkeys(r["model"] for rs in rows.values() for r in rs))
+    stats = [k for k in ("area_above_half", "entropy_norm", "mass_inside") if any(k in r for rs in rows.values()
+                                                                                     for r in rs)]
+    table = [{"model": TEACHER_LABELS.get(m, m), **{k: cell(values(rows, k, model=m, **{"class": "all"}))
+                                                    for k in stats}} for m in models]
+    rep.add("## Eigen-CAM", "", "Per-image statistics of sign-corrected, min-max scaled maps on test images: share of "
+            "pixels above half the maximum, normalised entropy, CAM mass inside the object.", "",
+            markdown_table(table), "")
+    d = difference(values(rows, "area_above_half", model="mcmi", **{"class": "all"}),
+                   values(rows, "area_above_half", model="mll", **{"class": "all"}))
+    rep.claim("Eigen-CAM: MCMI maps cover more of the image than MLL maps (area above half max, MCMI − MLL)", d,
+              digits=3)
+
+
+def _save(rep: _Report, name: str, draw: Callable[[Path], Any]) -> Path | None:
+    path = rep.out / "figures" / f"{name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        draw(path)
+    except Exception as err:  # a figure must never cost the report; say what went wrong instead
+        rep.add(f"(figure {name} could not be drawn: {type(err).__name__}: {err})", "")
+        return None
+    return path
+
+
+def _summary_figures(rep: _Report) -> list[tuple[Path | None, str]]:
+    """Figures over all seeds, drawn from results.json, plus the first seed's own figures."""
+    from .plots import plot_cmi_bars, plot_fraction_curve, plot_student_vs_teacher_cmi
+
+    figs = []
+    teachers = seed_rows(rep.results, "01_teachers", "teachers")
+    if teachers:
+        by_name: dict[str, dict[str, list[float]]] = {}
+        for rs in teachers.values():
+            for r in rs:
+                entry = by_name.setdefault(r["teacher"], {"train_cmi": [], "test_cmi": []})
+                for k in entry:
+                    entry[k].append(r[k])
+        figs.append((_save(rep, "teacher_cmi", lambda p: plot_cmi_bars(by_name, ("train_cmi", "test_cmi"), path=p)),
+                     "Teacher CMI on train and test data (bars: mean, dots: seeds)"))
+    students = seed_rows(rep.results, "03_distill", "students")
+    points = [r for rs in students.values() for r in rs if r.get("teacher_cmi") is not None]
+    if points:
+        figs.append((_save(rep, "student_vs_teacher_cmi", lambda p: plot_student_vs_teacher_cmi(points, path=p)),
+                     "Student accuracy against its teacher's train CMI (every seed)"))
+    few = [r for rs in seed_rows(rep.results, "05_few_shot", "few_shot").values() for r in rs]
+    if few:
+        figs.append((_save(rep, "few_shot", lambda p: plot_fraction_curve(few, logx=True, path=p)),
+                     "Few-shot student accuracy by training fraction (mean ± std over seeds)"))
+    first = next(iter(seed_dirs(rep.out).values()), None)
+    if first is not None:
+        for rel, caption in (("04_eigencam/cam_grid.png", "Eigen-CAM of the teachers (first seed)"),
+                             ("02_concentration/kl_distributions.png", "KL(P_x ‖ Q_y) per class (first seed)"),
+                             ("06_zero_shot/confusion_mcmi_0.png", "Zero-shot student of the MCMI teacher (first seed)")):
+            figs.append((first / "figures" / rel, caption))
+    return figs
+
+
+def _header(rep: _Report) -> None:
+    run = rep.results.get("run", {})
+    seeds = list(rep.results.get("seeds", {}))
+    wall = run.get("wall_time_s")
+    rep.add(f"# mcmi_lab report: {run.get('pipeline', 'run')}", "")
+    if run.get("description"):
+        rep.add(run["description"], "")
+    rep.add("## What was run", "",
+            f"- pipeline: `{run.get('pipeline', '?')}`; notebooks: {', '.join(run.get('notebooks', [])) or '?'}",
+            f"- seeds: {', '.join(seeds) or 'none'} (sub-seeds from stats.derive_seeds)",
+            f"- device: {run.get('device', '?')}",
+            f"- started: {run.get('started', '?')}; finished: {run.get('finished', '?')}; status: "
+            f"{run.get('status', '?')}",
+            f"- wall time: {f'{wall / 60:.1f} min ({wall:.0f} s)' if wall is not None else '?'}", "")
+    params = run.get("parameters")
+    if params:
+        rows = [{"parameter": k, "value": v if not isinstance(v, str) else f"`{v}`"} for k, v in params.items()]
+        rep.add("Parameters:", "", markdown_table(rows), "")
+
+
+def build_report(out: str | os.PathLike) -> tuple[Path, Path]:
+    """Merge the run in `out` into ``results.json`` and write ``report.md`` and ``report.html``; returns their paths."""
+    out = Path(out)
+    if not out.is_dir():
+        raise FileNotFoundError(f"run folder {str(out)!r} does not exist")
+    results = collect_results(out)
+    if not any(results["seeds"].values()):
+        raise FileNotFoundError(f"run folder {str(out)!r} holds no results (expected seed_<n>/results/*.json)")
+    write_json(out / RESULTS, results)
+    rep = _Report(results, out)
+    _header(rep)
+    body = _Report(results, out)
+    body.claims = rep.claims
+    for section in (_teachers, _students, _few_shot, _zero_shot, _known_bcpd, _eigencam):
+        section(body)
+    sweep = _lambda_sweep(body)
+    figures = _summary_figures(body)
+    if sweep is not None:
+        figures.append((sweep, "Teacher accuracy, teacher CMI and student accuracy against λ"))
+    rep.add("## Which claims held on this data", "",
+            "Held: the whole 95% interval over seeds is on the claimed side of zero; reversed: on the other side; "
+            "not shown: the interval contains zero.", "", *(rep.claims or ["- nothing to judge yet"]), "")
+    rep.lines += body.lines
+    rep.add("## Figures", "")
+    for path, caption in figures:
+        rep.figure(path, caption)
+    text = "\n".join(rep.lines).rstrip() + "\n"
+    md = write_text(out / "report.md", text)
+    page = write_text(out / "report.html", render_html(text, out, title=f"mcmi_lab report: {out.name}"))
+    return md, page
+
+
+# ---- Markdown -> HTML (the subset written above: headings, tables, lists, images, emphasis, code) --------------
+
+_STYLE = ("body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;line-height:1.45}"
+          "table{border-collapse:collapse;margin:.5rem 0}th,td{border:1px solid #ccc;padding:.25rem .6rem;"
+          "text-align:left}th{background:#f3f3f3}img{max-width:100%}code{background:#f3f3f3;padding:0 .2rem}"
+          "figure{margin:1rem 0}")
+
+
+def _inline(text: str) -> str:
+    text = html.escape(text, quote=False)
+    text = re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
+    text = re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", text)
+    return re.sub(r"(?<![\w*])\*([^*]+)\*(?![\w*])", r"<em>\1</em>", text)
+
+
+def _image(src: str, base: Path | None) -> str:
+    """An image embedded as a data URI when the file is found (a report that travels as one file)."""
+    path = (base / src) if base is not None else None
+    if path is not None and path.is_file():
+        return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+    return html.escape(src)
+
+
+def render_html(markdown: str, base: str | os.PathLike | None = None, title: str = "report") -> str:
+    """Render the Markdown subset that :func:`build_report` writes; images under `base` are embedded."""
+    base = Path(base) if base is not None else None
+    out, lines, i = [], markdown.splitlines(), 0
+    while i < len(lines):
+        line = lines[i]
+        if m := re.match(r"^(#{1,6}) (.*)$", line):
+            n = len(m.group(1))
+            out.append(f"<h{n}>{_inline(m.group(2))}</h{n}>")
+        elif m := re.match(r"^!\[([^\]]*)\]\(([^)]+)\)$", line):
+            out.append(f'<figure><img alt="{html.escape(m.group(1))}" src="{_image(m.group(2), base)}"></figure>')
+        elif line.startswith("|"):
+            block = []
+            while i < len(lines) and lines[i].startswith("|"):
+                block.append([c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", lines[i].strip())[1:-1]])
+                i += 1
+            head, rows = block[0], [r for r in block[1:] if not all(set(c) <= set("-: ") for c in r)]
+            out.append("<table><thead><tr>" + "".join(f"<th>{_inline(c)}</th>" for c in head) + "</tr></thead><tbody>"
+                       + "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in rows)
+                       + "</tbody></table>")
+            continue
+        elif line.startswith("- "):
+            items = []
+            while i < len(lines) and lines[i].startswith("- "):
+                items.append(f"<li>{_inline(lines[i][2:])}</li>")
+                i += 1
+            out.append("<ul>" + "".join(items) + "</ul>")
+            continue
+        elif line.strip():
+            out.append(f"<p>{_inline(line)}</p>")
+        i += 1
+    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+            f"<style>{_STYLE}</style></head><body>\n" + "\n".join(out) + "\n</body></html>\n")

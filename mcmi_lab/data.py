@@ -351,11 +351,11 @@ def augment_batch(images: torch.Tensor, pad: int, flip: bool, generator: torch.G
     if flip:
         mask = (torch.rand(b, generator=generator) < 0.5).to(dev)
         cols = torch.where(mask[:, None], cols.flip(1), cols)
-    # The window and the flip are one column gather (and one row gather): 2.5x faster on a CPU than indexing
-    # with four broadcast index tensors (benchmarks/loop.py).
-    if pad > 0:
-        images = images.gather(2, rows[:, None, :, None].expand(b, c, h, images.shape[3]))
-    return images.gather(3, cols[:, None, None, :].expand(b, c, h, w))
+    # Window and flip are one gather over the flattened planes: 4-8x faster on a CPU than indexing with four
+    # broadcast index tensors (see benchmarks/README.md).
+    hp, wp = images.shape[2:]
+    index = (rows[:, :, None] * wp + cols[:, None, :]).view(b, 1, h * w).expand(b, c, h * w)
+    return images.reshape(b, c, hp * wp).gather(2, index).view(b, c, h, w)
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:

@@ -438,8 +438,10 @@ class FTObjective(DistillObjective):
     rate 0.5) give factors compared by :func:`factor_loss`. beta 200.
 
     RepDistiller first trains the paraphraser alone as an auto-encoder of the teacher map (30 init epochs at lr
-    0.01; here `init_epochs` at the run's lr), then freezes it. Simplification, the default (init_epochs=0): the paraphraser trains jointly,
-    its reconstruction MSE (term "ft_rec", weight 1) added to the loss, and the factor target is detached."""
+    0.01; here `init_epochs` at the run's lr), then freezes it. Simplification, the default (init_epochs=0): the
+    paraphraser trains jointly, its reconstruction MSE (term "ft_rec", weight 1) added to the loss, and the factor
+    target is detached. In both modes the paraphraser reads the teacher map over its batch RMS (`_scaled`); the
+    factors are compared as normalised attention maps, so that changes them only through the conv biases."""
 
     name, takes, init_name = "ft", "last", "ft_rec"
 
@@ -456,7 +458,14 @@ class FTObjective(DistillObjective):
         self.paraphraser = nn.ModuleDict({"encoder": _conv_stack([c_t, c_t, c_f, c_f]),
                                           "decoder": _conv_stack([c_f, c_f, c_t, c_t], transposed=True)})
 
+    @staticmethod
+    def _scaled(t):
+        # A constant per batch: the reconstruction loss becomes scale-free, and joint training at the student's lr
+        # stays finite where the raw maps of deep random teachers diverged.
+        return t / t.float().pow(2).mean().sqrt().clamp_min(1e-6).to(t.dtype)
+
     def _reconstruction(self, t):
+        t = self._scaled(t)
         return F.mse_loss(self.paraphraser["decoder"](self.paraphraser["encoder"](t)).float(), t.float())
 
     def init_loss(self, s, t):
@@ -464,7 +473,7 @@ class FTObjective(DistillObjective):
 
     def distill_loss(self, s, t, labels, index):
         with torch.no_grad():
-            target = self.paraphraser["encoder"](t[0])
+            target = self.paraphraser["encoder"](self._scaled(t[0]))
         return factor_loss(self.translator(s[0]), target)
 
     def auxiliary_losses(self, s, t):

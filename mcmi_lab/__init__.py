@@ -5,16 +5,20 @@ Where things live: ``data`` (data sets as tensors, views, batches), ``models`` (
 ``train`` (``fit`` and its objectives), ``evaluate`` (``predict`` and metrics), ``recipes`` (teacher, MCMI
 fine-tune, controls), ``kd`` (the KD methods and ``distill``), ``cam`` (Eigen-CAM), ``plots``, ``stats``,
 ``synthetic`` (known-posterior task), ``runs``/``report`` (artifacts), ``cli`` (``mcmi-lab``).
+
+``mcmi_lab.cam``, ``mcmi_lab.plots`` and ``mcmi_lab.widgets`` are imported on use (they pull in grad-cam, matplotlib
+and ipywidgets): ``from mcmi_lab.cam import plot_cam_grid``.
 """
 __version__ = "0.1.0"
 
-from .checkpoint import load_checkpoint, load_model, save_checkpoint, save_model
+from .checkpoint import UnsafeCheckpointError, load_checkpoint, load_model, save_checkpoint, save_model
 from .cmi import (CMIMeter, class_centroids, conditional_mutual_information, kl_to_centroids, ncmi, per_class_cmi,
                   probabilities, separation)
 from .data import (DATASETS, ImageData, batches, few_shot, from_dataset, from_tensors, load_dataset,
                    omit_classes, stratified_split, subset)
 from .evaluate import evaluate, measure_cmi, metrics_from_logits, predict
-from .features import capture
+from .features import capture, feature_shapes
+from .kd import KD_METHODS, build_objective, distill, method_hparams
 from .losses import kd_loss, mcmi_loss
 from .models import MODELS, build_model, cam_layer, classifier_layer, feature_layers
 from .recipes import finetune_control, finetune_mcmi, temperature_scale, train_teacher
@@ -30,16 +34,16 @@ __all__ = [
     "DATASETS", "ImageData", "load_dataset", "from_tensors", "from_dataset", "few_shot", "omit_classes",
     "subset", "stratified_split", "batches", "SyntheticTask",
     # models
-    "MODELS", "build_model", "feature_layers", "classifier_layer", "cam_layer", "capture",
+    "MODELS", "build_model", "feature_layers", "classifier_layer", "cam_layer", "capture", "feature_shapes",
     # CMI and losses
     "CMIMeter", "probabilities", "class_centroids", "kl_to_centroids", "conditional_mutual_information",
     "per_class_cmi", "separation", "ncmi", "mcmi_loss", "kd_loss",
     # training
     "TrainConfig", "fit", "Objective", "MCMIObjective", "StopTraining", "mll_objective", "mcmi_objective",
-    "kd_objective", "train_teacher", "finetune_mcmi", "finetune_control", "temperature_scale",
+    "kd_objective", "KD_METHODS", "distill", "build_objective", "method_hparams", "train_teacher", "finetune_mcmi", "finetune_control", "temperature_scale",
     # evaluation and statistics
     "predict", "evaluate", "metrics_from_logits", "measure_cmi", "kl_to_posterior", "expected_calibration_error",
     "mean_std", "paired_difference", "derive_seeds",
     # artifacts
-    "save_checkpoint", "load_checkpoint", "save_model", "load_model",
+    "save_checkpoint", "load_checkpoint", "save_model", "load_model", "UnsafeCheckpointError",
 ]

@@ -5,6 +5,7 @@ all-reduced, so the numbers equal the single-process ones.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Iterator
 
 import torch
@@ -13,48 +14,80 @@ from torch import nn
 from . import distributed as dist_utils
 from .cmi import CMIMeter
 from .data import ImageData, batches
-from .utils import check_float, get_device
+from .utils import check_choice, check_float, get_device
 
 
-def iter_logits(model: nn.Module, data: ImageData, batch_size: int = 1000, device=None,
-                shard: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def eval_batch_size(device: torch.device) -> int:
+    """The default batch of a pass: 1000 on accelerators; 256 on a CPU, where batches of 1000 spill the caches and
+    ran 1.3-2.5x slower (fp32 and bf16, small CNNs and CIFAR ResNets; see benchmarks/README.md)."""
+    return 256 if device.type == "cpu" else 1000
+
+
+def _precision_context(precision: str | None, device: torch.device):
+    if precision is None:
+        return contextlib.nullcontext()  # whatever autocast the caller has set
+    from .train import autocast_dtype
+
+    check_choice("precision", precision, ("fp32", "bf16", "auto"))
+    amp = autocast_dtype(precision, device)
+    if device.type not in ("cpu", "cuda"):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=amp) if amp is not None else torch.autocast(device.type, enabled=False)
+
+
+def iter_logits(model: nn.Module, data: ImageData, batch_size: int | None = None, device=None,
+                shard: bool = False, precision: str | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield ``(logits float32, labels)`` per batch under inference mode; the model's train/eval mode is restored.
 
-    `device` defaults to the model's own device. With `shard` under torch.distributed, this rank's exact shard only.
-    A float64 model keeps float64 logits (exact comparisons of metrics).
+    `device` defaults to the model's own device; `batch_size` to :func:`eval_batch_size`. With `shard` under
+    torch.distributed, this rank's exact shard only. A float64 model keeps float64 logits (exact comparisons of
+    metrics). precision: None (default) runs as the caller's autocast state says (fp32 outside autocast); "fp32"
+    turns autocast off; "bf16" turns it on; "auto" is bf16 where fit would train in bf16 (about 3x faster on CPUs
+    with native bf16 — for passes that steer training, such as MCMI centroids; report metrics from fp32 logits).
+    Inputs take the model's memory format (channels-last after fit), so no layout conversion runs inside the model.
     """
-    from .train import check_model_input
+    from .train import _memory_format, check_model_input
 
     check_model_input(model, data)
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    batch_size = batch_size or eval_batch_size(device)
+    memory_format = _memory_format(model)
+    cast = _precision_context(precision, device)
     was_training = model.training
     model.eval()
     rank, world = (dist_utils.rank(), dist_utils.world_size()) if shard else (0, 1)
     try:
-        with torch.inference_mode():
-            for images, labels in batches(data.to(device), batch_size, rank=rank, world_size=world):
-                logits = model(images)
-                yield (logits if logits.dtype == torch.float64 else logits.float()), labels
+        for images, labels in batches(data.to(device), batch_size, rank=rank, world_size=world):
+            # contexts around the forward only: a generator must not leave them set in its caller between yields
+            with torch.inference_mode(), cast:
+                logits = model(images.contiguous(memory_format=memory_format))
+            yield (logits if logits.dtype == torch.float64 else logits.float()), labels
     finally:
         model.train(was_training)
 
 
-def predict(model: nn.Module, data: ImageData, batch_size: int = 1000, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """All logits and labels of `data`: ``(N, K) float32 (float64 for a float64 model), (N,) int64`` on the CPU."""
-    outs = [(logits.cpu(), labels.cpu()) for logits, labels in iter_logits(model, data, batch_size, device)]
+def predict(model: nn.Module, data: ImageData, batch_size: int | None = None, device=None,
+            precision: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """All logits and labels of `data`: ``(N, K) float32 (float64 for a float64 model), (N,) int64`` on the CPU.
+
+    precision: as :func:`iter_logits`."""
+    outs = [(logits.cpu(), labels.cpu())
+            for logits, labels in iter_logits(model, data, batch_size, device, precision=precision)]
     return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
 
 
-def measure_cmi(model: nn.Module, data: ImageData, temperature: float = 1.0, batch_size: int = 1000) -> dict:
+def measure_cmi(model: nn.Module, data: ImageData, temperature: float = 1.0, batch_size: int | None = None,
+                precision: str | None = None) -> dict:
     """One streaming pass: CMI, per-class CMI, separation, NCMI, centroids and accuracy (memory O(K²), not O(N)).
 
-    Under torch.distributed every rank passes its own shard and the sums are all-reduced.
+    Under torch.distributed every rank passes its own shard and the sums are all-reduced. precision: as
+    :func:`iter_logits` (the statistics are accumulated in float64 either way).
     """
     check_float("temperature", temperature, 0.0, low_open=True)
     k = data.num_classes
     meter = CMIMeter(k, temperature, device=next(model.parameters()).device)
     correct = torch.zeros((), device=meter.count.device)
-    for logits, labels in iter_logits(model, data, batch_size, shard=True):
+    for logits, labels in iter_logits(model, data, batch_size, shard=True, precision=precision):
         meter.update(logits, labels)
         correct += (logits.argmax(1) == labels).sum()
     meter.all_reduce()
@@ -87,7 +120,7 @@ def metrics_from_logits(logits: torch.Tensor, labels: torch.Tensor, num_classes:
     }
 
 
-def evaluate(model: nn.Module, data: ImageData, temperature: float = 1.0, batch_size: int = 1000) -> dict:
+def evaluate(model: nn.Module, data: ImageData, temperature: float = 1.0, batch_size: int | None = None) -> dict:
     """`metrics_from_logits` on `predict`'s logits: a JSON-ready dict."""
     check_float("temperature", temperature, 0.0, low_open=True)
     logits, labels = predict(model, data, batch_size)

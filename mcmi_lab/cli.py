@@ -4,22 +4,25 @@
     mcmi-lab data
     mcmi-lab report runs/demo
 
-`run` checks every parameter before any notebook starts, runs the pipeline's notebooks in order for each seed
-(each seed in its own folder ``<out>/seed_<n>``, the executed notebooks kept there), merges the results into
+`run` checks every parameter before any notebook starts, runs the pipeline's notebooks for each seed (each seed in
+its own folder ``<out>/seed_<n>``, the executed notebooks kept there; several notebooks at once, each as soon as the
+teachers it reads exist), merges the results into
 ``<out>/results.json`` and writes ``report.md`` / ``report.html``. A failing cell stops the run with the notebook,
 the cell and the error named, and exit status 1; a bad parameter exits with status 2 before anything runs.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import os
 import sys
 import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
-from .pipelines import PARAMETERS, PIPELINES, get_pipeline, parse_value, resolve_parameters
+from .pipelines import PARAMETERS, PIPELINES, get_pipeline, notebook_needs, parse_value, resolve_parameters
 
 #: Where the notebooks are: $MCMI_LAB_NOTEBOOKS, else ``notebooks/`` next to the package (a source checkout).
 NOTEBOOKS_ENV = "MCMI_LAB_NOTEBOOKS"
@@ -71,13 +74,69 @@ def execute_notebook(name: str, run_dir: str | os.PathLike, parameters: Mapping,
     return executed
 
 
+def default_jobs(pipeline: str) -> int:
+    """Notebooks run at once: the pipeline's `jobs`, else one per CPU core (at most 4)."""
+    jobs = get_pipeline(pipeline).jobs
+    return jobs if jobs is not None else max(1, min(4, os.cpu_count() or 1))
+
+
+@contextlib.contextmanager
+def _kernel_environment(threads: int, log_path: Path) -> Iterator[None]:
+    """While notebooks run: kernels get OMP_NUM_THREADS=`threads` (unless the user set it: several single-threaded
+    kernels on a few cores beat one kernel whose threads wait on each other), and the kernels' own stderr (ipykernel's
+    start-up warnings) goes to `log_path` instead of between the progress lines."""
+    saved_env = os.environ.get("OMP_NUM_THREADS")
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    sys.stderr.flush()
+    saved_fd = os.dup(2)
+    try:
+        with open(log_path, "ab") as log:
+            os.dup2(log.fileno(), 2)
+            yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved_fd, 2)
+        os.close(saved_fd)
+        if saved_env is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+
+
+def _schedule(tasks: list[tuple[int, str]], jobs: int, run: Callable[[int, str], None]) -> None:
+    """Run (seed, notebook) tasks on `jobs` workers; a task starts once the notebooks it needs
+    (pipelines.notebook_needs, when they are among the tasks) of the same seed are done. The first failure stops
+    new starts; the running ones finish, then it is raised."""
+    pending, running, done = list(tasks), {}, set()
+    error: BaseException | None = None
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        while running or (pending and error is None):
+            for task in list(pending):
+                if len(running) >= jobs or error is not None:
+                    break
+                seed, name = task
+                if all((seed, need) in done or (seed, need) not in tasks for need in notebook_needs(name)):
+                    pending.remove(task)
+                    running[pool.submit(run, seed, name)] = task
+            if not running:  # nothing can start: a needed notebook is missing from the tasks and failed earlier
+                break
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                task = running.pop(future)
+                if future.exception() is not None:
+                    error = error or future.exception()
+                else:
+                    done.add(task)
+    if error is not None:
+        raise error
+
+
 def run_pipeline(pipeline: str, out: str | os.PathLike, overrides: Mapping | None = None,
                  seeds: Sequence[int] | None = None, notebooks: Sequence[str] | None = None,
-                 echo: Callable[[str], None] = print) -> Path:
+                 jobs: int | None = None, echo: Callable[[str], None] = print) -> Path:
     """Run `pipeline` for every seed into `out`, then merge the results and write the report; returns report.html.
 
     overrides: parameter values over the pipeline's (checked first, a ValueError names the bad one); seeds: run
-    seeds (default: the pipeline's); notebooks: a subset of the pipeline's notebooks, in the pipeline's order.
+    seeds (default: the pipeline's); notebooks: a subset of the pipeline's notebooks; jobs: notebooks executed at
+    once (default :func:`default_jobs`), each kernel with cores / jobs threads.
     """
     from .report import build_report
     from .runs import describe_device, merge_results, now, seed_dir, write_run_info
@@ -88,6 +147,9 @@ def run_pipeline(pipeline: str, out: str | os.PathLike, overrides: Mapping | Non
     if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds) \
             or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds={seeds!r} are not accepted: expected distinct integers >= 0")
+    jobs = default_jobs(pipe.name) if jobs is None else jobs
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs={jobs!r} is not accepted: expected an integer >= 1")
     names = list(pipe.notebooks)
     if notebooks:
         unknown = [n for n in notebooks if n not in names]
@@ -98,20 +160,25 @@ def run_pipeline(pipeline: str, out: str | os.PathLike, overrides: Mapping | Non
         notebook_path(name)  # a missing notebook fails now, not after an hour of training
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    threads = max(1, (os.cpu_count() or 1) // jobs)
     info = {"pipeline": pipe.name, "description": pipe.description, "notebooks": names, "seeds": seeds,
-            "parameters": params, "device": describe_device(params["device"]), "started": now(),
+            "parameters": params, "device": describe_device(params["device"]), "jobs": jobs,
+            "threads_per_kernel": int(os.environ.get("OMP_NUM_THREADS", threads)), "started": now(),
             "command": " ".join(["mcmi-lab"] + sys.argv[1:]), "status": "running", "timings_s": {}}
     write_run_info(out, info)
     start = time.perf_counter()
-    echo(f"mcmi-lab: pipeline {pipe.name!r}, seeds {seeds}, {len(names)} notebooks -> {out}")
+    echo(f"mcmi-lab: pipeline {pipe.name!r}, seeds {seeds}, {len(names)} notebooks, {jobs} at a time -> {out}")
+
+    def run_one(seed: int, name: str) -> None:
+        t0 = time.perf_counter()
+        execute_notebook(name, seed_dir(out, seed), {**params, "seed": seed})
+        seconds = time.perf_counter() - t0
+        info["timings_s"][f"seed_{seed}/{name}"] = round(seconds, 1)
+        echo(f"  seed {seed}  {name:<18} {seconds:7.1f} s")
+
     try:
-        for seed in seeds:
-            for name in names:
-                t0 = time.perf_counter()
-                execute_notebook(name, seed_dir(out, seed), {**params, "seed": seed})
-                seconds = time.perf_counter() - t0
-                info["timings_s"][f"seed_{seed}/{name}"] = round(seconds, 1)
-                echo(f"  seed {seed}  {name:<18} {seconds:7.1f} s")
+        with _kernel_environment(threads, out / "kernels.log"):
+            _schedule([(seed, name) for seed in seeds for name in names], jobs, run_one)
         info["status"] = "finished"
     except BaseException as err:
         info["status"] = f"failed: {err}" if isinstance(err, NotebookError) else f"stopped: {type(err).__name__}"
@@ -120,7 +187,7 @@ def run_pipeline(pipeline: str, out: str | os.PathLike, overrides: Mapping | Non
         info["finished"] = now()
         info["wall_time_s"] = round(time.perf_counter() - start, 1)
         write_run_info(out, info)
-        if any((out / "seed_{}".format(s) / "results").is_dir() for s in seeds):
+        if any((seed_dir(out, s) / "results").is_dir() for s in seeds):
             merge_results(out)
     _, page = build_report(out)
     return page
@@ -139,7 +206,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     overrides = {}
     for name, value in args.param or []:
         overrides[name] = parse_value(value)
-    page = run_pipeline(args.pipeline, args.out, overrides, args.seeds, args.notebooks)
+    page = run_pipeline(args.pipeline, args.out, overrides, args.seeds, args.notebooks, args.jobs)
     print(f"mcmi-lab: report written to {page} (and {page.with_suffix('.md')})")
     return 0
 
@@ -177,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override a parameter (repeatable)")
     run.add_argument("--seeds", nargs="+", type=int, help="run seeds (default: the pipeline's)")
     run.add_argument("--notebooks", nargs="+", help="run only these of the pipeline's notebooks (e.g. 01_teachers)")
+    run.add_argument("--jobs", type=int, help="notebooks executed at once (default: one per core, at most 4; "
+                     "paper: 1)")
     run.set_defaults(func=_cmd_run)
 
     data = sub.add_parser("data", help="make Fashion-MNIST available offline and say where it is")

@@ -24,6 +24,15 @@ from .utils import check_choice, check_float, check_int
 #: The notebook set of a full run, in execution order (01 writes the teachers every later notebook reads).
 NOTEBOOKS = ("01_teachers", "02_concentration", "03_distill", "04_eigencam", "05_few_shot", "06_zero_shot",
              "07_lambda_sweep", "08_known_bcpd")
+#: What a notebook reads from the run folder: every notebook but 08 (its own synthetic teachers) and the quickstart
+#: needs the teachers of 01_teachers. `mcmi-lab run` starts a notebook once those of the same seed are done.
+INDEPENDENT = ("00_quickstart", "01_teachers", "08_known_bcpd")
+
+
+def notebook_needs(name: str) -> tuple[str, ...]:
+    return () if name in INDEPENDENT else ("01_teachers",)
+
+
 #: Teachers written by 01_teachers: MLL, the three fair controls, and MCMI.
 TEACHERS = ("mll", "control", "label_smoothing", "temperature", "mcmi")
 #: Number of classes of the named data sets, to check omitted classes before anything is loaded.
@@ -76,13 +85,9 @@ def _model_names() -> Sequence[str]:
     return list(MODELS)
 
 
-def kd_method_names() -> tuple[str, ...]:
-    """The accepted `kd_methods`: ``mcmi_lab.kd.KD_METHODS`` once that module exists, else Hinton KD only."""
-    try:
-        from .kd import KD_METHODS
-    except ImportError:
-        return ("kd",)
-    return tuple(KD_METHODS)
+def _kd_method_names() -> Sequence[str]:
+    from .kd import KD_METHODS
+    return list(KD_METHODS)
 
 
 def _omit_sets(name, value, params):
@@ -140,7 +145,7 @@ PARAMETERS: dict[str, Parameter] = {
     "student_model": Parameter("cnn_tiny", _choice(_model_names), "student architecture (models.MODELS)"),
     "student_epochs": Parameter(10, _EPOCHS, "epochs of every student"),
     "student_lr": Parameter(0.05, _LR, "learning rate of the students (step schedule)"),
-    "kd_methods": Parameter(["kd"], _list_of(_choice(kd_method_names)), "KD methods of 03_distill"),
+    "kd_methods": Parameter(["kd"], _list_of(_choice(_kd_method_names)), "KD methods of 03_distill"),
     "kd_temperature": Parameter(4.0, _float(0.0, low_open=True), "KD temperature T"),
     "teachers": Parameter(list(TEACHERS), _list_of(_choice(lambda: TEACHERS)), "teachers distilled in 03"),
     "shot_teachers": Parameter(["control", "mcmi"], _list_of(_choice(lambda: TEACHERS)),
@@ -160,13 +165,15 @@ PARAMETERS: dict[str, Parameter] = {
 
 @dataclass(frozen=True)
 class Pipeline:
-    """A named run: notebooks in order, parameter overrides of :data:`PARAMETERS`, default seeds."""
+    """A named run: notebooks in order, parameter overrides of :data:`PARAMETERS`, default seeds, and how many
+    notebooks run at once (None: one per CPU core, each kernel single-threaded; 1 for one GPU)."""
 
     name: str
     description: str
     notebooks: tuple[str, ...] = NOTEBOOKS
     parameters: dict = field(default_factory=dict)
     seeds: tuple[int, ...] = (0, 1, 2)
+    jobs: int | None = None
 
 
 PIPELINES: dict[str, Pipeline] = {
@@ -180,8 +187,8 @@ PIPELINES: dict[str, Pipeline] = {
     "smoke": Pipeline(
         "smoke", "seconds per notebook: tiny subsets, one epoch; checks that everything runs, not what it finds",
         parameters={"train_size": 400, "test_size": 300, "batch_size": 64, "teacher_epochs": 1, "finetune_epochs": 1,
-                    "student_epochs": 1, "lambdas": [0.0, 0.5], "fractions": [0.25, 1.0], "omit_classes": [3, [0, 3]],
-                    "teachers": ["mll", "control", "mcmi"], "cam_images": 2, "cam_stat_images": 50,
+                    "student_epochs": 1, "kd_methods": ["kd", "at"], "lambdas": [0.0, 0.5], "fractions": [0.25, 1.0],
+                    "omit_classes": [3, [0, 3]], "teachers": ["mll", "control", "mcmi"], "cam_images": 2, "cam_stat_images": 50,
                     "synthetic_train_size": 300, "synthetic_test_size": 200},
         seeds=(0,)),
     "paper": Pipeline(
@@ -194,7 +201,7 @@ PIPELINES: dict[str, Pipeline] = {
                     "student_lr": 0.05, "fractions": [0.05, 0.1, 0.25, 1.0], "omit_classes": [0, [0, 1, 2, 3, 4]],
                     "cam_images": 8, "cam_stat_images": 1000,
                     "synthetic_train_size": 20000, "synthetic_test_size": 5000},
-        seeds=(0, 1, 2, 3, 4)),
+        seeds=(0, 1, 2, 3, 4), jobs=1),
 }
 
 
@@ -263,11 +270,13 @@ def load_run_data(dataset: str = "fashion-mnist", train_size: int | None = None,
 def train_student(teacher: nn.Module | None, data: ImageData, method: str = "kd", model: str = "cnn_tiny",
                   epochs: int = 10, *, seed: int = 0, temperature: float = 4.0, lr: float = 0.05,
                   model_kwargs: dict | None = None, **fit_kwargs) -> nn.Module:
-    """A fresh `model` (initialised from `seed`) distilled from `teacher` with KD `method`; ``teacher=None`` or
-    ``method="ce"`` trains it on the labels alone (the no-teacher baseline). The student recipe is the same for
-    every teacher (DESIGN.md §2): SGD `lr`, step schedule, CE weight 0.1, KD weight 0.9."""
+    """A fresh `model` (initialised from `seed`) distilled from `teacher` with KD `method` (``kd.KD_METHODS``, their
+    literature defaults at temperature T); ``teacher=None`` or ``method="ce"`` trains it on the labels alone (the
+    no-teacher baseline). The recipe is the same for every teacher (DESIGN.md §2): SGD `lr`, step schedule,
+    `epochs`, data order from `seed`. `fit_kwargs`: TrainConfig fields (batch_size, device, ...)."""
+    from .kd import distill
     from .models import build_model
-    from .train import TrainConfig, fit, kd_objective, mll_objective
+    from .train import TrainConfig, fit, mll_objective
     from .utils import set_seed
 
     set_seed(seed)
@@ -275,15 +284,8 @@ def train_student(teacher: nn.Module | None, data: ImageData, method: str = "kd"
     cfg = TrainConfig(epochs=epochs, seed=seed, lr=lr)
     if teacher is None or method == "ce":
         fit(student, data, mll_objective(), cfg, **fit_kwargs)
-        return student
-    try:
-        from .kd import distill
-    except ImportError:  # until mcmi_lab.kd lands: Hinton KD through the core objective
-        if method != "kd":
-            raise ValueError(f"method={method!r} is not accepted: expected one of {', '.join(kd_method_names())}")
-        fit(student, data, kd_objective(teacher, temperature), cfg, **fit_kwargs)
-        return student
-    distill(student, teacher, data, method=method, config=cfg, temperature=temperature, **fit_kwargs)
+    else:
+        distill(student, teacher, data, method, cfg, temperature=temperature, **fit_kwargs)
     return student
 
 

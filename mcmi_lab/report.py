@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import math
 import os
 import re
@@ -125,7 +126,9 @@ class _Report:
         self.lines.extend(lines)
 
     def claim(self, text: str, d: dict | None, sign: int = 1, digits: int = 2) -> None:
-        self.claims.append(f"- {text}: {format_difference(d, digits)} — **{verdict(d, sign)}**")
+        """Add a claim with its interval and verdict; a comparison without data is left out."""
+        if d is not None:
+            self.claims.append(f"- {text}: {format_difference(d, digits)} — **{verdict(d, sign)}**")
 
     def figure(self, path: Path | None, caption: str) -> None:
         if path is not None and path.is_file():
@@ -158,8 +161,9 @@ def _teachers(rep: _Report) -> None:
               difference(values(rows, "train_cmi", teacher="mcmi"), values(rows, "train_cmi", teacher="control")),
               digits=3)
     d = difference(values(rows, "test_acc", teacher="mcmi"), values(rows, "test_acc", teacher="control"), 100.0)
-    rep.claims.append(f"- MCMI teacher test accuracy vs control (points; the paper reports a small cost): "
-                      f"{format_difference(d)}")
+    if d is not None:
+        rep.claims.append(f"- MCMI teacher test accuracy vs control (points; the paper reports a small cost): "
+                          f"{format_difference(d)}")
 
 
 def _students(rep: _Report) -> None:
@@ -354,7 +358,7 @@ def _header(rep: _Report) -> None:
             f"- wall time: {f'{wall / 60:.1f} min ({wall:.0f} s)' if wall is not None else '?'}", "")
     params = run.get("parameters")
     if params:
-        rows = [{"parameter": k, "value": v if not isinstance(v, str) else f"`{v}`"} for k, v in params.items()]
+        rows = [{"parameter": k, "value": f"`{json.dumps(v, ensure_ascii=False)}`"} for k, v in params.items()]
         rep.add("Parameters:", "", markdown_table(rows), "")
 
 

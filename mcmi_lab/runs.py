@@ -43,7 +43,10 @@ def describe_device(device: str | torch.device | None = None) -> str:
 
     dev = get_device(device)
     if dev.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(dev)})"
+        try:
+            return f"{dev} ({torch.cuda.get_device_name(dev)})"
+        except (RuntimeError, AssertionError) as err:  # named but not there: say so, the run fails where it is used
+            return f"{dev} (unavailable: {str(err).splitlines()[0]})"
     return f"{dev.type} ({platform.machine()}, {torch.get_num_threads()} threads)"
 
 

@@ -1,0 +1,310 @@
+"""mcmi-lab's command line: parameter parsing and checks, the run orchestration (with a fake notebook runner), the
+report built from a small hand-made results tree (numbers checked against plainly written formulas), `data`."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from mcmi_lab import cli
+from mcmi_lab.pipelines import PARAMETERS, PIPELINES, omit_sets, parse_value, resolve_parameters
+from mcmi_lab.report import build_report, markdown_table, render_html
+from mcmi_lab.runs import write_results, write_run_info
+
+T_975_DF2 = 4.302652729911275  # Student t quantile 0.975 with 2 degrees of freedom (tables)
+
+
+# ---- parameters ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, value", [
+    ("0.5", 0.5), ("3", 3), ("[0.05, 1.0]", [0.05, 1.0]), ("[3, [0, 3]]", [3, [0, 3]]), ("true", True),
+    ("null", None), ("None", None), ("cnn_small", "cnn_small"), ('"42"', "42"), ("/tmp/x", "/tmp/x"),
+])
+def test_parse_value_reads_json_else_string(text, value):
+    assert parse_value(text) == value
+
+
+def test_resolve_layers_defaults_pipeline_and_overrides():
+    params = resolve_parameters("smoke", {"lam": 0.25})
+    assert params["lam"] == 0.25
+    assert params["train_size"] == PIPELINES["smoke"].parameters["train_size"]
+    assert params["kd_temperature"] == PARAMETERS["kd_temperature"].default
+    assert set(params) == set(PARAMETERS)
+
+
+def test_unknown_parameter_lists_the_accepted_ones():
+    with pytest.raises(ValueError) as err:
+        resolve_parameters("smoke", {"lamda": 0.5})
+    msg = str(err.value)
+    assert "'lamda'" in msg and "lam" in msg and "fractions" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("name, value, fragment", [
+    ("lam", -0.1, "lam=-0.1"),
+    ("lambdas", [0.1, -1], "lambdas[1]=-1"),
+    ("fractions", [0.0, 0.5], "fractions[0]=0.0"),
+    ("fractions", [1.5], "fractions[0]=1.5"),
+    ("fractions", [], "fractions=[]"),
+    ("teacher_epochs", 0, "teacher_epochs=0"),
+    ("student_epochs", 2.5, "student_epochs=2.5"),
+    ("finetune_epochs", True, "finetune_epochs=True"),
+    ("omit_classes", [10], "omit_classes[0]=10"),
+    ("omit_classes", [[0, -1]], "omit_classes[0]=[0, -1]"),
+    ("omit_classes", [list(range(10))], "at least one kept class"),
+    ("kd_methods", ["nope"], "kd_methods[0]='nope'"),
+    ("centroid_update", "weekly", "centroid_update='weekly'"),
+    ("teacher_model", "resnet9000", "teacher_model='resnet9000'"),
+    ("val_fraction", 1.0, "val_fraction=1.0"),
+    ("augment", "yes", "augment='yes'"),
+    ("lam", "big", "lam='big'"),
+])
+def test_bad_values_fail_in_one_line_naming_parameter_and_value(name, value, fragment):
+    with pytest.raises(ValueError) as err:
+        resolve_parameters("smoke", {name: value})
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_omitted_classes_are_checked_against_the_dataset():
+    assert resolve_parameters("paper", {"omit_classes": [99, [0, 50]]})["omit_classes"] == [99, [0, 50]]
+    with pytest.raises(ValueError, match=r"\[0, 9\]"):
+        resolve_parameters("smoke", {"omit_classes": [99]})
+    assert omit_sets([3, [0, 3]]) == [[3], [0, 3]]
+
+
+def test_every_pipeline_is_valid_and_names_existing_notebooks():
+    for name, pipe in PIPELINES.items():
+        resolve_parameters(name)
+        for nb in pipe.notebooks:
+            assert cli.notebook_path(nb).is_file()
+
+
+# ---- the command line ---------------------------------------------------------------------------------------------
+
+def test_bad_value_exits_2_before_anything_runs(tmp_path, capsys, monkeypatch):
+    ran = []
+    monkeypatch.setattr(cli, "execute_notebook", lambda *a, **k: ran.append(a))
+    out = tmp_path / "run"
+    code = cli.main(["run", "smoke", "--out", str(out), "-p", "lam", "-1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and not ran and not out.exists()
+    assert err == "mcmi-lab: error: lam=-1 is not accepted: expected a finite number in [0, inf)"
+
+
+def test_unknown_parameter_exits_2(tmp_path, capsys):
+    code = cli.main(["run", "smoke", "--out", str(tmp_path / "r"), "-p", "epochs", "3"])
+    err = capsys.readouterr().err
+    assert code == 2 and "'epochs'" in err and "teacher_epochs" in err and err.count("\n") == 1
+
+
+def test_run_orchestrates_seeds_notebooks_and_report(tmp_path, monkeypatch, capsys):
+    calls = []
+
+    def fake_execute(name, run_dir, parameters, kernel_name="python3"):
+        calls.append((name, Path(run_dir).name, parameters["seed"], parameters["interactive"], parameters["lam"]))
+        if name == "01_teachers":
+            rows = [{"teacher": t, "test_acc": 0.9, "train_acc": 1.0, "train_cmi": 0.01 * (1 + parameters["seed"]),
+                     "test_cmi": 0.1, "train_ncmi": 0.1, "test_ncmi": 0.2, "test_ece": 0.01}
+                    for t in ("mll", "control", "mcmi")]
+            write_results(run_dir, name, {"teachers": rows})
+        return Path(run_dir) / "notebooks" / f"{name}.ipynb"
+
+    monkeypatch.setattr(cli, "execute_notebook", fake_execute)
+    out = tmp_path / "run"
+    code = cli.main(["run", "smoke", "--out", str(out), "--seeds", "3", "5", "-p", "lam", "0.25", "--jobs", "1",
+                     "--notebooks", "03_distill", "01_teachers"])
+    assert code == 0
+    # pipeline order, every seed in its own folder, the run seed injected, headless, the override applied
+    assert calls == [("01_teachers", "seed_3", 3, False, 0.25), ("03_distill", "seed_3", 3, False, 0.25),
+                     ("01_teachers", "seed_5", 5, False, 0.25), ("03_distill", "seed_5", 5, False, 0.25)]
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "finished" and info["seeds"] == [3, 5] and info["parameters"]["lam"] == 0.25
+    assert set(info["timings_s"]) == {f"seed_{s}/{n}" for s in (3, 5) for n in ("01_teachers", "03_distill")}
+    merged = json.loads((out / "results.json").read_text())
+    assert set(merged["seeds"]) == {"3", "5"}
+    assert (out / "report.md").is_file() and (out / "report.html").is_file()
+    assert "report written to" in capsys.readouterr().out
+
+
+def test_failing_notebook_exits_1_naming_it(tmp_path, monkeypatch, capsys):
+    started = []
+
+    def failing(name, run_dir, parameters, kernel_name="python3"):
+        started.append(name)
+        if name == "01_teachers":
+            raise cli.NotebookError(f"{name}.ipynb failed at cell 4 (In [3]): KeyError: 'x'")
+
+    monkeypatch.setattr(cli, "execute_notebook", failing)
+    code = cli.main(["run", "smoke", "--out", str(tmp_path / "r"), "--jobs", "2"])
+    assert code == 1
+    assert set(started) <= {"01_teachers", "08_known_bcpd"}  # nothing that needs the teachers started
+    assert capsys.readouterr().err.strip() == "mcmi-lab: 01_teachers.ipynb failed at cell 4 (In [3]): KeyError: 'x'"
+    assert json.loads((tmp_path / "r" / "run.json").read_text())["status"].startswith("failed: 01_teachers")
+
+
+def test_schedule_respects_needs_and_job_count():
+    import threading
+    import time
+
+    events, lock, active, peak = [], threading.Lock(), [0], [0]
+
+    def run(seed, name):
+        with lock:
+            events.append(("start", seed, name))
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.05 if name == "01_teachers" else 0.01)
+        with lock:
+            active[0] -= 1
+            events.append(("end", seed, name))
+
+    tasks = [(s, n) for s in (0, 1) for n in ("01_teachers", "03_distill", "05_few_shot", "08_known_bcpd")]
+    cli._schedule(tasks, 2, run)
+    assert sorted((s, n) for kind, s, n in events if kind == "end") == sorted(tasks)
+    assert peak[0] == 2
+    for seed in (0, 1):
+        teachers_done = events.index(("end", seed, "01_teachers"))
+        assert all(events.index(("start", seed, n)) > teachers_done for n in ("03_distill", "05_few_shot"))
+    # 08 needs nothing: it ran beside seed 0's teachers
+    assert events.index(("start", 0, "08_known_bcpd")) < events.index(("end", 0, "01_teachers"))
+
+
+def test_data_command_reports_success_and_failure(monkeypatch, capsys, tmp_path):
+    import mcmi_lab.data as data
+
+    monkeypatch.setattr(data, "ensure_fashion_mnist", lambda: tmp_path)
+    assert cli.main(["data"]) == 0
+    assert str(tmp_path / "FashionMNIST" / "raw") in capsys.readouterr().out
+
+    def missing():
+        raise FileNotFoundError("Fashion-MNIST was not found. Get it one of three ways: ...")
+
+    monkeypatch.setattr(data, "ensure_fashion_mnist", missing)
+    assert cli.main(["data"]) == 1
+    assert capsys.readouterr().err.strip() == "mcmi-lab: Fashion-MNIST was not found. Get it one of three ways: ..."
+
+
+def test_report_of_a_missing_folder_is_one_line(tmp_path, capsys):
+    assert cli.main(["report", str(tmp_path / "nowhere")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_train_command_from_launch_is_registered():
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    assert {"run", "data", "report"} <= set(sub.choices)
+    assert ("train" in sub.choices) == (__import__("importlib").util.find_spec("mcmi_lab.launch") is not None)
+
+
+# ---- the report from a hand-made results tree ---------------------------------------------------------------------
+
+def _mean_std(v):
+    m = sum(v) / len(v)
+    return m, math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1))
+
+
+def _ci(a, b):
+    d = [x - y for x, y in zip(a, b)]
+    m, s = _mean_std(d)
+    half = T_975_DF2 * s / math.sqrt(len(d))
+    return m, m - half, m + half
+
+
+SEEDS = (0, 1, 2)
+CONTROL_CMI, MCMI_CMI = [0.010, 0.012, 0.011], [0.140, 0.100, 0.120]
+CONTROL_ACC, MCMI_ACC = [0.900, 0.910, 0.905], [0.880, 0.890, 0.885]
+KD_CONTROL, KD_MCMI = [0.80, 0.81, 0.82], [0.81, 0.80, 0.83]
+FEW_CONTROL, FEW_MCMI = [0.70, 0.71, 0.72], [0.60, 0.61, 0.63]
+ZERO_CONTROL, ZERO_MCMI = [0.003, 0.021, 0.181], [0.317, 0.487, 0.400]
+
+
+@pytest.fixture(scope="module")
+def fake_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fake_run")
+    write_run_info(out, {"pipeline": "demo", "description": "a fake run", "notebooks": ["01_teachers"], "seeds": [0, 1, 2],
+                         "parameters": {"lam": 0.5}, "device": "cpu (test)", "started": "2026-01-01T00:00:00+00:00",
+                         "finished": "2026-01-01T00:10:00+00:00", "status": "finished", "wall_time_s": 600.0})
+    for i in SEEDS:
+        run_dir = out / f"seed_{i}"
+        teachers = [{"teacher": "mll", "test_acc": 0.9, "train_acc": 1.0, "train_cmi": 0.012, "test_cmi": 0.2,
+                     "train_ncmi": 0.01, "test_ncmi": 0.05, "test_ece": 0.05},
+                    {"teacher": "control", "test_acc": CONTROL_ACC[i], "train_acc": 1.0, "train_cmi": CONTROL_CMI[i],
+                     "test_cmi": 0.2, "train_ncmi": 0.01, "test_ncmi": 0.05, "test_ece": 0.05},
+                    {"teacher": "mcmi", "test_acc": MCMI_ACC[i], "train_acc": 0.99, "train_cmi": MCMI_CMI[i],
+                     "test_cmi": 0.3, "train_ncmi": 0.1, "test_ncmi": 0.08, "test_ece": 0.04}]
+        write_results(run_dir, "01_teachers", {"teachers": teachers})
+        write_results(run_dir, "03_distill", {"students": [
+            {"teacher": "none", "method": "ce", "student_acc": 0.78},
+            {"teacher": "control", "method": "kd", "student_acc": KD_CONTROL[i], "teacher_cmi": CONTROL_CMI[i]},
+            {"teacher": "mcmi", "method": "kd", "student_acc": KD_MCMI[i], "teacher_cmi": MCMI_CMI[i]}]})
+        write_results(run_dir, "05_few_shot", {"few_shot": [
+            {"teacher": "control", "fraction": 0.05, "student_acc": FEW_CONTROL[i]},
+            {"teacher": "mcmi", "fraction": 0.05, "student_acc": FEW_MCMI[i]},
+            {"teacher": "control", "fraction": 1.0, "student_acc": 0.8},
+            {"teacher": "mcmi", "fraction": 1.0, "student_acc": 0.8}]})
+        write_results(run_dir, "06_zero_shot", {"classes": [f"c{k}" for k in range(10)], "zero_shot": [
+            {"teacher": "control", "omitted": [3], "student_acc": 0.80, "omitted_acc": {"3": ZERO_CONTROL[i]}},
+            {"teacher": "mcmi", "omitted": [3], "student_acc": 0.82, "omitted_acc": {"3": ZERO_MCMI[i]}}]})
+        write_results(run_dir, "08_known_bcpd", {"bayes_accuracy": 0.902, "known_bcpd": [
+            {"teacher": "bayes", "kl_to_bayes": 0.0, "ece": 0.01, "accuracy": 0.9},
+            {"teacher": "control", "kl_to_bayes": 0.30 + 0.01 * i, "ece": 0.05, "accuracy": 0.85, "student_acc": 0.84},
+            {"teacher": "mcmi", "kl_to_bayes": 0.20 + 0.02 * i, "ece": 0.03, "accuracy": 0.86, "student_acc": 0.85}]})
+    md, page = build_report(out)
+    return out, md.read_text(), page.read_text()
+
+
+def test_report_states_what_was_run(fake_run):
+    _, md, _ = fake_run
+    assert md.startswith("# mcmi_lab report: demo\n")
+    assert "- seeds: 0, 1, 2" in md and "- device: cpu (test)" in md and "- wall time: 10.0 min (600 s)" in md
+    assert "| lam | `0.5` |" in md
+
+
+def test_report_teacher_table_is_mean_std_over_seeds(fake_run):
+    _, md, _ = fake_run
+    m, s = _mean_std([100 * a for a in MCMI_ACC])
+    c, cs = _mean_std(MCMI_CMI)
+    row = next(line for line in md.splitlines() if line.startswith("| MCMI |"))
+    assert row.startswith(f"| MCMI | {m:.1f} ± {s:.1f} (n=3) | 99.0 ± 0.0 (n=3) | {c:.3f} ± {cs:.3f} (n=3) |")
+
+
+def test_report_claims_follow_the_intervals(fake_run):
+    _, md, _ = fake_run
+    claims = md.split("## Which claims held on this data")[1].split("\n## ")[0]
+    lines = [line for line in claims.splitlines() if line.startswith("- ")]
+    m, lo, hi = _ci(MCMI_CMI, CONTROL_CMI)
+    cmi = next(v for v in lines if "train CMI" in v)
+    assert f"{m:+.3f} (95% CI {lo:+.3f} .. {hi:+.3f}, n=3) — **held**" in cmi
+    m, lo, hi = _ci([100 * x for x in KD_MCMI], [100 * x for x in KD_CONTROL])
+    kd = next(v for v in lines if v.startswith("- kd student"))
+    assert f"{m:+.2f} (95% CI {lo:+.2f} .. {hi:+.2f}, n=3) — **not shown**" in kd
+    few = next(v for v in lines if "few-shot" in v)
+    assert few.endswith("**reversed**")
+    m, lo, hi = _ci([100 * x for x in ZERO_MCMI], [100 * x for x in ZERO_CONTROL])
+    zero = next(v for v in lines if "zero-shot" in v)
+    assert f"{m:+.2f} (95% CI {lo:+.2f} .. {hi:+.2f}, n=3) — **held**" in zero
+    bcpd = [v for v in lines if "known BCPD" in v]
+    assert len(bcpd) == 1 and bcpd[0].endswith("**held**")  # no MLL row in this tree: that claim is left out
+
+
+def test_report_zero_shot_and_bcpd_tables(fake_run):
+    _, md, _ = fake_run
+    m, s = _mean_std([100 * x for x in ZERO_MCMI])
+    assert f"| MCMI | 82.0 ± 0.0 (n=3) | {m:.1f} ± {s:.1f} (n=3) |" in md
+    assert "### Omitted: c3" in md and "Bayes accuracy (closed form): 90.2%." in md
+    assert "| no teacher (labels only) | 78.0 ± 0.0 (n=3) |" in md
+
+
+def test_report_html_embeds_tables_and_figures(fake_run):
+    out, md, page = fake_run
+    assert (out / "figures" / "teacher_cmi.png").is_file() and "](figures/teacher_cmi.png)" in md
+    assert page.count("<table>") == md.count("\n|---") and "data:image/png;base64," in page
+    assert json.loads((out / "results.json").read_text())["run"]["pipeline"] == "demo"
+
+
+def test_markdown_table_and_html_rendering_exact():
+    table = markdown_table([{"a": 1, "b": 0.5, "c": "x|y"}, {"a": None, "b": float("nan"), "c": [1, 2]}], digits=2)
+    assert table == "| a | b | c |\n|---|---|---|\n| 1 | 0.50 | x\\|y |\n| — | — | 1, 2 |"
+    html = render_html("# T <1>\n\n" + table + "\n\n- **b** and `c`\n")
+    assert "<h1>T &lt;1&gt;</h1>" in html
+    assert "<tr><td>1</td><td>0.50</td><td>x|y</td></tr>" in html
+    assert "<ul><li><strong>b</strong> and <code>c</code></li></ul>" in html

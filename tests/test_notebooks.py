@@ -1,0 +1,187 @@
+"""The notebooks: their structure (one parameters cell, numbered steps, no stored outputs, kernel metadata), then
+each one executed by papermill with the smoke pipeline's parameters into one run folder, in the pipeline's order,
+with the artifacts it must leave; the report of that folder; a broken parameter failing `mcmi-lab run` by name."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import papermill
+import pytest
+
+from mcmi_lab.cli import execute_notebook, notebooks_dir
+from mcmi_lab.pipelines import NOTEBOOKS, PARAMETERS, resolve_parameters
+from mcmi_lab.runs import load_teacher, read_results, teacher_path
+
+ALL = ("00_quickstart",) + NOTEBOOKS
+
+
+def _load(name):
+    return nbformat.read(notebooks_dir() / f"{name}.ipynb", as_version=4)
+
+
+# ---- structure --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ALL)
+def test_notebook_structure(name):
+    nb = _load(name)
+    assert nb.metadata.kernelspec["name"] == "python3" and nb.metadata.language_info["name"] == "python"
+    tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1 and tagged[0].cell_type == "code"
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(not c.outputs and c.execution_count is None for c in code), "outputs must be stripped in git"
+    steps = [int(m.group(1)) for c in nb.cells if c.cell_type == "markdown"
+             for m in [re.match(r"## (\d+)\. ", c.source)] if m]
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 3
+    # thin notebooks: no training loop or optimiser written inline
+    source = "\n".join(c.source for c in code)
+    assert ".backward(" not in source and "optim." not in source
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_declared_parameters_are_known_with_the_library_defaults(name):
+    declared = papermill.inspect_notebook(str(notebooks_dir() / f"{name}.ipynb"))
+    assert "run_dir" in declared and "seed" in declared
+    for key, info in declared.items():
+        assert key in PARAMETERS, f"{name} declares unknown parameter {key}"
+        if name != "00_quickstart" and key != "run_dir":  # the quickstart has its own, smaller sizes
+            assert eval(info["default"]) == PARAMETERS[key].default, key
+
+
+# ---- execution with the smoke parameters --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module", autouse=True)
+def single_threaded_kernels():
+    """Kernels inherit the environment: one thread each, as `mcmi-lab run` gives them (a 2-thread kernel on a busy
+    2-core machine waits on its own threads, many times slower on these tiny tensors)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        yield
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke_run")
+    return out, out / "seed_0", {**resolve_parameters("smoke", {"interactive": False}), "seed": 0}
+
+
+def _execute(run, name, **extra):
+    out, run_dir, params = run
+    executed = execute_notebook(name, run_dir, {**params, **extra})
+    assert executed.is_file()
+    return run_dir, read_results(run_dir, name), params
+
+
+def _figures(run_dir, name):
+    return sorted(p.name for p in (run_dir / "figures" / name).glob("*.png"))
+
+
+def test_00_quickstart(tmp_path):
+    params = {**resolve_parameters("smoke"), "seed": 0, "interactive": True}  # the widget too, headless
+    run_dir = tmp_path / "quick"
+    executed = execute_notebook("00_quickstart", run_dir, params)
+    results = read_results(run_dir, "00_quickstart")
+    assert [r["teacher"] for r in results["teachers"]] == ["mll", "control", "mcmi"]
+    assert all(0 <= r["student_acc"] <= 1 for r in results["students"])
+    assert _figures(run_dir, "00_quickstart") == ["cam_grid.png"]
+    assert all(teacher_path(run_dir, t).is_file() for t in ("mll", "control", "mcmi"))
+    outputs = [o for c in nbformat.read(executed, as_version=4).cells if c.cell_type == "code" for o in c.outputs]
+    assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in outputs)
+
+
+def test_01_teachers(run):
+    run_dir, results, _ = _execute(run, "01_teachers")
+    rows = results["teachers"]
+    assert [r["teacher"] for r in rows] == ["mll", "control", "label_smoothing", "temperature", "mcmi"]
+    for r in rows:
+        assert 0 <= r["test_acc"] <= 1 and r["train_cmi"] >= 0 and r["test_ncmi"] >= 0 and 0 <= r["test_ece"] <= 1
+    scaled = load_teacher(run_dir, "temperature")
+    assert float(scaled.temperature) == pytest.approx(results["temperature"])
+    assert _figures(run_dir, "01_teachers") == ["history_mcmi.png", "history_mll.png"]
+    assert results["meta"]["parameters"]["lam"] == run[2]["lam"]
+
+
+def test_02_concentration(run):
+    run_dir, results, _ = _execute(run, "02_concentration")
+    assert len(results["concentration"]) == 5 and len(results["per_class_cmi"]["mcmi"]) == 10
+    assert _figures(run_dir, "02_concentration") == ["cmi_bars.png", "kl_distributions.png", "per_class_cmi.png",
+                                                     "projection.png"]
+
+
+def test_03_distill(run):
+    run_dir, results, params = _execute(run, "03_distill")
+    pairs = [(r["teacher"], r["method"]) for r in results["students"]]
+    assert pairs == [("none", "ce")] + [(t, m) for t in params["teachers"] for m in params["kd_methods"]]
+    assert _figures(run_dir, "03_distill") == ["student_vs_teacher_cmi.png"]
+
+
+def test_04_eigencam(run):
+    run_dir, results, _ = _execute(run, "04_eigencam")
+    overall = {r["model"]: r for r in results["cam"] if r["class"] == "all"}
+    assert set(overall) == {"mll", "control", "label_smoothing", "mcmi"}
+    assert all(0 < r["area_above_half"] <= 1 and r["n"] == 50 for r in overall.values())
+    assert _figures(run_dir, "04_eigencam") == ["cam_grid.png"]
+
+
+def test_05_few_shot(run):
+    run_dir, results, params = _execute(run, "05_few_shot")
+    rows = results["few_shot"]
+    assert [(r["fraction"], r["teacher"]) for r in rows] == [(f, t) for f in params["fractions"]
+                                                             for t in params["shot_teachers"]]
+    assert rows[0]["n_train"] < rows[-1]["n_train"]
+    assert _figures(run_dir, "05_few_shot") == ["few_shot.png"]
+
+
+def test_06_zero_shot(run):
+    run_dir, results, _ = _execute(run, "06_zero_shot")
+    rows = results["zero_shot"]
+    assert [(r["omitted"], r["teacher"]) for r in rows] == [([3], "control"), ([3], "mcmi"), ([0, 3], "control"),
+                                                            ([0, 3], "mcmi")]
+    assert all(set(r["omitted_acc"]) == {str(c) for c in r["omitted"]} for r in rows)
+    assert len(_figures(run_dir, "06_zero_shot")) == 4
+
+
+def test_07_lambda_sweep(run):
+    run_dir, results, params = _execute(run, "07_lambda_sweep")
+    assert [r["lambda"] for r in results["lambda_sweep"]] == params["lambdas"]
+    assert _figures(run_dir, "07_lambda_sweep") == ["lambda_sweep.png"]
+
+
+def test_08_known_bcpd(run):
+    from mcmi_lab.synthetic import bayes_accuracy
+
+    run_dir, results, params = _execute(run, "08_known_bcpd")
+    rows = {r["teacher"]: r for r in results["known_bcpd"]}
+    assert list(rows) == ["bayes", "mll", "control", "label_smoothing", "temperature", "mcmi"]
+    assert rows["bayes"]["kl_to_bayes"] == 0 and all(r["kl_to_bayes"] > 0 for n, r in rows.items() if n != "bayes")
+    assert results["bayes_accuracy"] == pytest.approx(bayes_accuracy(params["synthetic_separation"], 10))
+
+
+def test_report_of_the_smoke_run(run):
+    from mcmi_lab.report import build_report
+
+    out = run[0]
+    md, page = build_report(out)
+    text = md.read_text()
+    for section in ("## Teachers", "## Students by KD method", "## Few-shot students", "## Zero-shot students",
+                    "## Known Bayes posterior", "## Eigen-CAM", "## λ sweep", "## Which claims held"):
+        assert section in text
+    assert "seed_0/figures/04_eigencam/cam_grid.png" in text and page.stat().st_size > md.stat().st_size
+
+
+def test_broken_parameter_fails_the_run_naming_notebook_and_cell(tmp_path):
+    exe = Path(sys.executable).with_name("mcmi-lab")
+    cmd = [str(exe)] if exe.is_file() else [sys.executable, "-m", "mcmi_lab.cli"]
+    # a device that passes the parameter check but exists nowhere: the first cell that trains fails
+    proc = subprocess.run(cmd + ["run", "smoke", "--out", str(tmp_path / "r"), "-p", "device", "cuda:99"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    match = re.match(r"mcmi-lab: (01_teachers|08_known_bcpd)\.ipynb failed at cell (\d+) \(In \[\d+\]\): \w+: ", last)
+    assert match and int(match.group(2)) > 3, last  # past the parameters and set-up cells
+    assert (tmp_path / "r" / "seed_0" / "notebooks" / f"{match.group(1)}.ipynb").is_file()
+    assert not (tmp_path / "r" / "seed_0" / "results").exists()

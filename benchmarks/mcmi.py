@@ -1,0 +1,79 @@
+"""Epoch time of an MCMI fine-tune against an MLL epoch.
+
+For every case, in one process and interleaved, one epoch of ``fit`` each (same model, data, batch size,
+precision "auto"):
+
+* mll          — cross-entropy;
+* mcmi frozen  — CE − λ·KL(P_x ‖ Q_y) with centroids from one pass before the first epoch (the reference);
+* mcmi epoch   — the same with the centroids recomputed by a full pass over the training set at the start of
+                 every epoch (the library's default), the pass included in the epoch time;
+* pass         — that centroid pass alone (``MCMIObjective.on_epoch_start``), to show where the time goes.
+
+mcmi/mll = t(mcmi epoch) / t(mll) and t(mcmi frozen) / t(mll) (target ≤ 1.05). The line of ratios gives the default
+update ("epoch"). Run: ``python -m benchmarks.mcmi [--cases ...] [--device cuda]``.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from mcmi_lab.train import fit, mcmi_objective, mll_objective
+
+from . import common
+
+#: epoch size of the small CNNs (see common.case_samples), --quick size, interleaved repetitions
+DEFAULTS = dict(samples=4096, quick_samples=256, reps=5)
+
+LAM = 0.2
+
+
+def measure_case(case: common.Case, args, device: torch.device) -> dict:
+    n = common.case_samples(case, args.samples, args.batch_size, device)
+    data = common.make_data(case.data, n).to(device)
+    kwargs = dict(epochs=1, batch_size=args.batch_size, lr=0.01, device=str(device), log=False, progress="off")
+    runs = {"mll": mll_objective(),
+            "mcmi frozen": mcmi_objective(LAM, update="frozen", guard=False),
+            "mcmi epoch": mcmi_objective(LAM, update="epoch", guard=False)}
+    models = {name: common.make_model(case, data, device) for name in runs}
+    pass_model = common.make_model(case, data, device)
+    pass_objective = mcmi_objective(LAM, update="epoch", guard=False).to(device)
+
+    def one_epoch(name):
+        return lambda: fit(models[name], data, runs[name], **kwargs)
+
+    fns = {name: one_epoch(name) for name in runs}
+    fns["pass"] = lambda: pass_objective.on_epoch_start(pass_model, data, 0)
+    times = common.interleave(fns, args.reps, device)  # the warm-up round computes the frozen centroids
+    return {"case": case.label, "n": n, "s": {k: common.median(v) for k, v in times.items()},
+            "epoch/mll": common.ratio(times, "mcmi epoch", "mll"),
+            "frozen/mll": common.ratio(times, "mcmi frozen", "mll"),
+            "pass/mll": common.ratio(times, "pass", "mll")}
+
+
+def run(args, device: torch.device) -> dict:
+    print(common.header("MCMI fine-tune epoch vs MLL epoch", device, args) + f" | lambda {LAM}", flush=True)
+    results = []
+    for case in args.cases:
+        results.append(measure_case(case, args, device))
+        r = results[-1]
+        print(f"  {case.label}: mcmi(epoch)/mll={r['epoch/mll']:.2f} mcmi(frozen)/mll={r['frozen/mll']:.2f}",
+              flush=True)
+    rows = [[r["case"], r["n"], r["s"]["mll"], r["s"]["mcmi frozen"], r["s"]["mcmi epoch"], r["s"]["pass"],
+             r["frozen/mll"], r["epoch/mll"], r["pass/mll"]] for r in results]
+    print(common.table(["case", "n", "mll s", "frozen s", "epoch s", "pass s", "frozen/mll", "epoch/mll",
+                        "pass/mll"], rows))
+    headline = {"mcmi/mll": results[0]["epoch/mll"]}
+    print(common.ratio_line({**headline, "mcmi(frozen)/mll": results[0]["frozen/mll"]}), flush=True)
+    return headline
+
+
+def main(argv=None) -> dict:
+    p = common.parser(__doc__.splitlines()[0])
+    args = p.parse_args(argv)
+    args, device = common.setup(args, **DEFAULTS)
+    return run(args, device)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,150 @@
+"""The benchmark entry point at a tiny size (no timing assertions), its helpers, and the speed fixes it led to
+(batch augmentation, evaluation passes) against plainly written references."""
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import random_images, tiny_cnn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks` lives at the repository root
+
+from benchmarks import common  # noqa: E402
+from mcmi_lab.data import augment_batch  # noqa: E402
+from mcmi_lab.evaluate import iter_logits, measure_cmi, predict  # noqa: E402
+
+RATIO_LINE = re.compile(r"^ratios: loop/limit=(\S+) loop/usual=(\S+) mcmi/mll=(\S+) cmi/infer=(\S+)$")
+
+
+def test_quick_run_ends_with_the_ratio_line(capsys):
+    pytest.importorskip("torchvision")
+    from mcmi_lab.data import fashion_mnist_root
+
+    try:
+        fashion_mnist_root(download=False)
+    except FileNotFoundError:
+        pytest.skip("Fashion-MNIST is not installed")
+    from benchmarks.__main__ import main
+
+    threads = torch.get_num_threads()
+    try:
+        ratios = main(["--quick", "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    lines = capsys.readouterr().out.strip().splitlines()
+    match = RATIO_LINE.match(lines[-1])
+    assert match, lines[-1]
+    assert all(float(v) > 0 for v in match.groups())
+    assert set(ratios) >= {"loop/limit", "loop/usual", "mcmi/mll", "cmi/infer"}
+    assert sum(bool(RATIO_LINE.match(line)) for line in lines) == 1  # exactly one line of that form
+    assert any(line.startswith("ratios: at/kd=") for line in lines)  # the KD benchmark ran and reported
+
+
+# ---- helpers --------------------------------------------------------------------------------------------------
+
+def test_ratio_is_the_median_of_paired_ratios():
+    assert common.ratio({"a": [2.0, 9.0, 3.0], "b": [1.0, 3.0, 1.0]}, "a", "b") == 3.0  # pairs 2, 3, 3
+    times = {"a": [1.0, 6.0, 6.0], "b": [1.0, 3.0, 2.0]}
+    assert common.ratio(times, "a", "b") == 2.0  # pairs 1, 2, 3 (the ratio of the medians would be 6 / 2 = 3)
+
+
+def test_interleave_alternates_the_order_and_times_every_call():
+    calls = []
+    fns = {name: (lambda n=name: calls.append(n)) for name in "abc"}
+    times = common.interleave(fns, reps=2, device=torch.device("cpu"), warmup=1)
+    assert calls == list("abc") + list("abc") + list("cba")
+    assert {k: len(v) for k, v in times.items()} == {"a": 2, "b": 2, "c": 2}
+
+
+def test_ratio_line_and_parse_case():
+    assert common.ratio_line({"x/y": 0.934, "z/w": None}) == "ratios: x/y=0.93 z/w=n/a"
+    assert common.parse_case("resnet20@random32") == common.Case("resnet20", "random32")
+    assert common.parse_case("cnn_small").data == "fashion-mnist"
+    with pytest.raises(Exception, match="random32"):
+        common.parse_case("resnet20@cifar")
+
+
+def test_peak_memory_on_cpu_counts_a_freed_temporary():
+    def work():
+        x = torch.ones(1 << 20)  # 4 MiB
+        y = x * 2  # 4 MiB more while x is alive
+        del x, y
+        return torch.zeros(1 << 18)  # 1 MiB, kept
+    with common.PeakMemory(torch.device("cpu")) as peak:
+        kept = work()
+    assert peak.mib == pytest.approx(8.0, abs=0.01)
+    assert kept.numel() == 1 << 18
+
+
+# ---- speed fixes keep the results --------------------------------------------------------------------------------
+
+def reference_augment(images, pad, flip, generator):
+    """Per sample: zero-pad, cut the window at the drawn offsets, flip when drawn (same draws, same order)."""
+    b, c, h, w = images.shape
+    oy = torch.randint(0, 2 * pad + 1, (b,), generator=generator) if pad else torch.zeros(b, dtype=torch.long)
+    ox = torch.randint(0, 2 * pad + 1, (b,), generator=generator) if pad else torch.zeros(b, dtype=torch.long)
+    mask = torch.rand(b, generator=generator) < 0.5 if flip else torch.zeros(b, dtype=torch.bool)
+    out = torch.empty_like(images)
+    for i in range(b):
+        padded = F.pad(images[i], (pad, pad, pad, pad))
+        window = padded[:, oy[i]:oy[i] + h, ox[i]:ox[i] + w]
+        out[i] = window.flip(2) if mask[i] else window
+    return out
+
+
+@pytest.mark.parametrize("pad,flip", [(0, True), (2, False), (2, True), (4, True)])
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+def test_augment_batch_equals_the_per_sample_reference(pad, flip, dtype):
+    g = torch.Generator().manual_seed(0)
+    images = (torch.rand(9, 3, 7, 5, generator=g) * 255).to(dtype)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x = images.contiguous(memory_format=layout)
+        out = augment_batch(x, pad, flip, torch.Generator().manual_seed(7))
+        assert torch.equal(out, reference_augment(images, pad, flip, torch.Generator().manual_seed(7)))
+    assert torch.equal(x, images)  # input not mutated
+
+
+def test_eval_batch_size_and_memory_format_do_not_change_results():
+    data = random_images(300, k=4, c=3)
+    torch.manual_seed(0)
+    model = tiny_cnn(in_channels=3, num_classes=4).eval()
+    ref_logits, labels = predict(model, data, batch_size=1000)
+    ref = measure_cmi(model, data, batch_size=1000)
+    model.to(memory_format=torch.channels_last)  # as after fit; inputs now follow the model's format
+    logits, labels2 = predict(model, data)  # CPU default batch (256): two batches
+    assert torch.equal(labels, labels2)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    out = measure_cmi(model, data, batch_size=7)
+    torch.testing.assert_close(out["cmi"], ref["cmi"], rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(out["centroids"], ref["centroids"], rtol=1e-5, atol=1e-9)
+    assert out["accuracy"] == ref["accuracy"]
+
+
+def test_precision_of_a_pass():
+    data = random_images(64, k=4, c=3)
+    torch.manual_seed(0)
+    model = tiny_cnn(in_channels=3, num_classes=4)
+    fp32, _ = predict(model, data)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inherited, _ = predict(model, data)  # default: the caller's autocast applies
+        forced, _ = predict(model, data, precision="fp32")  # "fp32" turns it off
+    bf16, _ = predict(model, data, precision="bf16")
+    assert torch.equal(forced, fp32)
+    assert torch.equal(inherited, bf16) and not torch.equal(bf16, fp32)
+    torch.testing.assert_close(bf16, fp32, rtol=0.05, atol=0.05)
+    with pytest.raises(ValueError, match="precision='fp16'"):
+        predict(model, data, precision="fp16")
+
+
+def test_iter_logits_leaves_no_mode_set_between_batches():
+    data = random_images(20, k=4)
+    model = tiny_cnn(num_classes=4)
+    batches = iter_logits(model, data, batch_size=8, precision="bf16")
+    next(batches)
+    assert not torch.is_inference_mode_enabled()
+    assert not torch.is_autocast_enabled("cpu")
+    batches.close()
+    assert model.training

@@ -67,7 +67,8 @@ def measure_memory(case: common.Case, sizes: tuple[int, int], precision: str | N
     model = None
     for size in sizes:
         data = common.make_data(case.data, size).to(device)
-        model = model or common.make_model(case, data, device).eval()
+        if model is None:
+            model = common.make_model(case, data, device).eval()
         with common.PeakMemory(device) as peak_cmi:
             measure_cmi(model, data, precision=precision)
         with common.PeakMemory(device) as peak_predict:

@@ -129,11 +129,11 @@ PARAMETERS: dict[str, Parameter] = {
     "train_size": Parameter(10000, _optional(_int(1)), "training samples (class-interleaved subset; None: all)"),
     "test_size": Parameter(None, _optional(_int(1)), "test samples (None: all)"),
     "val_fraction": Parameter(0.1, _float(0.0, 1.0, True, True), "validation part of train (temperature scaling)"),
-    "batch_size": Parameter(128, _int(1), "batch size of every training run"),
+    "batch_size": Parameter(64, _int(1), "batch size of every training run"),
     "augment": Parameter(False, _bool, "random crop + flip while training (off: teachers converge faster)"),
     # teachers
     "teacher_model": Parameter("cnn_small", _choice(_model_names), "teacher architecture (models.MODELS)"),
-    "teacher_epochs": Parameter(30, _EPOCHS, "epochs of the MLL teacher"),
+    "teacher_epochs": Parameter(40, _EPOCHS, "epochs of the MLL teacher"),
     "teacher_lr": Parameter(0.05, _LR, "learning rate of the MLL teacher (step schedule)"),
     "finetune_epochs": Parameter(5, _EPOCHS, "extra epochs of MCMI and of every control teacher"),
     "finetune_lr": Parameter(0.01, _LR, "learning rate of the fine-tunes (cosine schedule)"),
@@ -159,6 +159,7 @@ PARAMETERS: dict[str, Parameter] = {
     # known BCPD
     "synthetic_separation": Parameter(3.0, _float(0.0), "overlap knob of the synthetic task (08)"),
     "synthetic_train_size": Parameter(5000, _int(10), "training samples of the synthetic task (08)"),
+    "synthetic_epochs": Parameter(20, _EPOCHS, "epochs of the synthetic task's MLL teacher (08)"),
     "synthetic_test_size": Parameter(2000, _int(1), "test samples of the synthetic task (08)"),
 }
 
@@ -181,15 +182,15 @@ PIPELINES: dict[str, Pipeline] = {
         "demo", "Fashion-MNIST on CPU: near-converged cnn_small teachers on a stratified subset, MCMI at λ = 0.5 with "
                 "per-epoch centroids, cnn_tiny students; 3 seeds in about 15 minutes on 2 cores",
         notebooks=tuple(n for n in NOTEBOOKS if n != "07_lambda_sweep"),
-        parameters={"train_size": 5000, "teacher_epochs": 20, "finetune_epochs": 4, "student_epochs": 8,
-                    "fractions": [0.05, 0.25, 1.0], "omit_classes": [3, [0, 3, 6]],
-                    "teachers": list(TEACHERS), "synthetic_train_size": 3000, "synthetic_test_size": 2000}),
+        parameters={"train_size": 5000, "teacher_epochs": 40, "finetune_epochs": 5, "student_epochs": 8,
+                    "fractions": [0.05, 0.25, 1.0], "omit_classes": [3, [0, 3]], "teachers": list(TEACHERS),
+                    "synthetic_train_size": 5000, "synthetic_epochs": 20, "synthetic_test_size": 2000}),
     "smoke": Pipeline(
         "smoke", "seconds per notebook: tiny subsets, one epoch; checks that everything runs, not what it finds",
-        parameters={"train_size": 400, "test_size": 300, "batch_size": 64, "teacher_epochs": 1, "finetune_epochs": 1,
+        parameters={"train_size": 400, "test_size": 300, "teacher_epochs": 1, "finetune_epochs": 1,
                     "student_epochs": 1, "kd_methods": ["kd", "at"], "lambdas": [0.0, 0.5], "fractions": [0.25, 1.0],
                     "omit_classes": [3, [0, 3]], "teachers": ["mll", "control", "mcmi"], "cam_images": 2, "cam_stat_images": 50,
-                    "synthetic_train_size": 300, "synthetic_test_size": 200},
+                    "synthetic_train_size": 300, "synthetic_epochs": 1, "synthetic_test_size": 200},
         seeds=(0,)),
     "paper": Pipeline(
         "paper", "CIFAR-100 reference recipe (needs a GPU and the data): resnet56 teacher 240 epochs, MCMI fine-tune "
@@ -200,7 +201,7 @@ PIPELINES: dict[str, Pipeline] = {
                     "lambdas": [0.0, 0.1, 0.15, 0.2, 0.25], "student_model": "resnet20", "student_epochs": 240,
                     "student_lr": 0.05, "fractions": [0.05, 0.1, 0.25, 1.0], "omit_classes": [0, [0, 1, 2, 3, 4]],
                     "cam_images": 8, "cam_stat_images": 1000,
-                    "synthetic_train_size": 20000, "synthetic_test_size": 5000},
+                    "synthetic_train_size": 20000, "synthetic_epochs": 60, "synthetic_test_size": 5000},
         seeds=(0, 1, 2, 3, 4), jobs=1),
 }
 

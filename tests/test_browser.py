@@ -1,0 +1,116 @@
+"""The quickstart notebook in a real JupyterLab, driven by headless Chromium (``make browser-test``).
+
+Starts JupyterLab on 127.0.0.1 (a free port, a random token) in a temporary folder holding the quickstart with the
+smoke pipeline's sizes injected by papermill, opens it, runs Run → Run All Cells, waits for an ipywidgets slider (the
+Eigen-CAM explorer) and a rendered figure, saves a screenshot into the run folder, and stops the server.
+Needs Debian's chromium (/usr/bin/chromium) and the playwright Python package; never `playwright install`.
+"""
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = os.environ.get("MCMI_LAB_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_server(url: str, proc: subprocess.Popen, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"jupyter lab exited with status {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"jupyter lab did not answer {url} within {timeout:.0f} s")
+
+
+@pytest.fixture
+def lab(tmp_path):
+    """(base URL, token, folder, run folder) of a JupyterLab serving the parameterised quickstart."""
+    pytest.importorskip("playwright.sync_api", reason="pip install playwright (the test extra)")
+    if not Path(CHROMIUM).is_file():
+        pytest.skip(f"no chromium at {CHROMIUM} (apt-get install chromium)")
+    import nbformat
+    from papermill.parameterize import parameterize_notebook
+
+    from mcmi_lab.cli import notebooks_dir
+    from mcmi_lab.pipelines import resolve_parameters
+
+    run_dir = tmp_path / "run"
+    smoke = resolve_parameters("smoke")
+    params = {k: smoke[k] for k in ("train_size", "test_size", "batch_size", "teacher_epochs", "finetune_epochs",
+                                    "student_epochs", "cam_images")}
+    nb = nbformat.read(notebooks_dir() / "00_quickstart.ipynb", as_version=4)
+    nb = parameterize_notebook(nb, {**params, "run_dir": str(run_dir), "interactive": True})
+    nbformat.write(nb, tmp_path / "quickstart.ipynb")
+
+    port, token = _free_port(), secrets.token_hex(16)
+    env = dict(os.environ, OMP_NUM_THREADS="1", JUPYTER_CONFIG_DIR=str(tmp_path / ".jupyter"))
+    log = open(tmp_path / "jupyter.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
+                             f"--IdentityProvider.token={token}", "--allow-root", f"--ServerApp.root_dir={tmp_path}",
+                             "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
+                            cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        _wait_for_server(f"{base}/api/status?token={token}", proc)
+        yield base, token, tmp_path, run_dir
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def test_quickstart_runs_in_jupyterlab(lab):
+    from playwright.sync_api import sync_playwright
+
+    base, token, folder, run_dir = lab
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(f"{base}/lab/tree/quickstart.ipynb?token={token}")
+            page.wait_for_selector(".jp-Notebook", timeout=90_000)  # cells queue until the kernel is up
+            page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
+            page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
+            page.wait_for_selector(".widget-slider", timeout=240_000)
+            page.wait_for_selector(".jp-RenderedImage img", timeout=60_000)
+            results = run_dir / "results" / "00_quickstart.json"  # the last cell: every cell before it ran
+            deadline = time.monotonic() + 120
+            while not results.is_file() and time.monotonic() < deadline:
+                page.wait_for_timeout(500)
+            errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.error']").count()
+            run_dir.mkdir(parents=True, exist_ok=True)
+            shot = run_dir / "quickstart_jupyterlab.png"
+            page.screenshot(path=str(shot), full_page=True)
+        finally:
+            browser.close()
+    assert errors == 0 and results.is_file()
+    assert shot.is_file() and shot.stat().st_size > 10_000
+    keep = os.environ.get("MCMI_LAB_SCREENSHOT_DIR")  # e.g. to look at it after a CI run
+    if keep:
+        shutil.copy(shot, Path(keep) / shot.name)

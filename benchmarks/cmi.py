@@ -25,7 +25,7 @@ from mcmi_lab.train import autocast_dtype
 from . import common
 
 #: epoch size of the small CNNs (see common.case_samples), --quick size, interleaved repetitions
-DEFAULTS = dict(samples=10000, quick_samples=512, reps=5)
+DEFAULTS = dict(samples=5000, quick_samples=512, reps=5)
 
 
 def resident_batches(data: ImageData, model: nn.Module, batch_size: int) -> list[torch.Tensor]:

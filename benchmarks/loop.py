@@ -31,7 +31,7 @@ from mcmi_lab.train import autocast_dtype, fit
 from . import common
 
 #: epoch size of the small CNNs (see common.case_samples), --quick size, interleaved repetitions
-DEFAULTS = dict(samples=4096, quick_samples=256, reps=5)
+DEFAULTS = dict(samples=2048, quick_samples=256, reps=5)
 
 
 # ---- the usual loop -------------------------------------------------------------------------------------------

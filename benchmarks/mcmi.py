@@ -7,7 +7,8 @@ precision "auto"):
 * mcmi frozen  — CE − λ·KL(P_x ‖ Q_y) with centroids from one pass before the first epoch (the reference);
 * mcmi epoch   — the same with the centroids recomputed by a full pass over the training set at the start of
                  every epoch (the library's default), the pass included in the epoch time;
-* pass         — that centroid pass alone (``MCMIObjective.on_epoch_start``), to show where the time goes.
+* pass         — that centroid pass alone (``MCMIObjective.on_epoch_start``), to show where the time goes, and
+                 the same pass at the training precision (``measure_cmi(..., precision="auto")``).
 
 mcmi/mll = t(mcmi epoch) / t(mll) and t(mcmi frozen) / t(mll) (target ≤ 1.05). The line of ratios gives the default
 update ("epoch"). Run: ``python -m benchmarks.mcmi [--cases ...] [--device cuda]``.
@@ -18,12 +19,13 @@ import sys
 
 import torch
 
+from mcmi_lab.evaluate import measure_cmi
 from mcmi_lab.train import fit, mcmi_objective, mll_objective
 
 from . import common
 
 #: epoch size of the small CNNs (see common.case_samples), --quick size, interleaved repetitions
-DEFAULTS = dict(samples=4096, quick_samples=256, reps=5)
+DEFAULTS = dict(samples=2048, quick_samples=256, reps=5)
 
 LAM = 0.2
 
@@ -44,11 +46,13 @@ def measure_case(case: common.Case, args, device: torch.device) -> dict:
 
     fns = {name: one_epoch(name) for name in runs}
     fns["pass"] = lambda: pass_objective.on_epoch_start(pass_model, data, 0)
+    # the same pass at the training precision (what the pass would cost if fit ran it under its autocast)
+    fns["pass auto"] = lambda: measure_cmi(pass_model, data, precision="auto")
     times = common.interleave(fns, args.reps, device)  # the warm-up round computes the frozen centroids
     return {"case": case.label, "n": n, "s": {k: common.median(v) for k, v in times.items()},
             "epoch/mll": common.ratio(times, "mcmi epoch", "mll"),
             "frozen/mll": common.ratio(times, "mcmi frozen", "mll"),
-            "pass/mll": common.ratio(times, "pass", "mll")}
+            "pass/mll": common.ratio(times, "pass", "mll"), "pass auto/mll": common.ratio(times, "pass auto", "mll")}
 
 
 def run(args, device: torch.device) -> dict:
@@ -60,9 +64,9 @@ def run(args, device: torch.device) -> dict:
         print(f"  {case.label}: mcmi(epoch)/mll={r['epoch/mll']:.2f} mcmi(frozen)/mll={r['frozen/mll']:.2f}",
               flush=True)
     rows = [[r["case"], r["n"], r["s"]["mll"], r["s"]["mcmi frozen"], r["s"]["mcmi epoch"], r["s"]["pass"],
-             r["frozen/mll"], r["epoch/mll"], r["pass/mll"]] for r in results]
+             r["frozen/mll"], r["epoch/mll"], r["pass/mll"], r["pass auto/mll"]] for r in results]
     print(common.table(["case", "n", "mll s", "frozen s", "epoch s", "pass s", "frozen/mll", "epoch/mll",
-                        "pass/mll"], rows))
+                        "pass/mll", f"pass {common.precision_name(device)}/mll"], rows))
     headline = {"mcmi/mll": results[0]["epoch/mll"]}
     print(common.ratio_line({**headline, "mcmi(frozen)/mll": results[0]["frozen/mll"]}), flush=True)
     return headline

@@ -392,18 +392,23 @@ def batches(data: ImageData, batch_size: int, *, shuffle: bool = False, augment:
     if shuffle:
         order = torch.randperm(n, generator=gen)
         per_rank = n // world_size
-        order = order[rank * per_rank:(rank + 1) * per_rank] if world_size > 1 else order
-    else:
-        bounds = [n * r // world_size for r in range(world_size + 1)]
-        order = torch.arange(bounds[rank], bounds[rank + 1])
-    order = order.to(data.device)
-    stop = len(order) - (len(order) % batch_size if drop_last else 0)
-    for start in range(0, stop, batch_size):
-        idx = order[start:start + batch_size]
-        images = data.images[idx]
+        order = (order[rank * per_rank:(rank + 1) * per_rank] if world_size > 1 else order).to(data.device)
+        first, last = 0, len(order)
+    else:  # a contiguous shard, cut in slices: no gather and no index tensor of length N (memory O(batch))
+        order = None
+        first, last = n * rank // world_size, n * (rank + 1) // world_size
+    stop = last - ((last - first) % batch_size if drop_last else 0)
+    for start in range(first, stop, batch_size):
+        end = min(start + batch_size, last)
+        if order is None:
+            idx = torch.arange(start, end, device=data.device) if index else None
+            images, labels = data.images[start:end], data.labels[start:end].clone()
+        else:
+            idx = order[start:end]
+            images, labels = data.images[idx], data.labels[idx]
         if augment and (data.pad or data.flip):
             images = augment_batch(images, data.pad, data.flip, gen)
-        out = (data.normalize(images), data.labels[idx])
+        out = (data.normalize(images), labels)
         yield (out + (idx,)) if index else out
 
 

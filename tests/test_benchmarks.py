@@ -139,6 +139,17 @@ def test_precision_of_a_pass():
         predict(model, data, precision="fp16")
 
 
+def test_measure_cmi_peak_memory_does_not_grow_with_the_data():
+    model = tiny_cnn(num_classes=4).eval()
+    peaks = []
+    for n in (64, 256):
+        data = random_images(n, k=4)
+        with common.PeakMemory(torch.device("cpu")) as peak:
+            measure_cmi(model, data, batch_size=32)
+        peaks.append(peak.mib)
+    assert peaks[0] > 0 and peaks[1] == pytest.approx(peaks[0], abs=1e-3)
+
+
 def test_iter_logits_leaves_no_mode_set_between_batches():
     data = random_images(20, k=4)
     model = tiny_cnn(num_classes=4)

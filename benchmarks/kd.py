@@ -12,7 +12,9 @@ import argparse
 import sys
 
 import torch
+from torch import nn
 
+from mcmi_lab.data import ImageData, batches
 from mcmi_lab.train import StopTraining, fit
 
 from . import common
@@ -34,12 +36,29 @@ def parse_pair(text: str) -> tuple[common.Case, common.Case]:
     return common.parse_case(f"{teacher}@{data}"), common.parse_case(f"{student}@{data}")
 
 
+def calibrate_batchnorm(model: nn.Module, data: ImageData) -> nn.Module:
+    """Give a random teacher the BatchNorm statistics of `data` (one pass, cumulative averages), then eval mode.
+    Fresh statistics (mean 0, variance 1) make eval-mode BN the identity, and a deep random ResNet's activations
+    then grow until CC and FSP overflow; a trained teacher has statistics like these."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    with torch.no_grad():
+        for images, _ in batches(data, 256):
+            model(images.contiguous(memory_format=torch.channels_last))
+    for m in norms:
+        m.momentum = 0.1
+    return model.eval()
+
+
 def measure_pair(teacher_case: common.Case, student_case: common.Case, args, device: torch.device) -> dict:
     from mcmi_lab.kd import KD_METHODS, build_objective
 
     n = common.case_samples(teacher_case, args.samples, args.batch_size, device)
     data = common.make_data(student_case.data, n).to(device)
-    teacher = common.make_model(teacher_case, data, device, seed=1).eval()
+    teacher = calibrate_batchnorm(common.make_model(teacher_case, data, device, seed=1), data)
     # a tiny learning rate: the same work per step, and no method diverges on random data with a random teacher
     kwargs = dict(epochs=1, batch_size=args.batch_size, lr=1e-4, device=str(device), log=False, progress="off")
     fns, failed = {}, {}

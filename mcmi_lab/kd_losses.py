@@ -205,8 +205,9 @@ def contrast_scores(anchor: torch.Tensor, memory: torch.Tensor, sample_idx: torc
     """exp(⟨m_j, v_i⟩ / τ) for the memory rows j = sample_idx[i] (positive first, then the negatives).
 
     anchor: (B, D) unit vectors; memory: (N, D), read as constants; sample_idx: (B, K+1) -> (B, K+1)."""
-    rows = memory.detach()[sample_idx]
-    return torch.exp(torch.bmm(rows, anchor.unsqueeze(2)).squeeze(2) / temperature)
+    # all B×N scores, then the chosen ones: far cheaper than gathering B×(K+1)×D memory rows (K ≈ 16384). The clone
+    # keeps backward valid after the memory bank is updated in place later in the same step.
+    return torch.exp((anchor @ memory.detach().clone().T).gather(1, sample_idx) / temperature)
 
 
 @_float32

@@ -343,7 +343,8 @@ def fit(model: nn.Module, data: ImageData, objective: Objective | None = None, c
         lr = cfg.lr_at(epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        objective.on_epoch_start(model, data, epoch)
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            objective.on_epoch_start(model, data, epoch)  # e.g. the centroid pass, at the training precision
         model.train()
         objective.train()
         names: list[str] | None = None

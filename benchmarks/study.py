@@ -33,10 +33,14 @@ def run_seed(seed: int, a: argparse.Namespace, log: dict) -> None:
             torch.cuda.synchronize()
         log["steps"].append({"seed": seed, "step": name, "s": round(time.perf_counter() - t0, 2)})
         print(f"seed {seed}  {name:28s} {log['steps'][-1]['s']:7.1f} s", flush=True)
+        if a.json:  # after every step, so a run cut short still reports what it did
+            with open(a.json, "w") as f:
+                json.dump(log, f, indent=1)
         return out
 
     teacher, hist = step("teacher (MLL)", lambda: train_teacher(train, "cnn_small", a.teacher_epochs, seed=s["teacher"],
                                                                  **common))
+    log["teacher_epoch_s"] = [round(r["time"], 2) for r in hist]
     log["teacher_images_per_s"].append(round(len(train) * a.teacher_epochs / sum(r["time"] for r in hist)))
     teachers = {"mll": teacher}
     teachers["label_smoothing"] = step("teacher (label smoothing)", lambda: train_teacher(

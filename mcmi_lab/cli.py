@@ -22,7 +22,8 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
 
-from .pipelines import PARAMETERS, PIPELINES, get_pipeline, notebook_needs, parse_value, resolve_parameters
+from .pipelines import (PARAMETERS, PIPELINES, START_ORDER, get_pipeline, notebook_needs, parse_value,
+                        resolve_parameters)
 
 #: Where the notebooks are: $MCMI_LAB_NOTEBOOKS, else ``notebooks/`` next to the package (a source checkout).
 NOTEBOOKS_ENV = "MCMI_LAB_NOTEBOOKS"
@@ -71,6 +72,10 @@ def execute_notebook(name: str, run_dir: str | os.PathLike, parameters: Mapping,
         evalue = str(err.evalue).strip().splitlines()
         raise NotebookError(f"{name}.ipynb failed at cell {err.cell_index} (In [{err.exec_count}]): {err.ename}: "
                             f"{evalue[0] if evalue else ''} (executed notebook: {executed})") from None
+    except Exception as err:  # the kernel died (memory), did not start, or timed out: still one line naming it
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise NotebookError(f"{name}.ipynb did not run to the end: {type(err).__name__}: {first} "
+                            f"(executed notebook: {executed})") from err
     return executed
 
 
@@ -178,7 +183,10 @@ def run_pipeline(pipeline: str, out: str | os.PathLike, overrides: Mapping | Non
 
     try:
         with _kernel_environment(threads, out / "kernels.log"):
-            _schedule([(seed, name) for seed in seeds for name in names], jobs, run_one)
+            rank = {name: i for i, name in enumerate(START_ORDER)}
+            tasks = sorted(((seed, name) for seed in seeds for name in names),
+                           key=lambda task: (rank.get(task[1], len(rank)), task[0]))
+            _schedule(tasks, jobs, run_one)
         info["status"] = "finished"
     except BaseException as err:
         info["status"] = f"failed: {err}" if isinstance(err, NotebookError) else f"stopped: {type(err).__name__}"

@@ -29,6 +29,12 @@ NOTEBOOKS = ("01_teachers", "02_concentration", "03_distill", "04_eigencam", "05
 INDEPENDENT = ("00_quickstart", "01_teachers", "08_known_bcpd")
 
 
+#: Start order when several notebooks run at once: the teachers first (everything waits on them), then the longest,
+#: so that the run does not end with one long notebook on one core while the others idle.
+START_ORDER = ("01_teachers", "08_known_bcpd", "07_lambda_sweep", "03_distill", "06_zero_shot", "02_concentration",
+               "05_few_shot", "04_eigencam")
+
+
 def notebook_needs(name: str) -> tuple[str, ...]:
     return () if name in INDEPENDENT else ("01_teachers",)
 
@@ -130,7 +136,8 @@ PARAMETERS: dict[str, Parameter] = {
     "test_size": Parameter(None, _optional(_int(1)), "test samples (None: all)"),
     "val_fraction": Parameter(0.1, _float(0.0, 1.0, True, True), "validation part of train (temperature scaling)"),
     "batch_size": Parameter(64, _int(1), "batch size of every training run"),
-    "augment": Parameter(False, _bool, "random crop + flip while training (off: teachers converge faster)"),
+    "augment": Parameter(False, _bool, "random crop + flip for the teachers (off: they converge, DESIGN.md §2)"),
+    "student_augment": Parameter(True, _bool, "random crop + flip for the students (the reference student recipe)"),
     # teachers
     "teacher_model": Parameter("cnn_small", _choice(_model_names), "teacher architecture (models.MODELS)"),
     "teacher_epochs": Parameter(40, _EPOCHS, "epochs of the MLL teacher"),
@@ -152,6 +159,8 @@ PARAMETERS: dict[str, Parameter] = {
                                "teachers distilled in few-shot (05) and zero-shot (06)"),
     "fractions": Parameter([0.05, 0.1, 0.25, 1.0], _list_of(_float(0.0, 1.0, low_open=True)),
                            "few-shot training fractions (05)"),
+    "few_shot_schedule": Parameter("epochs", _choice(lambda: ("epochs", "steps")), "few-shot students train "
+                                   "student_epochs (the paper) or student_epochs / fraction (as many steps as full data)"),
     "omit_classes": Parameter([3, [0, 3, 6]], _omit_sets, "zero-shot: each item a class or a list of classes (06)"),
     # Eigen-CAM
     "cam_images": Parameter(6, _int(1), "images in the Eigen-CAM grid (04)"),
@@ -182,20 +191,22 @@ PIPELINES: dict[str, Pipeline] = {
         "demo", "Fashion-MNIST on CPU: near-converged cnn_small teachers on a stratified subset, MCMI at λ = 0.5 with "
                 "per-epoch centroids, cnn_tiny students; 3 seeds in about 15 minutes on 2 cores",
         notebooks=tuple(n for n in NOTEBOOKS if n != "07_lambda_sweep"),
-        parameters={"train_size": 5000, "teacher_epochs": 40, "finetune_epochs": 5, "student_epochs": 8,
-                    "fractions": [0.05, 0.25, 1.0], "omit_classes": [3, [0, 3]], "teachers": list(TEACHERS),
-                    "synthetic_train_size": 5000, "synthetic_epochs": 20, "synthetic_test_size": 2000}),
+        parameters={"train_size": 5000, "teacher_epochs": 40, "finetune_epochs": 8, "student_epochs": 6,
+                    "fractions": [0.05, 0.25], "few_shot_schedule": "steps", "omit_classes": [3, [0, 3]],
+                    "teachers": list(TEACHERS),
+                    "synthetic_train_size": 4000, "synthetic_epochs": 15, "synthetic_test_size": 2000}),
     "smoke": Pipeline(
         "smoke", "seconds per notebook: tiny subsets, one epoch; checks that everything runs, not what it finds",
         parameters={"train_size": 400, "test_size": 300, "teacher_epochs": 1, "finetune_epochs": 1,
                     "student_epochs": 1, "kd_methods": ["kd", "at"], "lambdas": [0.0, 0.5], "fractions": [0.25, 1.0],
-                    "omit_classes": [3, [0, 3]], "teachers": ["mll", "control", "mcmi"], "cam_images": 2, "cam_stat_images": 50,
-                    "synthetic_train_size": 300, "synthetic_epochs": 1, "synthetic_test_size": 200},
+                    "few_shot_schedule": "steps", "omit_classes": [3, [0, 3]], "teachers": ["mll", "control", "mcmi"],
+                    "cam_images": 2, "cam_stat_images": 50, "synthetic_train_size": 300, "synthetic_epochs": 1,
+                    "synthetic_test_size": 200},
         seeds=(0,)),
     "paper": Pipeline(
         "paper", "CIFAR-100 reference recipe (needs a GPU and the data): resnet56 teacher 240 epochs, MCMI fine-tune "
                  "20 epochs (λ = 0.2, frozen centroids as in the reference code), resnet20 students 240 epochs",
-        parameters={"dataset": "cifar100", "train_size": None, "batch_size": 64, "augment": True,
+        parameters={"dataset": "cifar100", "train_size": None, "batch_size": 64, "augment": True, "student_augment": True,
                     "teacher_model": "resnet56", "teacher_epochs": 240, "teacher_lr": 0.05,
                     "finetune_epochs": 20, "finetune_lr": 0.05, "lam": 0.2, "centroid_update": "frozen",
                     "lambdas": [0.0, 0.1, 0.15, 0.2, 0.25], "student_model": "resnet20", "student_epochs": 240,

@@ -114,8 +114,9 @@ def test_run_orchestrates_seeds_notebooks_and_report(tmp_path, monkeypatch, caps
                      "--notebooks", "03_distill", "01_teachers"])
     assert code == 0
     # pipeline order, every seed in its own folder, the run seed injected, headless, the override applied
-    assert calls == [("01_teachers", "seed_3", 3, False, 0.25), ("03_distill", "seed_3", 3, False, 0.25),
-                     ("01_teachers", "seed_5", 5, False, 0.25), ("03_distill", "seed_5", 5, False, 0.25)]
+    # the teachers of every seed first (everything waits on them), then the rest
+    assert calls == [("01_teachers", "seed_3", 3, False, 0.25), ("01_teachers", "seed_5", 5, False, 0.25),
+                     ("03_distill", "seed_3", 3, False, 0.25), ("03_distill", "seed_5", 5, False, 0.25)]
     info = json.loads((out / "run.json").read_text())
     assert info["status"] == "finished" and info["seeds"] == [3, 5] and info["parameters"]["lam"] == 0.25
     assert set(info["timings_s"]) == {f"seed_{s}/{n}" for s in (3, 5) for n in ("01_teachers", "03_distill")}

@@ -133,6 +133,8 @@ def test_05_few_shot(run):
     assert [(r["fraction"], r["teacher"]) for r in rows] == [(f, t) for f in params["fractions"]
                                                              for t in params["shot_teachers"]]
     assert rows[0]["n_train"] < rows[-1]["n_train"]
+    # "steps": a student on a quarter of the data trains four times the epochs
+    assert [r["epochs"] for r in rows] == [round(params["student_epochs"] / r["fraction"]) for r in rows]
     assert _figures(run_dir, "05_few_shot") == ["few_shot.png"]
 
 

@@ -127,7 +127,7 @@ def _worker(rank, world, port, tmp):
 def two_ranks(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
     mp.spawn(_worker, args=(2, _free_port(), tmp), nprocs=2, join=True)
-    return tmp, [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    return tmp, [torch.load(tmp / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
 
 
 def test_process_group_is_gloo_on_cpu(two_ranks):

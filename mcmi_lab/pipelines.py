@@ -159,8 +159,9 @@ PARAMETERS: dict[str, Parameter] = {
                                "teachers distilled in few-shot (05) and zero-shot (06)"),
     "fractions": Parameter([0.05, 0.1, 0.25, 1.0], _list_of(_float(0.0, 1.0, low_open=True)),
                            "few-shot training fractions (05)"),
-    "few_shot_schedule": Parameter("epochs", _choice(lambda: ("epochs", "steps")), "few-shot students train "
-                                   "student_epochs (the paper) or student_epochs / fraction (as many steps as full data)"),
+    "few_shot_schedule": Parameter("epochs", _choice(lambda: ("epochs", "steps")),
+                                   "few-shot students train student_epochs (the paper) or student_epochs / fraction "
+                                   "(as many steps as on the full data)"),
     "omit_classes": Parameter([3, [0, 3, 6]], _omit_sets, "zero-shot: each item a class or a list of classes (06)"),
     # Eigen-CAM
     "cam_images": Parameter(6, _int(1), "images in the Eigen-CAM grid (04)"),
@@ -189,7 +190,7 @@ class Pipeline:
 PIPELINES: dict[str, Pipeline] = {
     "demo": Pipeline(
         "demo", "Fashion-MNIST on CPU: near-converged cnn_small teachers on a stratified subset, MCMI at λ = 0.5 with "
-                "per-epoch centroids, cnn_tiny students; 3 seeds in about 15 minutes on 2 cores",
+                "per-epoch centroids, cnn_tiny students; 3 seeds in about 11 minutes on 2 cores",
         notebooks=tuple(n for n in NOTEBOOKS if n != "07_lambda_sweep"),
         parameters={"train_size": 5000, "teacher_epochs": 40, "finetune_epochs": 8, "student_epochs": 6,
                     "fractions": [0.05, 0.25], "few_shot_schedule": "steps", "omit_classes": [3, [0, 3]],
@@ -206,7 +207,8 @@ PIPELINES: dict[str, Pipeline] = {
     "paper": Pipeline(
         "paper", "CIFAR-100 reference recipe (needs a GPU and the data): resnet56 teacher 240 epochs, MCMI fine-tune "
                  "20 epochs (λ = 0.2, frozen centroids as in the reference code), resnet20 students 240 epochs",
-        parameters={"dataset": "cifar100", "train_size": None, "batch_size": 64, "augment": True, "student_augment": True,
+        parameters={"dataset": "cifar100", "train_size": None, "batch_size": 64, "augment": True,
+                    "student_augment": True,
                     "teacher_model": "resnet56", "teacher_epochs": 240, "teacher_lr": 0.05,
                     "finetune_epochs": 20, "finetune_lr": 0.05, "lam": 0.2, "centroid_update": "frozen",
                     "lambdas": [0.0, 0.1, 0.15, 0.2, 0.25], "student_model": "resnet20", "student_epochs": 240,

@@ -151,7 +151,8 @@ def _teachers(rep: _Report) -> None:
               **{h: cell(values(rows, k, teacher=n), s, d) for k, h, s, d in cols}} for n in names]
     rep.add("## Teachers", "", "Mean ± std over seeds (n). CMI and NCMI in nats; train = the teachers' training data.",
             "", markdown_table(table, ["teacher"] + [h for _, h, _, _ in cols]), "")
-    diffs = [("test accuracy (points)", "test_acc", 100.0), ("train CMI", "train_cmi", 1.0), ("test CMI", "test_cmi", 1.0)]
+    diffs = [("test accuracy (points)", "test_acc", 100.0), ("train CMI", "train_cmi", 1.0),
+             ("test CMI", "test_cmi", 1.0)]
     rep.add("MCMI − control, paired by seed:", "")
     for label, key, scale in diffs:
         d = difference(values(rows, key, teacher="mcmi"), values(rows, key, teacher="control"), scale)
@@ -176,7 +177,8 @@ def _students(rep: _Report) -> None:
               **{m: _acc(values(rows, "student_acc", teacher=t, method=("ce" if t == "none" else m)))
                  for m in methods}} for t in teachers]
     rep.add("## Students by KD method", "", "Student test accuracy (%), mean ± std over seeds (n). The no-teacher "
-            "row is the same student trained on the labels alone.", "", markdown_table(table, ["teacher"] + methods), "")
+            "row is the same student trained on the labels alone.", "",
+            markdown_table(table, ["teacher"] + methods), "")
     rep.add("MCMI − control, paired by seed (points):", "")
     for m in methods:
         d = difference(values(rows, "student_acc", teacher="mcmi", method=m),
@@ -235,13 +237,14 @@ def _zero_shot(rep: _Report) -> None:
         d = difference(values(rows, _omitted_mean, teacher="mcmi", omitted=list(s)),
                        values(rows, _omitted_mean, teacher="control", omitted=list(s)), 100.0)
         rep.add(f"MCMI − control on the omitted classes (points): {format_difference(d)}", "")
-        rep.claim(f"zero-shot ({', '.join(names)} omitted): MCMI − control accuracy on the omitted classes (points)", d)
+        rep.claim(f"zero-shot ({', '.join(names)} omitted): MCMI − control accuracy on the omitted classes "
+                  "(points)", d)
 
 
-def _lambda_sweep(rep: _Report) -> Path | None:
+def _lambda_sweep(rep: _Report) -> None:
     rows = seed_rows(rep.results, "07_lambda_sweep", "lambda_sweep")
     if not rows:
-        return None
+        return
     lams = sorted({r["lambda"] for rs in rows.values() for r in rs})
     table = []
     for lam in lams:
@@ -251,10 +254,6 @@ def _lambda_sweep(rep: _Report) -> Path | None:
                       "student acc (%)": _acc(values(rows, "student_acc", **{"lambda": lam})),
                       "collapsed runs": collapsed})
     rep.add("## λ sweep", "", markdown_table(table), "")
-    from .plots import plot_lambda_sweep
-
-    flat = [r for rs in rows.values() for r in rs if not r.get("collapsed")]
-    return _save(rep, "lambda_sweep", lambda path: plot_lambda_sweep(flat, path=path)) if flat else None
 
 
 def _known_bcpd(rep: _Report) -> None:
@@ -311,7 +310,7 @@ def _save(rep: _Report, name: str, draw: Callable[[Path], Any]) -> Path | None:
 
 def _summary_figures(rep: _Report) -> list[tuple[Path | None, str]]:
     """Figures over all seeds, drawn from results.json, plus the first seed's own figures."""
-    from .plots import plot_cmi_bars, plot_fraction_curve, plot_student_vs_teacher_cmi
+    from .plots import plot_cmi_bars, plot_fraction_curve, plot_lambda_sweep, plot_student_vs_teacher_cmi
 
     figs = []
     teachers = seed_rows(rep.results, "01_teachers", "teachers")
@@ -333,11 +332,17 @@ def _summary_figures(rep: _Report) -> list[tuple[Path | None, str]]:
     if few:
         figs.append((_save(rep, "few_shot", lambda p: plot_fraction_curve(few, logx=True, path=p)),
                      "Few-shot student accuracy by training fraction (mean ± std over seeds)"))
+    sweep = [r for rs in seed_rows(rep.results, "07_lambda_sweep", "lambda_sweep").values() for r in rs
+             if not r.get("collapsed")]
+    if sweep:
+        figs.append((_save(rep, "lambda_sweep", lambda p: plot_lambda_sweep(sweep, path=p)),
+                     "Teacher accuracy, teacher CMI and student accuracy against λ (mean ± std over seeds)"))
     first = next(iter(seed_dirs(rep.out).values()), None)
     if first is not None:
         for rel, caption in (("04_eigencam/cam_grid.png", "Eigen-CAM of the teachers (first seed)"),
                              ("02_concentration/kl_distributions.png", "KL(P_x ‖ Q_y) per class (first seed)"),
-                             ("06_zero_shot/confusion_mcmi_0.png", "Zero-shot student of the MCMI teacher (first seed)")):
+                             ("06_zero_shot/confusion_mcmi_0.png",
+                              "Zero-shot student of the MCMI teacher (first seed)")):
             figs.append((first / "figures" / rel, caption))
     return figs
 
@@ -355,11 +360,16 @@ def _header(rep: _Report) -> None:
             f"- device: {run.get('device', '?')}",
             f"- started: {run.get('started', '?')}; finished: {run.get('finished', '?')}; status: "
             f"{run.get('status', '?')}",
-            f"- wall time: {f'{wall / 60:.1f} min ({wall:.0f} s)' if wall is not None else '?'}", "")
-    params = run.get("parameters")
+            f"- wall time: {f'{wall / 60:.1f} min ({wall:.0f} s)' if wall is not None else '?'}",
+            "- parameters: listed at the end", "")
+
+
+def _parameters(rep: _Report) -> None:
+    """The run's parameters (the per-seed ones, run_dir and seed, are in the seed folders)."""
+    params = {k: v for k, v in rep.results.get("run", {}).get("parameters", {}).items() if k not in ("run_dir", "seed")}
     if params:
         rows = [{"parameter": k, "value": f"`{json.dumps(v, ensure_ascii=False)}`"} for k, v in params.items()]
-        rep.add("Parameters:", "", markdown_table(rows), "")
+        rep.add("## Parameters", "", markdown_table(rows), "")
 
 
 def build_report(out: str | os.PathLike) -> tuple[Path, Path]:
@@ -372,22 +382,19 @@ def build_report(out: str | os.PathLike) -> tuple[Path, Path]:
         raise FileNotFoundError(f"run folder {str(out)!r} holds no results (expected seed_<n>/results/*.json)")
     write_json(out / RESULTS, results)
     rep = _Report(results, out)
+    for section in (_teachers, _students, _few_shot, _zero_shot, _known_bcpd, _eigencam, _lambda_sweep):
+        section(rep)  # the tables, collecting the claims
+    figures = _summary_figures(rep)
+    tables, rep.lines = rep.lines, []
     _header(rep)
-    body = _Report(results, out)
-    body.claims = rep.claims
-    for section in (_teachers, _students, _few_shot, _zero_shot, _known_bcpd, _eigencam):
-        section(body)
-    sweep = _lambda_sweep(body)
-    figures = _summary_figures(body)
-    if sweep is not None:
-        figures.append((sweep, "Teacher accuracy, teacher CMI and student accuracy against λ"))
     rep.add("## Which claims held on this data", "",
             "Held: the whole 95% interval over seeds is on the claimed side of zero; reversed: on the other side; "
             "not shown: the interval contains zero.", "", *(rep.claims or ["- nothing to judge yet"]), "")
-    rep.lines += body.lines
+    rep.lines += tables
     rep.add("## Figures", "")
     for path, caption in figures:
         rep.figure(path, caption)
+    _parameters(rep)
     text = "\n".join(rep.lines).rstrip() + "\n"
     md = write_text(out / "report.md", text)
     page = write_text(out / "report.html", render_html(text, out, title=f"mcmi_lab report: {out.name}"))

@@ -51,6 +51,7 @@ def lab(tmp_path):
     if not Path(CHROMIUM).is_file():
         pytest.skip(f"no chromium at {CHROMIUM} (apt-get install chromium)")
     import nbformat
+    from papermill.iorw import load_notebook_node
     from papermill.parameterize import parameterize_notebook
 
     from mcmi_lab.cli import notebooks_dir
@@ -60,7 +61,7 @@ def lab(tmp_path):
     smoke = resolve_parameters("smoke")
     params = {k: smoke[k] for k in ("train_size", "test_size", "batch_size", "teacher_epochs", "finetune_epochs",
                                     "student_epochs", "cam_images")}
-    nb = nbformat.read(notebooks_dir() / "00_quickstart.ipynb", as_version=4)
+    nb = load_notebook_node(str(notebooks_dir() / "00_quickstart.ipynb"))
     nb = parameterize_notebook(nb, {**params, "run_dir": str(run_dir), "interactive": True})
     nbformat.write(nb, tmp_path / "quickstart.ipynb")
 
@@ -103,6 +104,7 @@ def test_quickstart_runs_in_jupyterlab(lab):
             deadline = time.monotonic() + 120
             while not results.is_file() and time.monotonic() < deadline:
                 page.wait_for_timeout(500)
+            page.locator(".widget-slider").first.scroll_into_view_if_needed()  # the explorer in the screenshot
             errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.error']").count()
             run_dir.mkdir(parents=True, exist_ok=True)
             shot = run_dir / "quickstart_jupyterlab.png"

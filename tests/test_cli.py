@@ -221,7 +221,8 @@ ZERO_CONTROL, ZERO_MCMI = [0.003, 0.021, 0.181], [0.317, 0.487, 0.400]
 @pytest.fixture(scope="module")
 def fake_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("fake_run")
-    write_run_info(out, {"pipeline": "demo", "description": "a fake run", "notebooks": ["01_teachers"], "seeds": [0, 1, 2],
+    write_run_info(out, {"pipeline": "demo", "description": "a fake run", "notebooks": ["01_teachers"],
+                         "seeds": [0, 1, 2],
                          "parameters": {"lam": 0.5}, "device": "cpu (test)", "started": "2026-01-01T00:00:00+00:00",
                          "finished": "2026-01-01T00:10:00+00:00", "status": "finished", "wall_time_s": 600.0})
     for i in SEEDS:

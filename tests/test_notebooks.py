@@ -1,10 +1,7 @@
 """The notebooks: their structure (one parameters cell, numbered steps, no stored outputs, kernel metadata), then
 each one executed by papermill with the smoke pipeline's parameters into one run folder, in the pipeline's order,
 with the artifacts it must leave; the report of that folder; a broken parameter failing `mcmi-lab run` by name."""
-import json
-import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path

@@ -442,3 +442,14 @@ def test_launch_teacher_with_other_classes(tmp_path, capsys):
             "--no-eval", "--out", str(tmp_path / "run")]
     assert launch.main(argv) == 2
     assert "has 3 classes: expected 10, the classes of --data synthetic" in capsys.readouterr().err
+
+
+def test_atomic_writes_get_the_usual_file_mode(tmp_path):
+    import os
+    from mcmi_lab.utils import write_json
+    mask = os.umask(0o022)
+    try:
+        path = write_json(tmp_path / "results.json", {"a": 1})
+    finally:
+        os.umask(mask)
+    assert oct(os.stat(path).st_mode & 0o777) == oct(0o644)  # readable by others, as open() would make it

@@ -22,6 +22,7 @@ from .kd import KD_METHODS, build_objective, distill, method_hparams
 from .losses import kd_loss, mcmi_loss
 from .models import MODELS, build_model, cam_layer, classifier_layer, feature_layers
 from .recipes import finetune_control, finetune_mcmi, temperature_scale, train_teacher
+from .pipelines import PIPELINES
 from .stats import derive_seeds, expected_calibration_error, mean_std, paired_difference
 from .synthetic import SyntheticTask, kl_to_posterior
 from .train import (MCMIObjective, Objective, StopTraining, TrainConfig, fit, kd_objective, mcmi_objective,
@@ -46,4 +47,6 @@ __all__ = [
     "mean_std", "paired_difference", "derive_seeds",
     # artifacts
     "save_checkpoint", "load_checkpoint", "save_model", "load_model", "UnsafeCheckpointError",
+    # headless runs (papermill): mcmi_lab.cli.run_pipeline, mcmi_lab.report.build_report
+    "PIPELINES",
 ]

@@ -162,3 +162,23 @@ def test_predict_restores_mode_and_is_exact():
     with torch.no_grad():
         ref = model(d.normalize(d.images))
     assert torch.allclose(logits, ref, atol=1e-5)
+
+
+def test_teacher_selection_never_reads_test_labels():
+    """Poisoned test labels (reported through eval_data) leave the trained and fine-tuned teachers unchanged:
+    the teacher is the last epoch's weights, never the best-test-accuracy checkpoint."""
+    import dataclasses
+    from mcmi_lab.recipes import finetune_mcmi, train_teacher
+    train, test = random_images(96, k=4, seed=0), random_images(48, k=4, seed=1)
+    poisoned = dataclasses.replace(test, labels=(test.labels + 1) % 4)
+    teachers = []
+    for eval_data in (test, poisoned):
+        torch.manual_seed(0)
+        t, hist = train_teacher(train, tiny_cnn(num_classes=4), epochs=6, eval_data=eval_data, schedule="cosine", **FAST)
+        m, _ = finetune_mcmi(t, train, 0.3, epochs=2, eval_data=eval_data, **FAST)
+        teachers.append((t, m, hist))
+    (t1, m1, h1), (t2, m2, h2) = teachers
+    assert (h1[-1]["eval_acc"], h1[-1]["eval_cmi"]) != (h2[-1]["eval_acc"], h2[-1]["eval_cmi"])  # the poisoned labels were seen by the evaluation...
+    for a, b in ((t1, t2), (m1, m2)):  # ...and changed nothing that was selected
+        for x, y in zip(a.state_dict().values(), b.state_dict().values()):
+            assert torch.equal(x, y)

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import functools
 import math
-from contextlib import contextmanager
-from typing import Iterator, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
 
+from .features import restoring_modes
 from .utils import check_float, check_int
 
 #: Object-mask threshold for dark-background images (Fashion-MNIST), as a fraction of full intensity.
@@ -100,17 +100,6 @@ def resolve_target_layer(model: nn.Module, target_layer: str | nn.Module | None 
     raise ValueError(f"target_layer={target_layer!r} is not accepted: expected a module name, a module or None")
 
 
-@contextmanager
-def _restoring_mode(model: nn.Module) -> Iterator[None]:
-    """Give every module its own train/eval flag back afterwards (a frozen BatchNorm inside stays frozen)."""
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
-
-
 # ---- maps -------------------------------------------------------------------------------------------------------
 
 def _run_eigen_cam(model: nn.Module, images: torch.Tensor, target_layer=None,
@@ -122,7 +111,7 @@ def _run_eigen_cam(model: nn.Module, images: torch.Tensor, target_layer=None,
     check_int("batch_size", batch_size, minimum=1)
     layer = resolve_target_layer(model, target_layer)
     maps, outputs = [], []
-    with _restoring_mode(model), torch.no_grad(), _signed_eigen_cam_class()(model, [layer]) as cam:
+    with restoring_modes(model), torch.no_grad(), _signed_eigen_cam_class()(model, [layer]) as cam:
         for chunk in images.split(batch_size):
             maps.append(torch.from_numpy(cam(input_tensor=chunk, targets=None)))
             out = cam.outputs  # grad-cam keeps the model's output of the last call

@@ -57,6 +57,18 @@ def capture(model: nn.Module, layers: str | Sequence[str],
             handle.remove()
 
 
+@contextmanager
+def restoring_modes(model: nn.Module) -> Iterator[None]:
+    """Give every module its own train/eval flag back on exit (a frozen BatchNorm inside a training model stays
+    frozen), for dry forwards in eval mode and for libraries that set eval and never restore it (grad-cam)."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 def feature_shapes(model: nn.Module, layers: str | Sequence[str],
                    input_shape: Sequence[int]) -> list[torch.Size]:
     """Per-sample shapes of the named modules' outputs, in the order of `layers`, for inputs of `input_shape`.
@@ -72,14 +84,9 @@ def feature_shapes(model: nn.Module, layers: str | Sequence[str],
     param = next(iter(model.parameters()), None)
     x = torch.zeros((1,) + shape, device=param.device if param is not None else None,
                     dtype=param.dtype if param is not None and param.is_floating_point() else None)
-    modes = {m: m.training for m in model.modules()}
-    try:
+    with restoring_modes(model), torch.no_grad(), capture(model, names) as feats:
         model.eval()
-        with torch.no_grad(), capture(model, names) as feats:
-            model(x)
-    finally:
-        for m, training in modes.items():
-            m.training = training
+        model(x)
     missing = [n for n in names if n not in feats]
     if missing:
         raise ValueError(f"layers {missing!r} are not accepted: they produced no output in a forward pass "

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import ImageData
-from .features import capture
+from .features import capture, restoring_modes
 from .kd_losses import (ab_loss, at_loss, contrast_scores, correlation_loss, crd_nce_loss, dkd_loss, factor_loss,
                         fsp_loss, hint_loss, match_spatial, nst_loss, pkt_loss, rkd_loss, similarity_loss, vid_loss)
 from .losses import kd_loss
@@ -182,15 +182,10 @@ class DistillObjective(Objective):
         missing = [name for name, _ in points if name not in modules]
         if missing:
             raise ValueError(f"{who}_layers {missing} are not accepted: no such module in {type(model).__name__}")
-        modes = {m: m.training for m in model.modules()}
-        model.eval()  # a dry forward must not move BatchNorm statistics
-        try:
-            x = torch.zeros((2, data.in_channels, *data.image_size), device=data.device)
-            with torch.no_grad(), _capture(model, points) as feats:
-                logits = model(x)
-        finally:
-            for m, training in modes.items():
-                m.training = training
+        x = torch.zeros((2, data.in_channels, *data.image_size), device=data.device)
+        with restoring_modes(model), torch.no_grad(), _capture(model, points) as feats:
+            model.eval()  # a dry forward must not move BatchNorm statistics
+            logits = model(x)
         return [(name, tuple(f.shape)) for (name, _), f in zip(points, feats())], tuple(logits.shape)
 
     def prepare(self, model: nn.Module, data: ImageData) -> None:

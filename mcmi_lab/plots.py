@@ -17,6 +17,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
+from .stats import mean_std
 from .utils import atomic_write, check_choice
 
 MARKERS = "osD^vP*Xh<>"
@@ -53,11 +54,6 @@ def _floats(value) -> list[float]:
     return [float(value)]
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    return float(t.mean()), float(t.std()) if len(t) > 1 else 0.0
-
-
 def _colors(n: int) -> list:
     cmap = colormaps["tab10" if n <= 10 else "tab20"]
     return [cmap(i % cmap.N) for i in range(n)]
@@ -79,7 +75,7 @@ def plot_cmi_bars(results: Mapping[str, Mapping], keys: Sequence[str] = ("cmi", 
             if key not in results[name]:
                 continue
             values = _floats(results[name][key])
-            mean, std = _mean_std(values)
+            mean, std = mean_std(values)
             ax.bar(i, mean, yerr=std if len(values) > 1 else None, color=color, capsize=4, alpha=0.85)
             if len(values) > 1:
                 ax.plot([i] * len(values), values, "k.", ms=4)
@@ -309,7 +305,7 @@ def _curves(ax, rows: Sequence[Mapping], x: str, y: str, group: str | None) -> N
             by_group[str(r.get(group, "")) if group else ""][_number(r[x])].append(_number(r[y]))
     for (name, points), color in zip(by_group.items(), _colors(len(by_group))):
         xs = sorted(points)
-        stats = [_mean_std(points[v]) for v in xs]
+        stats = [mean_std(points[v]) for v in xs]
         ax.errorbar(xs, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", ms=4, capsize=3,
                     color=color, label=name or None)
         for v in xs:

@@ -420,7 +420,9 @@ def _load_objective(objective: Objective, state: dict) -> None:
 
 def _check_finite(names: list[str], first_bad: torch.Tensor, epoch: int) -> None:
     if dist_utils.is_distributed():  # every rank must stop at the same sync point, or the others hang
-        first_bad = -dist_utils.all_reduce_min(torch.where(first_bad >= 0, -first_bad, 1.0))
+        # the earliest bad step over the ranks (inf stands for "none" on a rank)
+        earliest = dist_utils.all_reduce_min(torch.where(first_bad >= 0, first_bad, float("inf")))
+        first_bad = torch.where(torch.isinf(earliest), -1.0, earliest)
     bad = (first_bad >= 0).nonzero().flatten().tolist()
     if bad:
         # the earliest step; at that step a named term (the cause) rather than the total "loss"

@@ -24,6 +24,7 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
+from .train import REFRESH_STEPS, UPDATES
 from .utils import check_float, check_int
 
 OBJECTIVES = ("mll", "mcmi", "kd")
@@ -157,7 +158,9 @@ def add_train_command(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--width", type=pos_int("--width"), help="width of cnn_small / cnn_tiny")
     g.add_argument("--teacher", type=Path, help="model.pt of the teacher (mcmi: the model fine-tuned; kd: distilled)")
     g.add_argument("--lam", type=_typed(check_float, "--lam", 0.0), default=0.2, help="mcmi: λ of CE − λ·KL (0.2)")
-    g.add_argument("--update", choices=("frozen", "epoch", "ema"), default="epoch", help="mcmi: centroid update")
+    g.add_argument("--update", choices=UPDATES, default=UPDATES[0], help="mcmi: centroid update")
+    g.add_argument("--refresh-steps", type=pos_int("--refresh-steps"), default=None,
+                   help=f"mcmi, update running: steps between centroid refreshes (default {REFRESH_STEPS})")
     g.add_argument("--method", default="kd", help="kd: KD method (kd, fitnet, at, crd, dkd, ...; default kd)")
     g.add_argument("--temperature", type=pos_float("--temperature"), help="kd: temperature (default 4)")
     g.add_argument("--hparam", nargs=2, action="append", metavar=("NAME", "VALUE"), help="kd: a method "
@@ -224,6 +227,9 @@ def check_train_args(args: argparse.Namespace) -> None:
     if args.objective != "kd" and (args.method != "kd" or args.hparam or args.temperature is not None):
         raise ValueError("--method, --hparam and --temperature are not accepted with --objective "
                          f"{args.objective}: they configure --objective kd")
+    if args.refresh_steps is not None and (args.objective != "mcmi" or args.update != "running"):
+        raise ValueError(f"--refresh-steps is not accepted with --objective {args.objective} --update {args.update}: "
+                         "it sets how often --objective mcmi --update running refreshes the centroids")
     if args.teacher is not None and not Path(args.teacher).is_file():
         raise FileNotFoundError(f"--teacher {str(args.teacher)!r} does not exist: expected a model.pt written by train")
     if args.nnodes > 1 and not args.master_addr:
@@ -291,7 +297,7 @@ def _build(args, data, device):
         if args.model is not None and args.model != teacher.spec["name"]:
             raise ValueError(f"--model {args.model} is not accepted with --objective mcmi: the model fine-tuned is the "
                              f"teacher ({teacher.spec['name']})")
-        return teacher, mcmi_objective(args.lam, update=args.update)
+        return teacher, mcmi_objective(args.lam, update=args.update, refresh_steps=args.refresh_steps)
     set_seed(args.seed)  # the initial weights are a function of the seed
     width = {} if args.width is None else {"width": args.width}
     model = build_model(args.model or "cnn_small", data.num_classes, data.in_channels, **width)

@@ -91,6 +91,11 @@ def _model_names() -> Sequence[str]:
     return list(MODELS)
 
 
+def _updates() -> Sequence[str]:
+    from .train import UPDATES
+    return UPDATES
+
+
 def _kd_method_names() -> Sequence[str]:
     from .kd import KD_METHODS
     return list(KD_METHODS)
@@ -145,7 +150,7 @@ PARAMETERS: dict[str, Parameter] = {
     "finetune_epochs": Parameter(5, _EPOCHS, "extra epochs of MCMI and of every control teacher"),
     "finetune_lr": Parameter(0.01, _LR, "learning rate of the fine-tunes (cosine schedule)"),
     "lam": Parameter(0.5, _float(0.0), "λ of the MCMI teacher: CE − λ·KL(P_x ‖ Q_y)"),
-    "centroid_update": Parameter("epoch", _choice(lambda: ("epoch", "frozen", "ema")), "MCMI centroid update"),
+    "centroid_update": Parameter("running", _choice(_updates), "MCMI centroid update (train.MCMIObjective)"),
     "label_smoothing": Parameter(0.1, _float(0.0, 1.0, high_open=True), "smoothing of the label-smoothing teacher"),
     "lambdas": Parameter([0.0, 0.1, 0.25, 0.5, 1.0], _list_of(_float(0.0)), "λ values of the sweep (07)"),
     # students

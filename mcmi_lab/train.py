@@ -87,7 +87,8 @@ class Objective(nn.Module):
     """Maps a batch to ``(loss, {name: value})``; `forward(model, images, labels, index)`.
 
     Hooks, all optional: `prepare(model, data)` once before training (build connectors, move a teacher),
-    `on_epoch_start(model, data, epoch)`, and `check(step)` at each sync point (may raise :class:`StopTraining`).
+    `on_epoch_start(model, data, epoch)`, `on_epoch_end(model, data, epoch)` (after the last step, before the
+    checkpoint), and `check()` at each sync point (may raise :class:`StopTraining`).
     Terms are detached scalars; a term named "acc" is the batch accuracy (reported as train_acc).
     """
 
@@ -95,6 +96,9 @@ class Objective(nn.Module):
         pass
 
     def on_epoch_start(self, model: nn.Module, data: ImageData, epoch: int) -> None:
+        pass
+
+    def on_epoch_end(self, model: nn.Module, data: ImageData, epoch: int) -> None:
         pass
 
     def check(self) -> None:
@@ -122,27 +126,47 @@ def mll_objective(label_smoothing: float = 0.0) -> MLLObjective:
     return MLLObjective(label_smoothing)
 
 
+#: Centroid updates of the MCMI objective (see MCMIObjective); the first is the default.
+UPDATES = ("running", "epoch", "frozen", "ema")
+#: Steps between two refreshes of update="running" (it also refreshes at the end of every epoch).
+REFRESH_STEPS = 100
+
+
 class MCMIObjective(Objective):
     """CE − λ·KL(P_x ‖ Q_y) with centroids Q treated as constants (DESIGN.md §2).
 
-    update: "frozen" — the reference: centroids from one full pass of the starting model, then fixed;
-    "epoch" — recomputed by a full pass at the start of every epoch (the default: frozen centroids collapsed at
-    λ ≥ 0.5 in our measurements where per-epoch refresh did not); "ema" — the full pass, then a moving average of
-    batch class means with `ema_decay`.
+    update: how the centroids follow the model. All start from one full pass of the starting model.
+    "running" (the default) — every `refresh_steps` steps (default :data:`REFRESH_STEPS`) and at the end of every
+    epoch, the class means of the training outputs since the last refresh: no extra pass, the outputs are the
+    training steps' own. "epoch" — a full pass at the start of every epoch (costs that pass). "frozen" — the
+    reference code: fixed after the first pass. "ema" — a moving average of batch class means with `ema_decay`.
+    Why the default: frozen centroids collapsed converged teachers at λ ≥ 0.5; a refresh per epoch was stable on
+    70-step epochs but collapsed on 844-step ones, where a running refresh every 100 steps was stable (README,
+    "The science, and the defaults we chose").
     A collapse guard stops the run when the running train accuracy falls below half the starting model's.
     """
 
-    def __init__(self, lam: float, centroids: torch.Tensor | None = None, update: str = "epoch",
-                 ema_decay: float = 0.999, guard: bool = True):
+    def __init__(self, lam: float, centroids: torch.Tensor | None = None, update: str = UPDATES[0],
+                 ema_decay: float = 0.999, guard: bool = True, refresh_steps: int | None = None):
         super().__init__()
         self.lam = check_float("lam", lam, 0.0)
-        self.update = check_choice("update", update, ("frozen", "epoch", "ema"))
+        self.update = check_choice("update", update, UPDATES)
         self.ema_decay = check_float("ema_decay", ema_decay, 0.0, 1.0, high_open=True)
         self.guard = guard
+        if refresh_steps is not None and self.update != "running":
+            raise ValueError(f"refresh_steps={refresh_steps!r} is not accepted with update={update!r}: it sets how "
+                             "often update='running' refreshes; use update='running' or refresh_steps=None")
+        self.refresh_steps = check_int("refresh_steps", REFRESH_STEPS if refresh_steps is None else refresh_steps,
+                                       minimum=1) if self.update == "running" else None
         self.register_buffer("centroids", centroids.detach().double().clone() if centroids is not None
                              else torch.empty(0, dtype=torch.float64))
         self.register_buffer("start_acc", torch.tensor(-1.0))
         self.register_buffer("recent_acc", torch.tensor(-1.0))
+        # "running": class sums and counts of the training outputs since the last refresh (empty at every epoch
+        # boundary, so a checkpoint, written after on_epoch_end, needs none of them), and the steps they cover
+        self.register_buffer("_sums", torch.empty(0, dtype=torch.float64), persistent=False)
+        self.register_buffer("_counts", torch.empty(0, dtype=torch.float64), persistent=False)
+        self._steps = 0
 
     def on_epoch_start(self, model, data, epoch):
         if self.centroids.numel() and self.update != "epoch":
@@ -165,20 +189,42 @@ class MCMIObjective(Objective):
         with torch.no_grad():
             self.recent_acc.lerp_(acc, 0.02)
             if self.update == "ema":
-                self._ema_update(logits.detach().float().softmax(1), labels)
+                sums, counts = self._class_sums(logits, labels)
+                self._set_means(sums, counts, self.ema_decay)
+            elif self.update == "running":
+                sums, counts = self._class_sums(logits, labels)
+                if self._sums.shape != sums.shape:
+                    self._sums, self._counts = torch.zeros_like(sums), torch.zeros_like(counts)
+                self._sums += sums
+                self._counts += counts
+                self._steps += 1
+                if self._steps == self.refresh_steps:
+                    self._refresh()
         return ce - self.lam * kl, {"ce": ce.detach(), "kl": kl.detach(), "acc": acc}
 
-    def _ema_update(self, probs, labels):
-        k = self.centroids.shape[0]
-        sums = torch.zeros_like(self.centroids).index_add_(0, labels, probs.double())
-        counts = torch.bincount(labels, minlength=k).to(sums).unsqueeze(1)
-        if dist_utils.is_distributed():  # the global batch's class means: every rank keeps the same centroids
+    def on_epoch_end(self, model, data, epoch):
+        if self.update == "running" and self._steps:
+            self._refresh()
+
+    def _refresh(self):
+        self._set_means(self._sums, self._counts, 0.0)
+        self._sums.zero_()
+        self._counts.zero_()
+        self._steps = 0
+
+    def _class_sums(self, logits, labels):
+        """Per-class sums of the batch's probabilities (K×K, float64) and the class counts (K×1)."""
+        probs = logits.detach().float().softmax(1).double()
+        sums = torch.zeros_like(self.centroids).index_add_(0, labels, probs)
+        return sums, torch.bincount(labels, minlength=sums.shape[0]).to(sums).unsqueeze(1)
+
+    def _set_means(self, sums, counts, decay: float):
+        """centroids ← decay·centroids + (1 − decay)·class means, for the classes seen; every rank the same."""
+        if dist_utils.is_distributed():  # the global class means: every rank keeps the same centroids
             both = dist_utils.all_reduce_sum(torch.cat([sums, counts], 1))
             sums, counts = both[:, :-1], both[:, -1:]
-        seen = counts > 0
-        batch_means = sums / counts.clamp_min(1)
-        self.centroids.copy_(torch.where(seen, self.ema_decay * self.centroids + (1 - self.ema_decay) * batch_means,
-                                         self.centroids))
+        means = sums / counts.clamp_min(1)
+        self.centroids.copy_(torch.where(counts > 0, decay * self.centroids + (1 - decay) * means, self.centroids))
 
     def check(self):
         if not self.guard or self.start_acc <= 0:
@@ -192,13 +238,14 @@ class MCMIObjective(Objective):
             raise StopTraining(
                 f"MCMI fine-tune collapsed with lam={self.lam:g} (update={self.update!r}): running train accuracy fell "
                 f"to {recent:.1%} from {float(self.start_acc):.1%}. KL(P_x ‖ Q_y) is unbounded, so a large λ pushes mass "
-                f"onto classes the centroids barely cover; use lam <= 0.3 with frozen centroids, update='epoch' for "
-                f"larger λ, or guard=False to let it run")
+                f"onto classes the centroids barely cover; use a smaller lam, fresher centroids "
+                f"(update='running' with fewer refresh_steps than {self.refresh_steps or REFRESH_STEPS}), or guard=False "
+                f"to let it run")
 
 
-def mcmi_objective(lam: float, centroids: torch.Tensor | None = None, update: str = "epoch",
-                   ema_decay: float = 0.999, guard: bool = True) -> MCMIObjective:
-    return MCMIObjective(lam, centroids, update, ema_decay, guard)
+def mcmi_objective(lam: float, centroids: torch.Tensor | None = None, update: str = UPDATES[0],
+                   ema_decay: float = 0.999, guard: bool = True, refresh_steps: int | None = None) -> MCMIObjective:
+    return MCMIObjective(lam, centroids, update, ema_decay, guard, refresh_steps)
 
 
 class KDObjective(Objective):
@@ -383,6 +430,7 @@ def fit(model: nn.Module, data: ImageData, objective: Objective | None = None, c
             dist_utils.broadcast_buffers(model)
         _check_finite(names, first_bad, epoch)
         objective.check()
+        objective.on_epoch_end(model, data, epoch)
         sums = dist_utils.all_reduce_sum(torch.cat([sums, torch.tensor([float(seen)], device=sums.device)]))
         means = (sums[:-1] / sums[-1]).tolist()
         record = {"epoch": epoch + 1, "lr": lr}

@@ -1,5 +1,6 @@
 """The benchmark entry point at a tiny size (no timing assertions), its helpers, and the speed fixes it led to
 (batch augmentation, evaluation passes) against plainly written references."""
+import argparse
 import re
 import sys
 from pathlib import Path
@@ -41,6 +42,23 @@ def test_quick_run_ends_with_the_ratio_line(capsys):
     assert set(ratios) >= {"loop/limit", "loop/usual", "mcmi/mll", "cmi/infer"}
     assert sum(bool(RATIO_LINE.match(line)) for line in lines) == 1  # exactly one line of that form
     assert any(line.startswith("ratios: at/kd=") for line in lines)  # the KD benchmark ran and reported
+
+
+def test_centroid_study_runs_and_reports_every_update(capsys, fashion_train):
+    from benchmarks import centroids
+
+    threads = torch.get_num_threads()
+    try:
+        rows = centroids.main(["--train-size", "300", "--test-size", "100", "--teacher-epochs", "1",
+                               "--finetune-epochs", "1", "--updates", "running:2", "frozen", "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    assert [r["run"] for r in rows] == ["teacher", "control", "running:2", "frozen"]
+    assert all(0 <= r["train_acc"] <= 1 and r["train_cmi"] >= 0 for r in rows if "stopped" not in r)
+    assert "train CMI" in capsys.readouterr().out
+    for bad in ("weekly", "frozen:5", "running:0", "running:x"):
+        with pytest.raises(argparse.ArgumentTypeError, match=f"{bad!r} is not accepted"):
+            centroids.parse_update(bad)
 
 
 # ---- helpers --------------------------------------------------------------------------------------------------

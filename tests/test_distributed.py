@@ -1,6 +1,7 @@
 """torch.distributed on CPU (gloo, 2 processes): the metrics equal the single-process ones, training shards the data,
 keeps the ranks identical and lets rank 0 alone write; the torchrun launcher end to end."""
 import argparse
+import copy
 import contextlib
 import io
 import json
@@ -106,6 +107,9 @@ def _worker(rank, world, port, tmp):
     mcmi = mcmi_objective(0.2, update="ema", ema_decay=0.5)
     fit(net, blobs, mcmi, epochs=1, lr=0.01, log=False, **FAST)
     out["centroids"] = mcmi.centroids.clone()
+    running = mcmi_objective(0.2, update="running")
+    fit(copy.deepcopy(net), blobs, running, epochs=1, lr=0.01, log=False, **FAST)
+    out["running_centroids"] = running.centroids.clone()
 
     teacher, before = net, {k: v.clone() for k, v in net.state_dict().items()}
     torch.manual_seed(1)
@@ -175,6 +179,7 @@ def test_ranks_stay_identical(two_ranks):
         assert torch.equal(value, r1["weights"][name]), name
     assert torch.equal(r0["scale"], r1["scale"]) and float(r0["scale"]) != 1.0  # objective parameters averaged
     assert torch.equal(r0["centroids"], r1["centroids"])  # EMA centroids from the global batch
+    assert torch.equal(r0["running_centroids"], r1["running_centroids"])  # the epoch's class means over both ranks
     for name, value in r0["student"].items():
         assert torch.equal(value, r1["student"][name]), name
 

@@ -392,6 +392,7 @@ def test_resume_without_a_checkpoint_starts_fresh(tmp_path):
     (["--data", "mnist2"], r"argument --data: invalid choice: 'mnist2'"),
     (["--model", "resnet9"], r"argument --model: invalid choice: 'resnet9'"),
     (["--update", "sometimes"], r"argument --update: invalid choice: 'sometimes'"),
+    (["--refresh-steps", "0"], r"--refresh-steps=0 is not accepted: expected an integer >= 1"),
     (["--nproc", "0"], r"--nproc=0 is not accepted: expected an integer >= 1"),
     (["--master-port", "70000"], r"--master-port=70000 is not accepted: expected an integer in \[1, 65535\]"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else "")
@@ -410,6 +411,7 @@ def test_launch_rejects_bad_values(argv, match, tmp_path, capsys):
     (["--teacher", "t.pt"], r"--teacher is not accepted with --objective mll: expected --objective mcmi or kd"),
     (["--objective", "mcmi", "--teacher", "missing.pt"], r"--teacher 'missing.pt' does not exist"),
     (["--temperature", "2"], r"--method, --hparam and --temperature are not accepted with --objective mll"),
+    (["--refresh-steps", "50"], r"--refresh-steps is not accepted with --objective mll --update running"),
     (["--nnodes", "2"], r"--nnodes 2 needs --master-addr"),
     (["--nnodes", "2", "--node-rank", "2", "--master-addr", "h"], r"--node-rank=2 is not accepted: expected an "
                                                                   r"integer in \[0, 1\]"),

@@ -40,10 +40,14 @@ def _run(d, epochs, checkpoint=None, resume=False, callbacks=(), objective=None)
     return model, hist
 
 
-@pytest.mark.parametrize("objective", ["mll", "mcmi_ema"])
+OBJECTIVES = {"mll": lambda: mll_objective(), "mcmi_ema": lambda: mcmi_objective(0.2, update="ema", ema_decay=0.9),
+              "mcmi_running": lambda: mcmi_objective(0.2, update="running", refresh_steps=2)}
+
+
+@pytest.mark.parametrize("objective", list(OBJECTIVES))
 def test_resume_equals_uninterrupted(tmp_path, objective):
     d = random_images(80, k=4)
-    make = (lambda: mll_objective()) if objective == "mll" else (lambda: mcmi_objective(0.2, update="ema", ema_decay=0.9))
+    make = OBJECTIVES[objective]
     ref_model, ref_hist = _run(d, 3, objective=make())
 
     class Interrupt(Exception):
@@ -110,6 +114,37 @@ def test_centroid_updates():
     assert not torch.allclose(per_epoch.centroids, start.to(per_epoch.centroids))
 
 
+@pytest.mark.parametrize("refresh_steps", [None, 2, 4])
+def test_running_centroids_are_the_class_means_of_the_training_outputs_since_the_last_refresh(refresh_steps):
+    d = random_images(90, k=3)  # 90 / 16: 6 steps, a short last batch
+    torch.manual_seed(0)
+    model = tiny_cnn(num_classes=3)
+    start = measure_cmi(model, d)["centroids"]
+    seen = []
+    model.register_forward_hook(lambda module, args, out: seen.append(out.detach().float()) if module.training else None)
+
+    class Recording(MCMIObjective):
+        def forward(self, model, images, labels, index=None):
+            seen_labels.append(labels.clone())
+            return super().forward(model, images, labels, index)
+
+    # the block the last refresh saw: the whole epoch, steps 5-6 (refresh at 2, 4, 6) or steps 5-6 (at 4, end)
+    last_block = {None: 0, 2: 4, 4: 4}[refresh_steps]
+    for epoch in range(2):
+        seen_labels, seen[:] = [], []
+        running = Recording(0.3, update="running", refresh_steps=refresh_steps)
+        if epoch:  # the second epoch starts from the first one's centroids
+            running.centroids = first.clone()
+        fit(model, d, running, epochs=1, precision="fp32", **FAST)
+        assert sum(map(len, seen_labels)) == 90 and running._steps == 0 and not running._counts.any()
+        logits, labels = torch.cat(seen[last_block:]), torch.cat(seen_labels[last_block:])
+        expected = torch.stack([torch.stack([p.double() for p, y in zip(logits.softmax(1), labels) if y == c]).mean(0)
+                                for c in range(3)])  # brute force, sample by sample
+        assert torch.allclose(running.centroids, expected, rtol=0, atol=1e-12)
+        assert not torch.allclose(running.centroids, start.to(running.centroids), atol=1e-3)
+        first = running.centroids.clone()
+
+
 def test_collapse_guard_names_lambda():
     d = random_images(256, k=4)
     torch.manual_seed(0)
@@ -144,6 +179,10 @@ def test_bad_input_is_one_clear_line():
             mcmi_objective(lam)
     with pytest.raises(ValueError, match="update="):
         mcmi_objective(0.1, update="sometimes")
+    with pytest.raises(ValueError, match=r"refresh_steps=0 is not accepted: expected an integer >= 1"):
+        mcmi_objective(0.1, update="running", refresh_steps=0)
+    with pytest.raises(ValueError, match=r"refresh_steps=5 is not accepted with update='frozen'"):
+        mcmi_objective(0.1, update="frozen", refresh_steps=5)
     with pytest.raises(ValueError, match="temperature="):
         kd_objective(tiny_cnn(), temperature=0)
     with pytest.raises(ValueError, match=r"3 channel\(s\).*in_channels=3"):

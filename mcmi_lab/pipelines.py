@@ -195,7 +195,7 @@ class Pipeline:
 PIPELINES: dict[str, Pipeline] = {
     "demo": Pipeline(
         "demo", "Fashion-MNIST on CPU: near-converged cnn_small teachers on a stratified subset, MCMI at λ = 0.5 with "
-                "per-epoch centroids, cnn_tiny students; 3 seeds in about 11 minutes on 2 cores",
+                "running centroids, cnn_tiny students; 3 seeds in about 9 minutes on 2 cores",
         notebooks=tuple(n for n in NOTEBOOKS if n != "07_lambda_sweep"),
         parameters={"train_size": 5000, "teacher_epochs": 40, "finetune_epochs": 8, "student_epochs": 6,
                     "fractions": [0.05, 0.25], "few_shot_schedule": "steps", "omit_classes": [3, [0, 3]],

@@ -12,12 +12,16 @@ For every case, in one process and interleaved:
              them), so the table shows how much of the gain is precision and how much the input pipeline.
 
 Ratios are throughputs: loop/limit = t(limit) / t(fit) (target ≥ 0.9), loop/usual = t(usual fp32) / t(fit)
-(target ≥ 3 on a CPU). Run: ``python -m benchmarks.loop [--cases cnn_small@fashion-mnist ...] [--device cuda]``.
+(target ≥ 3 on a CPU). Run: ``python -m benchmarks.loop [--cases cnn_small@fashion-mnist ...] [--device cuda]``;
+``--profile`` adds, per case, where the limit's step spends its time (torch.profiler, self time by kind of op);
+``--compile`` adds the limit with ``torch.compile(model)`` (``--compile-mode``, e.g. "reduce-overhead" for CUDA
+graphs; compile time reported apart): fit does not compile, and this shows whether it would pay on the device.
 """
 from __future__ import annotations
 
 import os
 import sys
+import time
 
 import numpy as np
 import torch
@@ -96,6 +100,33 @@ def limit_steps(model: nn.Module, optimizer, images: torch.Tensor, labels: torch
         optimizer.step()
 
 
+#: kinds of op in the profile of a step: (label, substrings of the op name), the first match wins
+OP_KINDS = (("convolution", ("conv",)), ("batch norm", ("batch_norm",)), ("relu", ("threshold", "relu", "clamp_min")),
+            ("pooling", ("pool",)), ("linear", ("addmm", "aten::mm", "linear")), ("optimizer", ("optimizer", "_foreach")))
+
+
+def profile_step(model: nn.Module, optimizer, images: torch.Tensor, labels: torch.Tensor,
+                 amp: torch.dtype | None, steps: int = 30) -> tuple[dict[str, float], float]:
+    """Share of the self time per kind of op (:data:`OP_KINDS`, the rest "other") and the ms per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    limit_steps(model, optimizer, images, labels, 5, amp)  # warm-up
+    cuda = images.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        limit_steps(model, optimizer, images, labels, steps, amp)
+        if cuda:
+            torch.cuda.synchronize()
+    kinds = {label: 0.0 for label, _ in OP_KINDS} | {"other": 0.0}
+    for event in prof.key_averages():
+        t = event.self_device_time_total if cuda else event.self_cpu_time_total
+        name = event.key.lower()
+        kind = next((label for label, keys in OP_KINDS if any(k in name for k in keys)), "other")
+        kinds[kind] += t
+    total = sum(kinds.values()) or 1.0
+    return {k: v / total for k, v in kinds.items()}, total / steps / 1e3
+
+
 def _sgd(model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
 
@@ -134,6 +165,16 @@ def measure_case(case: common.Case, args, device: torch.device) -> dict:
         usual16 = common.make_model(case, data, device)
         usual16_opt = _sgd(usual16)
         fns["usual bf16"] = lambda: usual_epoch(usual16, loader, usual16_opt, device, amp, cl)
+    compile_s = None
+    if getattr(args, "compile", False):
+        compiled_model = common.make_model(case, data, device)
+        compiled_opt = _sgd(compiled_model)
+        compiled = torch.compile(compiled_model, mode=args.compile_mode)
+        t0 = time.perf_counter()
+        limit_steps(compiled, compiled_opt, limit_x, limit_y, 3, amp)  # compiles forward and backward
+        common.sync(device)
+        compile_s = time.perf_counter() - t0
+        fns["limit compiled"] = lambda: limit_steps(compiled, compiled_opt, limit_x, limit_y, n // b, amp)
     times = common.interleave(fns, args.reps, device)
     out = {"case": case.label, "n": n, "workers": workers,
            "img/s": {k: n / common.median(v) for k, v in times.items()},
@@ -141,6 +182,10 @@ def measure_case(case: common.Case, args, device: torch.device) -> dict:
            "loop/usual": common.ratio(times, "usual fp32", "fit")}
     if amp is not None:
         out["loop/usual bf16"] = common.ratio(times, "usual bf16", "fit")
+    if compile_s is not None:
+        out.update(compile_s=compile_s, compiled_limit=common.ratio(times, "limit", "limit compiled"))
+    if getattr(args, "profile", False):
+        out["profile"] = profile_step(limit_model, limit_opt, limit_x, limit_y, amp)
     return out
 
 
@@ -163,6 +208,14 @@ def run(args, device: torch.device) -> dict:
         print(f"  {case.label}: loop/limit={results[-1]['loop/limit']:.2f} "
               f"loop/usual={results[-1]['loop/usual']:.2f}", flush=True)
     headline = {"loop/limit": results[0]["loop/limit"], "loop/usual": results[0]["loop/usual"]}
+    for r in results:
+        if "compile_s" in r:
+            print(f"  torch.compile, {r['case']}: limit compiled / limit = {r['compiled_limit']:.2f}x throughput "
+                  f"after {r['compile_s']:.1f} s of compiling (mode {args.compile_mode or 'default'})", flush=True)
+        if "profile" in r:
+            shares, ms = r["profile"]
+            print(f"  profile of the limit step, {r['case']}: {ms:.1f} ms per step; "
+                  + ", ".join(f"{k} {v:.0%}" for k, v in shares.items()), flush=True)
     print("\n".join(report(results, headline)), flush=True)
     return headline
 
@@ -170,6 +223,9 @@ def run(args, device: torch.device) -> dict:
 def add_options(p) -> None:
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers of the usual loop "
                    "(default min(8, cores); RepDistiller uses 8)")
+    p.add_argument("--profile", action="store_true", help="also profile the limit step: time per kind of op")
+    p.add_argument("--compile", action="store_true", help="also time the limit with torch.compile(model)")
+    p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead, max-autotune")
 
 
 def main(argv=None) -> dict:

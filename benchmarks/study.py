@@ -1,6 +1,6 @@
 """The full Fashion-MNIST study in one process, timed (for a GPU): `python -m benchmarks.study --seeds 0 1 2`.
 
-Per seed: an MLL teacher, the λ = 0 control and the MCMI fine-tune (λ = 0.5, per-epoch centroids), a
+Per seed: an MLL teacher, the λ = 0 control and the MCMI fine-tune (λ = 0.5, running centroids), a
 label-smoothing teacher; KD students from each; few-shot (5%, 10%) and zero-shot (class 3; classes 0, 3, 6) students
 from the control and the MCMI teacher — the same library calls the notebooks make, without papermill. Prints the
 teacher's training throughput (images/s), each step's time, and the total wall time; `--json` writes them.

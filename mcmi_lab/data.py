@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import gzip
+import hashlib
 import os
 import shutil
 from dataclasses import dataclass
@@ -371,10 +372,14 @@ def augment_batch(images: torch.Tensor, pad: int, flip: bool, generator: torch.G
     return images.reshape(b, c, hp * wp).gather(2, index).view(b, c, h, w)
 
 
-def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+def epoch_generator(seed: int, epoch: int, rank: int | None = None) -> torch.Generator:
     """The CPU generator for one epoch's order and augmentation: a function of (seed, epoch) only, so a resumed
-    run draws exactly what an uninterrupted one would have."""
-    return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
+    run draws exactly what an uninterrupted one would have; with `rank`, a stream of that rank's own (a hash:
+    the CPU generator keeps only the low 32 bits of a seed)."""
+    if rank is None:
+        return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
+    digest = hashlib.blake2b(f"{int(seed)},{int(epoch)},{int(rank)}".encode(), digest_size=4).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little"))
 
 
 def batches(data: ImageData, batch_size: int, *, shuffle: bool = False, augment: bool = False, seed: int = 0,
@@ -384,7 +389,8 @@ def batches(data: ImageData, batch_size: int, *, shuffle: bool = False, augment:
 
     With `world_size` > 1 the epoch's permutation is cut into equal per-rank shards (the tail that does not divide
     is dropped when shuffling, so every rank takes the same number of steps); without shuffling the shards are
-    contiguous and exact (no padding duplicates).
+    contiguous and exact (no padding duplicates). Every rank draws its own augmentation (crops and flips) from a
+    generator of (seed, epoch, rank); a single process draws them from the order's generator, as before.
     """
     check_int("batch_size", batch_size, minimum=1)
     gen = epoch_generator(seed, epoch)
@@ -397,6 +403,8 @@ def batches(data: ImageData, batch_size: int, *, shuffle: bool = False, augment:
     else:  # a contiguous shard, cut in slices: no gather and no index tensor of length N (memory O(batch))
         order = None
         first, last = n * rank // world_size, n * (rank + 1) // world_size
+    if world_size > 1:  # the same order on every rank, but not the same crops and flips
+        gen = epoch_generator(seed, epoch, rank)
     stop = last - ((last - first) % batch_size if drop_last else 0)
     for start in range(first, stop, batch_size):
         end = min(start + batch_size, last)

@@ -2,6 +2,7 @@
 (batch augmentation, evaluation passes) against plainly written references."""
 import argparse
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -32,7 +33,7 @@ def test_quick_run_ends_with_the_ratio_line(capsys):
 
     threads = torch.get_num_threads()
     try:
-        ratios = main(["--quick", "--threads", "1"])
+        ratios = main(["--quick", "--threads", "1", "--profile"])
     finally:
         torch.set_num_threads(threads)
     lines = capsys.readouterr().out.strip().splitlines()
@@ -42,6 +43,22 @@ def test_quick_run_ends_with_the_ratio_line(capsys):
     assert set(ratios) >= {"loop/limit", "loop/usual", "mcmi/mll", "cmi/infer"}
     assert sum(bool(RATIO_LINE.match(line)) for line in lines) == 1  # exactly one line of that form
     assert any(line.startswith("ratios: at/kd=") for line in lines)  # the KD benchmark ran and reported
+    shares = [re.findall(r"(\d+)%", line) for line in lines if "profile of the limit step" in line]
+    assert shares and all(95 <= sum(map(int, s)) <= 105 for s in shares)  # the kinds of op cover the step
+
+
+def test_loop_benchmark_times_the_compiled_limit(capsys, fashion_train):
+    if not (shutil.which("g++") or shutil.which("c++")):
+        pytest.skip("torch.compile on a CPU needs a C++ compiler")
+    from benchmarks import loop
+
+    threads = torch.get_num_threads()
+    try:
+        loop.main(["--quick", "--compile", "--reps", "1", "--cases", "cnn_tiny@fashion-mnist", "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.strip().startswith("torch.compile"))
+    assert re.search(r"limit compiled / limit = \d+\.\d\dx throughput after \d+\.\d s of compiling", line), line
 
 
 def test_centroid_study_runs_and_reports_every_update(capsys, fashion_train):

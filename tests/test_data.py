@@ -199,3 +199,18 @@ def test_batches_cover_each_sample_once_and_shard_exactly():
     x, y = next(batches(d, 10))
     assert torch.allclose(x[:, 0, 0, 0], torch.arange(10) / 255.0)
     assert epoch_generator(1, 2).initial_seed() != epoch_generator(1, 3).initial_seed()
+
+
+def test_ranks_draw_their_own_augmentation_and_one_process_draws_as_before():
+    image = torch.randint(0, 256, (1, 1, 8, 8), dtype=torch.uint8)
+    d = from_tensors(image.expand(64, 1, 8, 8).clone(), torch.arange(64) % 2, 2, pad=2, flip=True)
+    kw = dict(shuffle=True, augment=True, seed=3, epoch=1)
+    ranks = [torch.cat([x for x, _ in batches(d, 8, rank=r, world_size=2, **kw)]) for r in (0, 1)]
+    assert not torch.equal(ranks[0], ranks[1])  # identical images: only the crops and flips can differ
+    again = torch.cat([x for x, _ in batches(d, 8, rank=1, world_size=2, **kw)])
+    assert torch.equal(again, ranks[1])  # reproducible per (seed, epoch, rank)
+    single = torch.cat([x for x, _ in batches(d, 8, **kw)])
+    gen = epoch_generator(3, 1)
+    order = torch.randperm(64, generator=gen)  # one process: the order, then the crops from the same stream
+    expected = torch.cat([d.normalize(augment_batch(d.images[order[i:i + 8]], 2, True, gen)) for i in range(0, 64, 8)])
+    assert torch.equal(single, expected)

@@ -19,6 +19,7 @@ from conftest import random_images
 from mcmi_lab import launch
 from mcmi_lab.checkpoint import load_checkpoint, load_model
 from mcmi_lab.evaluate import evaluate, measure_cmi
+from mcmi_lab.kd import build_objective
 from mcmi_lab.models import build_model
 from mcmi_lab.train import Objective, fit, kd_objective, mcmi_objective
 
@@ -119,6 +120,15 @@ def _worker(rank, world, port, tmp):
     out["teacher_training"] = teacher.training
     out["student"] = {k: v.clone() for k, v in student.state_dict().items()}
 
+    torch.manual_seed(2)
+    crd = build_objective("crd", teacher, nce_k=8)
+    fit(build_model("cnn_tiny", 4, 1, width=4), blobs, crd, epochs=1, log=False, **FAST)
+    fresh = build_objective("crd", teacher, nce_k=8)
+    fresh.prepare(build_model("cnn_tiny", 4, 1, width=4), blobs)  # the bank before any step
+    out["crd"] = {"memory_s": crd.memory_s.clone(), "memory_t": crd.memory_t.clone(),
+                  "normalizers": crd.normalizers.clone(),
+                  "rows_updated": int(((crd.memory_s - fresh.memory_s).abs().sum(1) > 0).sum())}
+
     try:
         fit(build_model("cnn_tiny", 4, 1, width=4), blobs, epochs=1, sync_bn=True, log=False, **FAST)
     except ValueError as err:
@@ -180,6 +190,9 @@ def test_ranks_stay_identical(two_ranks):
     assert torch.equal(r0["scale"], r1["scale"]) and float(r0["scale"]) != 1.0  # objective parameters averaged
     assert torch.equal(r0["centroids"], r1["centroids"])  # EMA centroids from the global batch
     assert torch.equal(r0["running_centroids"], r1["running_centroids"])  # the epoch's class means over both ranks
+    for name in ("memory_s", "memory_t", "normalizers"):  # CRD: every rank's bank takes every rank's embeddings
+        assert torch.equal(r0["crd"][name], r1["crd"][name]), name
+    assert r0["crd"]["rows_updated"] == r1["crd"]["rows_updated"] == 256  # both shards' samples, on both ranks
     for name, value in r0["student"].items():
         assert torch.equal(value, r1["student"][name]), name
 

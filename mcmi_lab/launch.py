@@ -333,7 +333,8 @@ def _train(args, info: DistInfo) -> dict:
         print(f"train {args.objective}: {len(train)} {train.name} images, {info.world_size} process(es) on "
               f"{info.device} ({info.backend or 'no process group'}), out {out}", flush=True)
     history = fit(model, train, objective, cfg, eval_data=test, checkpoint=out / "checkpoint.pt", resume=args.resume)
-    metrics = evaluate(model, test) if test is not None else None
+    # rank 0 alone writes the results, so it alone evaluates (every rank holds the same weights after fit)
+    metrics = evaluate(model, test) if test is not None and info.rank == 0 else None
     results = {"objective": args.objective, "method": args.method if args.objective == "kd" else None,
                "data": args.data, "train_size": len(train), "model": dict(model.spec),
                "teacher": str(args.teacher) if args.teacher else None, "world_size": info.world_size,

@@ -18,13 +18,14 @@ from mcmi_lab.evaluate import evaluate
 from mcmi_lab.pipelines import load_run_data, train_student
 from mcmi_lab.recipes import finetune_control, finetune_mcmi, train_teacher
 from mcmi_lab.stats import derive_seeds
+from mcmi_lab.train import COMPILE_MODES
 from mcmi_lab.utils import get_device
 
 
 def run_seed(seed: int, a: argparse.Namespace, log: dict) -> None:
     s = derive_seeds(seed)
     train, _, test = load_run_data("fashion-mnist", a.train_size, None, 0.1, seed)
-    common = dict(device=a.device, batch_size=a.batch_size, progress="off", log=False)
+    common = dict(device=a.device, batch_size=a.batch_size, progress="off", log=False, compile=a.compile or False)
 
     def step(name, fn):
         t0 = time.perf_counter()
@@ -75,6 +76,8 @@ def main(argv=None) -> dict:
     p.add_argument("--teacher-epochs", type=int, default=30)
     p.add_argument("--finetune-epochs", type=int, default=5)
     p.add_argument("--student-epochs", type=int, default=10)
+    p.add_argument("--compile", choices=COMPILE_MODES, default=None, help="torch.compile every training run's "
+                   "forward in this mode (TrainConfig.compile; default off)")
     p.add_argument("--json", default=None, help="write the timings here")
     a = p.parse_args(argv)
     a.device = str(get_device(a.device))

@@ -34,7 +34,7 @@ class NotebookError(RuntimeError):
 
 
 def notebooks_dir() -> Path:
-    path = Path(os.environ.get(NOTEBOOKS_ENV) or Path(__file__).resolve().parent.parent / "notebooks")
+    path = Path(os.environ.get(NOTEBOOKS_ENV) or Path(__file__).resolve().parent.parent / "notebooks").resolve()
     if not path.is_dir():
         raise FileNotFoundError(f"the notebooks were not found at {path}: run from a source checkout of mcmi_lab or "
                                 f"set ${NOTEBOOKS_ENV} to its notebooks/ folder")
@@ -66,8 +66,10 @@ def execute_notebook(name: str, run_dir: str | os.PathLike, parameters: Mapping,
     executed = run_dir / "notebooks" / f"{name}.ipynb"
     executed.parent.mkdir(parents=True, exist_ok=True)
     try:
+        # the kernel's working directory through nbclient's resources, not papermill's cwd=, which chdirs this whole
+        # process: with notebooks running in threads that moved the others' relative paths
         papermill.execute_notebook(str(source), str(executed), parameters=inject, kernel_name=kernel_name,
-                                   progress_bar=False, cwd=str(source.parent))
+                                   progress_bar=False, resources={"metadata": {"path": str(source.parent)}})
     except PapermillExecutionError as err:
         evalue = str(err.evalue).strip().splitlines()
         raise NotebookError(f"{name}.ipynb failed at cell {err.cell_index} (In [{err.exec_count}]): {err.ename}: "
@@ -163,7 +165,7 @@ def run_pipeline(pipeline: str, out: str | os.PathLike, overrides: Mapping | Non
         names = [n for n in names if n in notebooks]
     for name in names:
         notebook_path(name)  # a missing notebook fails now, not after an hour of training
-    out = Path(out)
+    out = Path(out).resolve()  # once, before any notebook runs: every path below is absolute
     out.mkdir(parents=True, exist_ok=True)
     threads = max(1, (os.cpu_count() or 1) // jobs)
     info = {"pipeline": pipe.name, "description": pipe.description, "notebooks": names, "seeds": seeds,

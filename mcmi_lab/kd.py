@@ -138,6 +138,7 @@ class DistillObjective(Objective):
 
     name = "distill"
     takes = "stages"
+    compilable = False  # features are captured with forward hooks
     init_name: str | None = None  # the term of the init stage, when it is not the method's own loss
 
     def __init__(self, teacher: nn.Module, beta: float, *, ce_weight: float = 1.0, kd_weight: float = 0.0,

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
-from .train import REFRESH_STEPS, UPDATES
+from .train import COMPILE_MODES, REFRESH_STEPS, UPDATES
 from .utils import check_float, check_int
 
 OBJECTIVES = ("mll", "mcmi", "kd")
@@ -185,6 +185,8 @@ def add_train_command(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--seed", type=_typed(check_int, "--seed", 0), default=0)
     g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK, else cpu)")
     g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (CUDA only)")
+    g.add_argument("--compile", choices=COMPILE_MODES, default=None,
+                   help="torch.compile the training forward in this mode (default: off; reduce-overhead = CUDA graphs)")
     g = p.add_argument_group("output")
     g.add_argument("--out", type=Path, required=True, help="run folder: checkpoint.pt, model.pt, results.json")
     g.add_argument("--resume", action="store_true", help="continue <out>/checkpoint.pt")
@@ -328,7 +330,7 @@ def _train(args, info: DistInfo) -> dict:
     cfg = TrainConfig(epochs=args.epochs or (20 if mcmi else 240), batch_size=args.batch_size, lr=args.lr,
                       schedule=args.schedule or ("cosine" if mcmi else "step"), weight_decay=args.weight_decay,
                       augment=not args.no_augment, precision=args.precision, seed=args.seed, device=str(info.device),
-                      sync_bn=args.sync_bn)
+                      sync_bn=args.sync_bn, compile=args.compile or False)
     if info.rank == 0:
         print(f"train {args.objective}: {len(train)} {train.name} images, {info.world_size} process(es) on "
               f"{info.device} ({info.backend or 'no process group'}), out {out}", flush=True)

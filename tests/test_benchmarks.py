@@ -1,6 +1,7 @@
 """The benchmark entry point at a tiny size (no timing assertions), its helpers, and the speed fixes it led to
 (batch augmentation, evaluation passes) against plainly written references."""
 import argparse
+import json
 import re
 import shutil
 import sys
@@ -47,7 +48,7 @@ def test_quick_run_ends_with_the_ratio_line(capsys):
     assert shares and all(95 <= sum(map(int, s)) <= 105 for s in shares)  # the kinds of op cover the step
 
 
-def test_loop_benchmark_times_the_compiled_limit(capsys, fashion_train):
+def test_loop_benchmark_times_the_compiled_fit(capsys, fashion_train):
     if not (shutil.which("g++") or shutil.which("c++")):
         pytest.skip("torch.compile on a CPU needs a C++ compiler")
     from benchmarks import loop
@@ -58,7 +59,23 @@ def test_loop_benchmark_times_the_compiled_limit(capsys, fashion_train):
     finally:
         torch.set_num_threads(threads)
     line = next(x for x in capsys.readouterr().out.splitlines() if x.strip().startswith("torch.compile"))
-    assert re.search(r"limit compiled / limit = \d+\.\d\dx throughput after \d+\.\d s of compiling", line), line
+    assert re.search(r"fit compiled / fit = \d+\.\d\dx throughput; first epoch \(compiling\) \d+\.\d s", line), line
+
+
+def test_study_runs_every_step_and_writes_its_timings(tmp_path, fashion_train):
+    from benchmarks import study
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        log = study.main(["--seeds", "0", "--train-size", "400", "--teacher-epochs", "1", "--finetune-epochs", "1",
+                          "--student-epochs", "1", "--device", "cpu", "--json", str(tmp_path / "study.json")])
+    finally:
+        torch.set_num_threads(threads)
+    steps = [s["step"] for s in log["steps"]]
+    assert steps[:4] == ["teacher (MLL)", "teacher (label smoothing)", "fine-tune λ=0", "fine-tune MCMI λ=0.5"]
+    assert sum(s.startswith("KD student") for s in steps) == 4 and any(s.startswith("zero-shot") for s in steps)
+    assert json.loads((tmp_path / "study.json").read_text())["wall_s"] == log["wall_s"] > 0
 
 
 def test_centroid_study_runs_and_reports_every_update(capsys, fashion_train):

@@ -126,6 +126,49 @@ def test_run_orchestrates_seeds_notebooks_and_report(tmp_path, monkeypatch, caps
     assert "report written to" in capsys.readouterr().out
 
 
+def _tiny_notebook(path: Path, body: str) -> None:
+    import nbformat
+
+    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                           "language": "python"},
+                                            "language_info": {"name": "python"}})
+    params = nbformat.v4.new_code_cell('run_dir = ""\nseed = 0')
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell(body)]
+    nbformat.write(nb, path)
+
+
+def test_parallel_notebooks_with_a_relative_out_never_move_the_working_directory(tmp_path, monkeypatch):
+    """Two notebooks at once, --out relative: papermill's cwd= chdir'ed the whole process, so a notebook starting
+    in another thread resolved its run folder inside notebooks/ (a make demo failed so)."""
+    import os
+
+    books = tmp_path / "books"
+    books.mkdir()
+    record = ("import os, time\nfrom pathlib import Path\ntime.sleep(0.5)\n"
+              "Path(run_dir, NAME + '.cwd').write_text(os.getcwd())\n")
+    _tiny_notebook(books / "01_teachers.ipynb", record.replace("NAME", "'01_teachers'") + (
+        "from mcmi_lab.runs import write_results\nrows = [{'teacher': t, 'test_acc': 0.9, 'train_acc': 1.0, "
+        "'train_cmi': 0.01, 'test_cmi': 0.1, 'train_ncmi': 0.1, 'test_ncmi': 0.2, 'test_ece': 0.01} "
+        "for t in ('mll', 'control', 'mcmi')]\nwrite_results(run_dir, '01_teachers', {'teachers': rows})\n"))
+    _tiny_notebook(books / "08_known_bcpd.ipynb", record.replace("NAME", "'08_known_bcpd'"))
+    monkeypatch.setenv(cli.NOTEBOOKS_ENV, str(books))
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    moves = []
+    real_chdir = os.chdir
+    monkeypatch.setattr(os, "chdir", lambda path: (moves.append(str(path)), real_chdir(path))[1])
+    code = cli.main(["run", "smoke", "--out", "rel/out", "--seeds", "0", "1", "--jobs", "2",
+                     "--notebooks", "01_teachers", "08_known_bcpd"])
+    # papermill's file handler chdirs around each read and write, but only ever into the directory it started in
+    assert code == 0 and set(moves) <= {str(work)} and Path.cwd() == work
+    for seed in (0, 1):
+        for name in ("01_teachers", "08_known_bcpd"):
+            assert (work / "rel" / "out" / f"seed_{seed}" / f"{name}.cwd").read_text() == str(books)  # kernel cwd
+    assert sorted(p.name for p in books.iterdir()) == ["01_teachers.ipynb", "08_known_bcpd.ipynb"]
+
+
 def test_failing_notebook_exits_1_naming_it(tmp_path, monkeypatch, capsys):
     started = []
 

@@ -393,6 +393,7 @@ def test_resume_without_a_checkpoint_starts_fresh(tmp_path):
     (["--model", "resnet9"], r"argument --model: invalid choice: 'resnet9'"),
     (["--update", "sometimes"], r"argument --update: invalid choice: 'sometimes'"),
     (["--refresh-steps", "0"], r"--refresh-steps=0 is not accepted: expected an integer >= 1"),
+    (["--compile", "fast"], r"argument --compile: invalid choice: 'fast'"),
     (["--nproc", "0"], r"--nproc=0 is not accepted: expected an integer >= 1"),
     (["--master-port", "70000"], r"--master-port=70000 is not accepted: expected an integer in \[1, 65535\]"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else "")

@@ -1,4 +1,5 @@
 import copy
+import shutil
 
 import pytest
 import torch
@@ -221,3 +222,37 @@ def test_teacher_selection_never_reads_test_labels():
     for a, b in ((t1, t2), (m1, m2)):  # ...and changed nothing that was selected
         for x, y in zip(a.state_dict().values(), b.state_dict().values()):
             assert torch.equal(x, y)
+
+
+def test_compiled_fit_trains_the_same_model():
+    if not (shutil.which("g++") or shutil.which("c++")):
+        pytest.skip("torch.compile on a CPU needs a C++ compiler")
+    from torch._dynamo.utils import counters
+
+    d = random_images(64, k=4)
+    models = []
+    counters.clear()
+    for compile_ in (False, True):
+        torch.manual_seed(0)
+        model = tiny_cnn(num_classes=4)
+        hist = fit(model, d, mcmi_objective(0.2), epochs=2, lr=0.05, precision="fp32", compile=compile_, **FAST)
+        models.append((model, hist))
+    (eager, h_eager), (compiled, h_compiled) = models
+    assert counters["stats"]["unique_graphs"] >= 1  # dynamo did compile the training forward
+    assert not isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule)  # fit trains the model it was given
+    assert h_compiled[-1]["loss"] == pytest.approx(h_eager[-1]["loss"], rel=1e-4)
+    for (name, a), b in zip(eager.state_dict().items(), compiled.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-4), name
+
+
+def test_compile_is_refused_where_it_cannot_pay():
+    from mcmi_lab.kd import build_objective
+    from mcmi_lab.models import build_model
+
+    d = random_images(32, k=4)
+    teacher, student = build_model("cnn_tiny", 4, 1), build_model("cnn_tiny", 4, 1, width=4)
+    with pytest.raises(ValueError, match=r"compile=True is not accepted with FitNetObjective: it captures"):
+        fit(student, d, build_objective("fitnet", teacher), epochs=1, compile=True, **FAST)
+    with pytest.raises(ValueError, match=r"compile='fast' is not accepted: expected True, False or a torch.compile "
+                                         r"mode \(default, reduce-overhead"):
+        TrainConfig(compile="fast").validate()

@@ -53,7 +53,7 @@ class TrainConfig:
     log: bool = True                  # one plain line per epoch
     sync_bn: bool = False             # DDP: BatchNorm statistics over all ranks (CUDA only; no-op in one process)
     compile: bool | str = False       # torch.compile the training forward: True, or a mode ("reduce-overhead": CUDA
-                                      # graphs). Off: on this CPU it gave 0.98-1.00x (benchmarks.loop --compile)
+                                      # graphs). Off: 0.85-1.20x on this CPU (benchmarks.loop --compile)
 
     def validate(self) -> "TrainConfig":
         check_int("epochs", self.epochs, minimum=1)

@@ -128,6 +128,16 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def main(module, argv=None) -> dict:
+    """A benchmark module's command line: the common options and the module's own (`add_options`), then its `run`
+    at its `DEFAULTS`; returns the headline ratios."""
+    p = parser(module.__doc__.splitlines()[0])
+    if hasattr(module, "add_options"):
+        module.add_options(p)
+    args, device = setup(p.parse_args(argv), **module.DEFAULTS)
+    return module.run(args, device)
+
+
 def interleave(fns: dict[str, Callable[[], object]], reps: int, device: torch.device,
                warmup: int = 1) -> dict[str, list[float]]:
     """Seconds per call of each function, the functions taking turns; `warmup` untimed rounds first."""

@@ -228,11 +228,7 @@ def add_options(p) -> None:
 
 
 def main(argv=None) -> dict:
-    p = common.parser(__doc__.splitlines()[0])
-    add_options(p)
-    args = p.parse_args(argv)
-    args, device = common.setup(args, **DEFAULTS)
-    return run(args, device)
+    return common.main(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

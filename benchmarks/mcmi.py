@@ -82,10 +82,7 @@ def run(args, device: torch.device) -> dict:
 
 
 def main(argv=None) -> dict:
-    p = common.parser(__doc__.splitlines()[0])
-    args = p.parse_args(argv)
-    args, device = common.setup(args, **DEFAULTS)
-    return run(args, device)
+    return common.main(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

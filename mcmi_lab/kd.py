@@ -526,7 +526,7 @@ class CRDObjective(DistillObjective):
     The bank is indexed by the sample index that `fit` passes; it is built in `prepare` for the data set given and
     saved in checkpoints. Under torch.distributed every rank updates its copy with the embeddings of all ranks'
     samples and fixes the normalisers Z from the mean over the ranks' first batches, so the banks stay identical
-    (two all-gathers and one all-reduce per step). Memory per
+    (three all-gathers and one all-reduce per step). Memory per
     step: 2 · B · (nce_k + 1) · feat_dim floats (0.5 GB at batch 64); on a CPU a smaller nce_k is much faster."""
 
     name, takes = "crd", "pooled"

@@ -174,7 +174,7 @@ class MCMIObjective(Objective):
                              else torch.empty(0, dtype=torch.float64))
         self.register_buffer("start_acc", torch.tensor(-1.0))
         self.register_buffer("recent_acc", torch.tensor(-1.0))
-        # "running": class sums and counts of the training outputs since the last refresh (empty at every epoch
+        # "running": class sums and counts of the training outputs since the last refresh (zero at every epoch
         # boundary, so a checkpoint, written after on_epoch_end, needs none of them), and the steps they cover
         self.register_buffer("_sums", torch.empty(0, dtype=torch.float64), persistent=False)
         self.register_buffer("_counts", torch.empty(0, dtype=torch.float64), persistent=False)

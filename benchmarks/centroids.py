@@ -25,7 +25,7 @@ import torch
 from mcmi_lab.pipelines import load_run_data, model_metrics
 from mcmi_lab.recipes import finetune_mcmi, train_teacher
 from mcmi_lab.stats import derive_seeds
-from mcmi_lab.train import UPDATES, StopTraining
+from mcmi_lab.objectives import StopTraining, UPDATES
 from mcmi_lab.utils import write_json
 
 from .common import table

@@ -20,7 +20,7 @@ from torch import nn
 
 from mcmi_lab.data import ImageData, batches
 from mcmi_lab.evaluate import eval_batch_size, measure_cmi, predict
-from mcmi_lab.train import autocast_dtype
+from mcmi_lab.runtime import autocast_dtype
 
 from . import common
 

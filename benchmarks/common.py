@@ -20,7 +20,7 @@ from torch import nn
 
 from mcmi_lab.data import ImageData, load_dataset
 from mcmi_lab.models import build_model
-from mcmi_lab.train import autocast_dtype
+from mcmi_lab.runtime import autocast_dtype
 from mcmi_lab.utils import get_device
 
 #: Data sets a case can use: real Fashion-MNIST (28x28x1) or random CIFAR-shaped images (32x32x3).

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from mcmi_lab.data import ImageData, batches
-from mcmi_lab.train import StopTraining, fit
+from mcmi_lab.train import fit
+from mcmi_lab.objectives import StopTraining
 
 from . import common
 

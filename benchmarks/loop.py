@@ -30,7 +30,8 @@ from PIL import Image
 from torch import nn
 
 from mcmi_lab.data import ImageData, fashion_mnist_root
-from mcmi_lab.train import COMPILE_MODES, autocast_dtype, fit
+from mcmi_lab.train import COMPILE_MODES, fit
+from mcmi_lab.runtime import autocast_dtype
 
 from . import common
 

@@ -22,7 +22,8 @@ import sys
 import torch
 
 from mcmi_lab.evaluate import measure_cmi
-from mcmi_lab.train import fit, mcmi_objective, mll_objective
+from mcmi_lab.train import fit
+from mcmi_lab.objectives import mcmi_objective, mll_objective
 
 from . import common
 

@@ -21,12 +21,12 @@ from .features import capture, feature_shapes
 from .kd import KD_METHODS, build_objective, distill, method_hparams
 from .losses import kd_loss, mcmi_loss
 from .models import MODELS, build_model, cam_layer, classifier_layer, feature_layers
-from .recipes import finetune_control, finetune_mcmi, temperature_scale, train_teacher
+from .objectives import MCMIObjective, Objective, StopTraining, kd_objective, mcmi_objective, mll_objective
 from .pipelines import PIPELINES
+from .recipes import finetune_control, finetune_mcmi, temperature_scale, train_teacher
 from .stats import derive_seeds, expected_calibration_error, mean_std, paired_difference
 from .synthetic import SyntheticTask, kl_to_posterior
-from .train import (MCMIObjective, Objective, StopTraining, TrainConfig, fit, kd_objective, mcmi_objective,
-                    mll_objective)
+from .train import TrainConfig, fit
 from .utils import get_device, set_seed
 
 __all__ = [

@@ -5,7 +5,6 @@ all-reduced, so the numbers equal the single-process ones.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Iterator
 
 import torch
@@ -14,25 +13,14 @@ from torch import nn
 from . import distributed as dist_utils
 from .cmi import CMIMeter
 from .data import ImageData, batches
-from .utils import check_choice, check_float, get_device
+from .runtime import check_model_input, memory_format, precision_context
+from .utils import check_float
 
 
 def eval_batch_size(device: torch.device) -> int:
     """The default batch of a pass: 1000 on accelerators; 256 on a CPU, where batches of 1000 spill the caches and
     ran 1.3-2.5x slower (fp32 and bf16, small CNNs and CIFAR ResNets; see benchmarks/README.md)."""
     return 256 if device.type == "cpu" else 1000
-
-
-def _precision_context(precision: str | None, device: torch.device):
-    if precision is None:
-        return contextlib.nullcontext()  # whatever autocast the caller has set
-    from .train import autocast_dtype
-
-    check_choice("precision", precision, ("fp32", "bf16", "auto"))
-    amp = autocast_dtype(precision, device)
-    if device.type not in ("cpu", "cuda"):
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=amp) if amp is not None else torch.autocast(device.type, enabled=False)
 
 
 def iter_logits(model: nn.Module, data: ImageData, batch_size: int | None = None, device=None,
@@ -46,13 +34,11 @@ def iter_logits(model: nn.Module, data: ImageData, batch_size: int | None = None
     with native bf16 — for passes that steer training, such as MCMI centroids; report metrics from fp32 logits).
     Inputs take the model's memory format (channels-last after fit), so no layout conversion runs inside the model.
     """
-    from .train import _memory_format, check_model_input
-
     check_model_input(model, data)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     batch_size = batch_size or eval_batch_size(device)
-    memory_format = _memory_format(model)
-    cast = _precision_context(precision, device)
+    fmt = memory_format(model)
+    cast = precision_context(precision, device)
     was_training = model.training
     model.eval()
     rank, world = (dist_utils.rank(), dist_utils.world_size()) if shard else (0, 1)
@@ -60,7 +46,7 @@ def iter_logits(model: nn.Module, data: ImageData, batch_size: int | None = None
         for images, labels in batches(data.to(device), batch_size, rank=rank, world_size=world):
             # contexts around the forward only: a generator must not leave them set in its caller between yields
             with torch.inference_mode(), cast:
-                logits = model(images.contiguous(memory_format=memory_format))
+                logits = model(images.contiguous(memory_format=fmt))
             yield (logits if logits.dtype == torch.float64 else logits.float()), labels
     finally:
         model.train(was_training)

@@ -35,8 +35,9 @@ from .features import capture, restoring_modes
 from .kd_losses import (ab_loss, at_loss, contrast_scores, correlation_loss, crd_nce_loss, dkd_loss, factor_loss,
                         fsp_loss, hint_loss, match_spatial, nst_loss, pkt_loss, rkd_loss, similarity_loss, vid_loss)
 from .losses import kd_loss
-from .train import (MLLObjective, Objective, TrainConfig, _accuracy, _memory_format, fit, freeze_teacher,
-                    kd_objective)
+from .objectives import MLLObjective, Objective, accuracy, kd_objective
+from .runtime import freeze_teacher, memory_format
+from .train import TrainConfig, fit
 from .utils import check_float, check_int
 
 # ---- features: which layers, captured by hooks ------------------------------------------------------------------
@@ -191,7 +192,7 @@ class DistillObjective(Objective):
         return [(name, tuple(f.shape)) for (name, _), f in zip(points, feats())], tuple(logits.shape)
 
     def prepare(self, model: nn.Module, data: ImageData) -> None:
-        freeze_teacher(self.teacher, data.device, _memory_format(model))
+        freeze_teacher(self.teacher, data.device, memory_format(model))
         net = _unwrap(model)
         s_points = self._select(net, self.student_layers, "student")
         t_points = self._select(self.teacher, self.teacher_layers, "teacher")
@@ -250,7 +251,7 @@ class DistillObjective(Objective):
             for key, extra in self.auxiliary_losses(s, t).items():
                 loss = loss + extra
                 terms[key] = extra.detach()
-        terms["acc"] = _accuracy(logits, labels)
+        terms["acc"] = accuracy(logits, labels)
         return loss, terms
 
     def auxiliary_losses(self, s: list, t: list) -> dict[str, torch.Tensor]:
@@ -607,7 +608,7 @@ class DKDObjective(Objective):
         self.epoch = 0
 
     def prepare(self, model, data):
-        freeze_teacher(self.teacher, data.device, _memory_format(model))
+        freeze_teacher(self.teacher, data.device, memory_format(model))
 
     def on_epoch_start(self, model, data, epoch):
         self.epoch = epoch
@@ -620,7 +621,7 @@ class DKDObjective(Objective):
         dkd = dkd_loss(logits, teacher_logits, labels, self.alpha, self.beta, self.temperature)
         ramp = min((self.epoch + 1) / self.warmup, 1.0) if self.warmup else 1.0
         return self.ce_weight * ce + ramp * dkd, {"ce": ce.detach(), "dkd": dkd.detach(),
-                                                  "acc": _accuracy(logits, labels)}
+                                                  "acc": accuracy(logits, labels)}
 
 
 def ce_objective(teacher: nn.Module | None = None, label_smoothing: float = 0.0) -> MLLObjective:

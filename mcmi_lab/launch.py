@@ -24,7 +24,8 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
-from .train import COMPILE_MODES, REFRESH_STEPS, UPDATES
+from .objectives import REFRESH_STEPS, UPDATES
+from .train import COMPILE_MODES
 from .utils import check_float, check_int
 
 OBJECTIVES = ("mll", "mcmi", "kd")
@@ -288,7 +289,7 @@ def _load_data(args, rank: int):
 def _build(args, data, device):
     from .checkpoint import load_model
     from .models import build_model
-    from .train import kd_objective, mcmi_objective, mll_objective
+    from .objectives import kd_objective, mcmi_objective, mll_objective
     from .utils import set_seed
 
     teacher = load_model(args.teacher, device) if args.teacher is not None else None

@@ -4,6 +4,8 @@ The feature-based KD losses (FitNet, AT, ... CRD, DKD) live in :mod:`mcmi_lab.kd
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -25,14 +27,25 @@ def kl_to_centroids_loss(logits: torch.Tensor, labels: torch.Tensor, centroids: 
     return (logp.exp() * (logp - logq)).sum(dim=1).mean()
 
 
-def mcmi_loss(logits: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, lam: float) -> torch.Tensor:
+def mcmi_loss(logits: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, lam: float | torch.Tensor,
+              return_terms: bool = False):
     """The MCMI objective (minimised): CE(f(x), y) − λ · KL(P_x ‖ Q_y), λ ≥ 0, centroids constant.
 
     Minimising it maximises the log-likelihood AND the conditional mutual information I(X; Ŷ | Y) = E[KL(P_X ‖ Q_Y)].
     (The reference code writes `CE + w·KL` with w = −λ; a positive w minimises CMI instead — the sign is pinned by
     tests/test_losses.py.) Ye et al., arXiv:2401.08732.
+
+    lam: a number ≥ 0, or a 0-dim tensor (the CMI-target controller's λ, kept on the device: not checked, no sync).
+    return_terms: also return ``{"ce": ..., "kl": ...}`` (detached) — what the MCMI objective logs.
     """
-    return F.cross_entropy(_upcast(logits), labels) - lam * kl_to_centroids_loss(logits, labels, centroids)
+    if not isinstance(lam, torch.Tensor):
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
+            raise ValueError(f"lam={lam!r} is not accepted: expected a finite number >= 0 (a negative λ minimises "
+                             "CMI instead of maximising it)")
+    ce = F.cross_entropy(_upcast(logits), labels)
+    kl = kl_to_centroids_loss(logits, labels, centroids)
+    loss = ce - lam * kl
+    return (loss, {"ce": ce.detach(), "kl": kl.detach()}) if return_terms else loss
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -92,7 +92,7 @@ def _model_names() -> Sequence[str]:
 
 
 def _updates() -> Sequence[str]:
-    from .train import UPDATES
+    from .objectives import UPDATES
     return UPDATES
 
 
@@ -295,7 +295,8 @@ def train_student(teacher: nn.Module | None, data: ImageData, method: str = "kd"
     `epochs`, data order from `seed`. `fit_kwargs`: TrainConfig fields (batch_size, device, ...)."""
     from .kd import distill
     from .models import build_model
-    from .train import TrainConfig, fit, mll_objective
+    from .train import TrainConfig, fit
+    from .objectives import mll_objective
     from .utils import set_seed
 
     set_seed(seed)

@@ -13,7 +13,8 @@ from torch import nn
 
 from .data import ImageData
 from .evaluate import predict
-from .train import TrainConfig, fit, mcmi_objective, mll_objective
+from .objectives import mcmi_objective, mll_objective
+from .train import TrainConfig, fit
 from .utils import check_float, set_seed
 
 

@@ -20,12 +20,14 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import distributed as dist_utils
 from .checkpoint import load_checkpoint, load_state, save_checkpoint
 from .data import ImageData, batches
+from .evaluate import measure_cmi
+from .objectives import Objective, StopTraining, mll_objective
+from .runtime import autocast_dtype, check_model_input
 from .utils import check_choice, check_float, check_int, get_device
 
 
@@ -86,249 +88,7 @@ class TrainConfig:
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
-class StopTraining(Exception):
-    """Raised to stop training with a message (non-finite loss, collapse)."""
-
-
-# ---- objectives -------------------------------------------------------------------------------------------------
-
-class Objective(nn.Module):
-    """Maps a batch to ``(loss, {name: value})``; `forward(model, images, labels, index)`.
-
-    Hooks, all optional: `prepare(model, data)` once before training (build connectors, move a teacher),
-    `on_epoch_start(model, data, epoch)`, `on_epoch_end(model, data, epoch)` (after the last step, before the
-    checkpoint), and `check()` at each sync point (may raise :class:`StopTraining`).
-    Terms are detached scalars; a term named "acc" is the batch accuracy (reported as train_acc).
-    """
-
-    #: False for objectives that hook into the model's layers (feature KD): torch.compile would retrace every step
-    compilable = True
-
-    def prepare(self, model: nn.Module, data: ImageData) -> None:
-        pass
-
-    def on_epoch_start(self, model: nn.Module, data: ImageData, epoch: int) -> None:
-        pass
-
-    def on_epoch_end(self, model: nn.Module, data: ImageData, epoch: int) -> None:
-        pass
-
-    def check(self) -> None:
-        pass
-
-
-def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return (logits.argmax(1) == labels).float().mean()
-
-
-class MLLObjective(Objective):
-    """Maximum log-likelihood: cross-entropy (optionally label-smoothed, a control teacher)."""
-
-    def __init__(self, label_smoothing: float = 0.0):
-        super().__init__()
-        self.label_smoothing = check_float("label_smoothing", label_smoothing, 0.0, 1.0, high_open=True)
-
-    def forward(self, model, images, labels, index=None):
-        logits = model(images)
-        loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
-        return loss, {"ce": loss.detach(), "acc": _accuracy(logits, labels)}
-
-
-def mll_objective(label_smoothing: float = 0.0) -> MLLObjective:
-    return MLLObjective(label_smoothing)
-
-
-#: Centroid updates of the MCMI objective (see MCMIObjective); the first is the default.
-UPDATES = ("running", "epoch", "frozen", "ema")
-#: Steps between two refreshes of update="running" (it also refreshes at the end of every epoch).
-REFRESH_STEPS = 100
-
-
-class MCMIObjective(Objective):
-    """CE − λ·KL(P_x ‖ Q_y) with centroids Q treated as constants (DESIGN.md §2).
-
-    update: how the centroids follow the model. All start from one full pass of the starting model.
-    "running" (the default) — every `refresh_steps` steps (default :data:`REFRESH_STEPS`) and at the end of every
-    epoch, the class means of the training outputs since the last refresh: no extra pass, the outputs are the
-    training steps' own. "epoch" — a full pass at the start of every epoch (costs that pass). "frozen" — the
-    reference code: fixed after the first pass. "ema" — a moving average of batch class means with `ema_decay`.
-    Why the default: frozen centroids collapsed converged teachers at λ ≥ 0.5; a refresh per epoch was stable on
-    70-step epochs but collapsed on 844-step ones, where a running refresh every 100 steps was stable (README,
-    "The science, and the defaults we chose").
-    A collapse guard stops the run when the running train accuracy falls below half the starting model's.
-    """
-
-    def __init__(self, lam: float, centroids: torch.Tensor | None = None, update: str = UPDATES[0],
-                 ema_decay: float = 0.999, guard: bool = True, refresh_steps: int | None = None):
-        super().__init__()
-        self.lam = check_float("lam", lam, 0.0)
-        self.update = check_choice("update", update, UPDATES)
-        self.ema_decay = check_float("ema_decay", ema_decay, 0.0, 1.0, high_open=True)
-        self.guard = guard
-        if refresh_steps is not None and self.update != "running":
-            raise ValueError(f"refresh_steps={refresh_steps!r} is not accepted with update={update!r}: it sets how "
-                             "often update='running' refreshes; use update='running' or refresh_steps=None")
-        self.refresh_steps = check_int("refresh_steps", REFRESH_STEPS if refresh_steps is None else refresh_steps,
-                                       minimum=1) if self.update == "running" else None
-        self.register_buffer("centroids", centroids.detach().double().clone() if centroids is not None
-                             else torch.empty(0, dtype=torch.float64))
-        self.register_buffer("start_acc", torch.tensor(-1.0))
-        self.register_buffer("recent_acc", torch.tensor(-1.0))
-        # "running": class sums and counts of the training outputs since the last refresh (zero at every epoch
-        # boundary, so a checkpoint, written after on_epoch_end, needs none of them), and the steps they cover
-        self.register_buffer("_sums", torch.empty(0, dtype=torch.float64), persistent=False)
-        self.register_buffer("_counts", torch.empty(0, dtype=torch.float64), persistent=False)
-        self._steps = 0
-
-    def on_epoch_start(self, model, data, epoch):
-        if self.centroids.numel() and self.update != "epoch":
-            return
-        from .evaluate import measure_cmi
-
-        stats = measure_cmi(model, data)
-        self.centroids = stats["centroids"].to(self.centroids.device)
-        if self.start_acc < 0:
-            self.start_acc.fill_(stats["accuracy"])
-            self.recent_acc.fill_(stats["accuracy"])
-
-    def forward(self, model, images, labels, index=None):
-        from .losses import kl_to_centroids_loss
-
-        logits = model(images)
-        ce = F.cross_entropy(logits.float(), labels)
-        kl = kl_to_centroids_loss(logits, labels, self.centroids)
-        acc = _accuracy(logits, labels)
-        with torch.no_grad():
-            self.recent_acc.lerp_(acc, 0.02)
-            if self.update == "ema":
-                sums, counts = self._class_sums(logits, labels)
-                self._set_means(sums, counts, self.ema_decay)
-            elif self.update == "running":
-                sums, counts = self._class_sums(logits, labels)
-                if self._sums.shape != sums.shape:
-                    self._sums, self._counts = torch.zeros_like(sums), torch.zeros_like(counts)
-                self._sums += sums
-                self._counts += counts
-                self._steps += 1
-                if self._steps == self.refresh_steps:
-                    self._refresh()
-        return ce - self.lam * kl, {"ce": ce.detach(), "kl": kl.detach(), "acc": acc}
-
-    def on_epoch_end(self, model, data, epoch):
-        if self.update == "running" and self._steps:
-            self._refresh()
-
-    def _refresh(self):
-        self._set_means(self._sums, self._counts, 0.0)
-        self._sums.zero_()
-        self._counts.zero_()
-        self._steps = 0
-
-    def _class_sums(self, logits, labels):
-        """Per-class sums of the batch's probabilities (K×K, float64) and the class counts (K×1)."""
-        probs = logits.detach().float().softmax(1).double()
-        sums = torch.zeros_like(self.centroids).index_add_(0, labels, probs)
-        return sums, torch.bincount(labels, minlength=sums.shape[0]).to(sums).unsqueeze(1)
-
-    def _set_means(self, sums, counts, decay: float):
-        """centroids ← decay·centroids + (1 − decay)·class means, for the classes seen; every rank the same."""
-        if dist_utils.is_distributed():  # the global class means: every rank keeps the same centroids
-            both = dist_utils.all_reduce_sum(torch.cat([sums, counts], 1))
-            sums, counts = both[:, :-1], both[:, -1:]
-        means = sums / counts.clamp_min(1)
-        self.centroids.copy_(torch.where(counts > 0, decay * self.centroids + (1 - decay) * means, self.centroids))
-
-    def check(self):
-        if not self.guard or self.start_acc <= 0:
-            return
-        if dist_utils.is_distributed():  # one decision for all ranks: the mean of their running accuracies
-            self.recent_acc.copy_(dist_utils.all_reduce_sum(self.recent_acc.clone()) / dist_utils.world_size())
-        k = max(self.centroids.shape[0], 2)
-        floor = 0.5 * float(self.start_acc)
-        recent = float(self.recent_acc)
-        if floor > 1.5 / k and recent < floor:  # only a teacher well above chance can collapse
-            raise StopTraining(
-                f"MCMI fine-tune collapsed with lam={self.lam:g} (update={self.update!r}): running train accuracy fell "
-                f"to {recent:.1%} from {float(self.start_acc):.1%}. KL(P_x ‖ Q_y) is unbounded, so a large λ pushes mass "
-                f"onto classes the centroids barely cover; use a smaller lam, fresher centroids "
-                f"(update='running' with fewer refresh_steps than {self.refresh_steps or REFRESH_STEPS}), or guard=False "
-                f"to let it run")
-
-
-def mcmi_objective(lam: float, centroids: torch.Tensor | None = None, update: str = UPDATES[0],
-                   ema_decay: float = 0.999, guard: bool = True, refresh_steps: int | None = None) -> MCMIObjective:
-    return MCMIObjective(lam, centroids, update, ema_decay, guard, refresh_steps)
-
-
-class KDObjective(Objective):
-    """Hinton KD: ce_weight · CE + kd_weight · T²·KL(teacher_T ‖ student_T). The teacher stays frozen in eval mode."""
-
-    def __init__(self, teacher: nn.Module, temperature: float = 4.0, kd_weight: float = 0.9, ce_weight: float = 0.1):
-        super().__init__()
-        self.__dict__["teacher"] = teacher  # not a submodule: not trained, not in state_dict, never set to train()
-        self.temperature = check_float("temperature", temperature, 0.0, low_open=True)
-        self.kd_weight = check_float("kd_weight", kd_weight, 0.0)
-        self.ce_weight = check_float("ce_weight", ce_weight, 0.0)
-
-    def prepare(self, model, data):
-        check_model_input(self.teacher, data, "the teacher")
-        freeze_teacher(self.teacher, data.device, _memory_format(model))
-
-    def forward(self, model, images, labels, index=None):
-        from .losses import kd_loss
-
-        with torch.no_grad():
-            teacher_logits = self.teacher(images)
-        logits = model(images)
-        ce = F.cross_entropy(logits.float(), labels)
-        kd = kd_loss(logits, teacher_logits, self.temperature)
-        return self.ce_weight * ce + self.kd_weight * kd, {"ce": ce.detach(), "kd": kd.detach(),
-                                                           "acc": _accuracy(logits, labels)}
-
-
-def kd_objective(teacher: nn.Module, temperature: float = 4.0, kd_weight: float = 0.9,
-                 ce_weight: float = 0.1) -> KDObjective:
-    return KDObjective(teacher, temperature, kd_weight, ce_weight)
-
-
-def freeze_teacher(teacher: nn.Module, device, memory_format=torch.contiguous_format) -> nn.Module:
-    """Move a teacher to `device`, put it in eval mode and stop its gradients."""
-    teacher.to(device=device, memory_format=memory_format).eval().requires_grad_(False)
-    return teacher
-
-
 # ---- the loop ---------------------------------------------------------------------------------------------------
-
-def _memory_format(model: nn.Module):
-    w = next((m.weight for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    return torch.channels_last if w is not None and w.is_contiguous(memory_format=torch.channels_last) \
-        and not w.is_contiguous() else torch.contiguous_format
-
-
-def _native_bf16_cpu() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 for autocast, or None for fp32."""
-    if precision == "fp32" or device.type not in ("cuda", "cpu"):
-        return None
-    if precision == "bf16" or device.type == "cuda" or _native_bf16_cpu():
-        return torch.bfloat16
-    return None
-
-
-def check_model_input(model: nn.Module, data: ImageData, what: str = "this model") -> None:
-    """One clear line when the data's channels do not fit the model's first convolution."""
-    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    if conv is not None and conv.in_channels != data.in_channels:
-        raise ValueError(f"images with {data.in_channels} channel(s) ({data.name}) are not accepted by {what}: "
-                         f"its first convolution expects {conv.in_channels}; build it with in_channels={data.in_channels}")
-
 
 def _progress(cfg: TrainConfig, total: int, desc: str):
     enabled = cfg.progress == "bar" or (cfg.progress == "auto" and (sys.stderr.isatty() or "ipykernel" in sys.modules))
@@ -349,8 +109,6 @@ def fit(model: nn.Module, data: ImageData, objective: Objective | None = None, c
     checkpoint: a file written atomically after every epoch; with `resume=True` an existing one is continued,
     to the same weights and history as an uninterrupted run. callbacks: called as ``cb(record, model)`` per epoch.
     """
-    from .evaluate import measure_cmi
-
     cfg = dataclasses.replace(config or TrainConfig(), **overrides).validate()
     objective = objective if objective is not None else mll_objective()
     device = get_device(cfg.device)
@@ -360,10 +118,6 @@ def fit(model: nn.Module, data: ImageData, objective: Objective | None = None, c
     if cfg.sync_bn and world > 1 and device.type != "cuda":
         raise ValueError(f"sync_bn=True is not accepted on device {device.type!r}: SyncBatchNorm needs CUDA (the nccl "
                          "backend); use sync_bn=False (each rank then normalises with its own batch statistics)")
-    empty = (data.class_counts() == 0).nonzero().flatten().tolist()
-    if isinstance(objective, MCMIObjective) and empty:
-        raise ValueError(f"data with empty classes {empty} is not accepted for MCMI training: every class needs "
-                         "samples to define its centroid")
     model.to(device=device, memory_format=memory_format)
     data = data.to(device)
     eval_data = eval_data.to(device) if eval_data is not None else None

@@ -21,7 +21,8 @@ from mcmi_lab.checkpoint import load_checkpoint, load_model
 from mcmi_lab.evaluate import evaluate, measure_cmi
 from mcmi_lab.kd import build_objective
 from mcmi_lab.models import build_model
-from mcmi_lab.train import Objective, fit, kd_objective, mcmi_objective
+from mcmi_lab.train import fit
+from mcmi_lab.objectives import Objective, kd_objective, mcmi_objective
 
 FAST = dict(progress="off", batch_size=16, precision="fp32", device="cpu")  # the same on a GPU machine
 

@@ -55,7 +55,12 @@ def test_sign_mcmi_step_raises_cmi_relative_to_lambda_zero():
     def after_step(lam):
         m = copy.deepcopy(model)
         opt = torch.optim.SGD(m.parameters(), lr=0.5)
-        mcmi_loss(m(x), labels, centroids, lam).backward()
+        logits = m(x)
+        if lam >= 0:
+            loss = mcmi_loss(logits, labels, centroids, lam)
+        else:  # the flipped sign, written out: mcmi_loss itself refuses a negative λ
+            loss = F.cross_entropy(logits, labels) - lam * kl_to_centroids_loss(logits, labels, centroids)
+        loss.backward()
         opt.step()
         with torch.no_grad():
             return conditional_mutual_information(torch.softmax(m(x), 1), labels, k).item()
@@ -65,3 +70,10 @@ def test_sign_mcmi_step_raises_cmi_relative_to_lambda_zero():
     # and the flipped sign (the third-party bug) lowers it
     assert after_step(-0.5) < cmi_mll
     assert CMIMeter(k).update(model(x).detach(), labels).compute()["cmi"] > 0
+
+
+@pytest.mark.parametrize("lam", [-0.5, float("nan"), float("inf"), "0.5", True])
+def test_mcmi_loss_refuses_a_negative_or_non_finite_lambda(lam):
+    logits, labels = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+    with pytest.raises(ValueError, match=r"lam=.* is not accepted: expected a finite number >= 0"):
+        mcmi_loss(logits, labels, torch.full((3, 3), 1 / 3), lam)

@@ -22,7 +22,8 @@ from mcmi_lab.data import batches
 from mcmi_lab.evaluate import evaluate, measure_cmi, predict
 from mcmi_lab.models import build_model
 from mcmi_lab.recipes import finetune_mcmi
-from mcmi_lab.train import Objective, StopTraining, fit, kd_objective, mcmi_objective, mll_objective
+from mcmi_lab.train import fit
+from mcmi_lab.objectives import Objective, StopTraining, kd_objective, mcmi_objective, mll_objective
 
 FAST = dict(progress="off", log=False, batch_size=16)
 NAN, INF = float("nan"), float("inf")
@@ -169,7 +170,8 @@ KILL_SCRIPT = textwrap.dedent('''
     from mcmi_lab import from_tensors
     from mcmi_lab.checkpoint import save_model
     from mcmi_lab.models import build_model
-    from mcmi_lab.train import MCMIObjective, fit
+    from mcmi_lab.train import fit
+    from mcmi_lab.objectives import MCMIObjective
 
     torch.set_num_threads(1)
     mode, ckpt, out, ready = sys.argv[1:5]

@@ -7,8 +7,8 @@ import torch
 from conftest import random_images, tiny_cnn
 from mcmi_lab import subset
 from mcmi_lab.evaluate import evaluate, measure_cmi, predict
-from mcmi_lab.train import (MCMIObjective, Objective, StopTraining, TrainConfig, fit, kd_objective, mcmi_objective,
-                            mll_objective)
+from mcmi_lab.train import TrainConfig, fit
+from mcmi_lab.objectives import MCMIObjective, Objective, StopTraining, kd_objective, mcmi_objective, mll_objective
 
 FAST = dict(progress="off", log=False, batch_size=16)
 

@@ -1,0 +1,222 @@
+"""Objectives: what one training step minimises. Each maps a batch to ``(loss, {name: value})``.
+
+:class:`Objective` is the protocol :func:`mcmi_lab.train.fit` calls (``forward`` plus optional hooks); MLL (cross-
+entropy, optionally label-smoothed), MCMI (CE − λ·KL(P_x ‖ Q_y), the loss of :func:`mcmi_lab.losses.mcmi_loss`) and
+Hinton KD live here; the feature-based KD methods are in :mod:`mcmi_lab.kd`. Each objective calls the pure loss
+function that the tests pin: there is one copy of each formula.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import distributed as dist_utils
+from .data import ImageData
+from .evaluate import measure_cmi
+from .losses import kd_loss, mcmi_loss
+from .runtime import check_model_input, freeze_teacher, memory_format
+from .utils import check_choice, check_float, check_int
+
+
+class StopTraining(Exception):
+    """Raised to stop training with a message (non-finite loss, collapse)."""
+
+
+class Objective(nn.Module):
+    """Maps a batch to ``(loss, {name: value})``; `forward(model, images, labels, index)`.
+
+    Hooks, all optional: `prepare(model, data)` once before training (build connectors, move a teacher),
+    `on_epoch_start(model, data, epoch)`, `on_epoch_end(model, data, epoch)` (after the last step, before the
+    checkpoint), and `check()` at each sync point (may raise :class:`StopTraining`).
+    Terms are detached scalars; a term named "acc" is the batch accuracy (reported as train_acc).
+    """
+
+    #: False for objectives that hook into the model's layers (feature KD): torch.compile would retrace every step
+    compilable = True
+
+    def prepare(self, model: nn.Module, data: ImageData) -> None:
+        pass
+
+    def on_epoch_start(self, model: nn.Module, data: ImageData, epoch: int) -> None:
+        pass
+
+    def on_epoch_end(self, model: nn.Module, data: ImageData, epoch: int) -> None:
+        pass
+
+    def check(self) -> None:
+        pass
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The batch accuracy as a 0-dim tensor (no host sync)."""
+    return (logits.argmax(1) == labels).float().mean()
+
+
+class MLLObjective(Objective):
+    """Maximum log-likelihood: cross-entropy (optionally label-smoothed, a control teacher)."""
+
+    def __init__(self, label_smoothing: float = 0.0):
+        super().__init__()
+        self.label_smoothing = check_float("label_smoothing", label_smoothing, 0.0, 1.0, high_open=True)
+
+    def forward(self, model, images, labels, index=None):
+        logits = model(images)
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+        return loss, {"ce": loss.detach(), "acc": accuracy(logits, labels)}
+
+
+def mll_objective(label_smoothing: float = 0.0) -> MLLObjective:
+    return MLLObjective(label_smoothing)
+
+
+#: Centroid updates of the MCMI objective (see MCMIObjective); the first is the default.
+UPDATES = ("running", "epoch", "frozen", "ema")
+#: Steps between two refreshes of update="running" (it also refreshes at the end of every epoch).
+REFRESH_STEPS = 100
+
+
+class MCMIObjective(Objective):
+    """CE − λ·KL(P_x ‖ Q_y) with centroids Q treated as constants (DESIGN.md §2).
+
+    update: how the centroids follow the model. All start from one full pass of the starting model.
+    "running" (the default) — every `refresh_steps` steps (default :data:`REFRESH_STEPS`) and at the end of every
+    epoch, the class means of the training outputs since the last refresh: no extra pass, the outputs are the
+    training steps' own. "epoch" — a full pass at the start of every epoch (costs that pass). "frozen" — the
+    reference code: fixed after the first pass. "ema" — a moving average of batch class means with `ema_decay`.
+    Why the default: frozen centroids collapsed converged teachers at λ ≥ 0.5; a refresh per epoch was stable on
+    70-step epochs but collapsed on 844-step ones, where a running refresh every 100 steps was stable (README,
+    "The science, and the defaults we chose").
+    A collapse guard stops the run when the running train accuracy falls below half the starting model's.
+    """
+
+    def __init__(self, lam: float, centroids: torch.Tensor | None = None, update: str = UPDATES[0],
+                 ema_decay: float = 0.999, guard: bool = True, refresh_steps: int | None = None):
+        super().__init__()
+        self.lam = check_float("lam", lam, 0.0)
+        self.update = check_choice("update", update, UPDATES)
+        self.ema_decay = check_float("ema_decay", ema_decay, 0.0, 1.0, high_open=True)
+        self.guard = guard
+        if refresh_steps is not None and self.update != "running":
+            raise ValueError(f"refresh_steps={refresh_steps!r} is not accepted with update={update!r}: it sets how "
+                             "often update='running' refreshes; use update='running' or refresh_steps=None")
+        self.refresh_steps = check_int("refresh_steps", REFRESH_STEPS if refresh_steps is None else refresh_steps,
+                                       minimum=1) if self.update == "running" else None
+        self.register_buffer("centroids", centroids.detach().double().clone() if centroids is not None
+                             else torch.empty(0, dtype=torch.float64))
+        self.register_buffer("start_acc", torch.tensor(-1.0))
+        self.register_buffer("recent_acc", torch.tensor(-1.0))
+        # "running": class sums and counts of the training outputs since the last refresh (zero at every epoch
+        # boundary, so a checkpoint, written after on_epoch_end, needs none of them), and the steps they cover
+        self.register_buffer("_sums", torch.empty(0, dtype=torch.float64), persistent=False)
+        self.register_buffer("_counts", torch.empty(0, dtype=torch.float64), persistent=False)
+        self._steps = 0
+
+    def prepare(self, model, data):
+        empty = (data.class_counts() == 0).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(f"data with empty classes {empty} is not accepted for MCMI training: every class needs "
+                             "samples to define its centroid")
+
+    def on_epoch_start(self, model, data, epoch):
+        if self.centroids.numel() and self.update != "epoch":
+            return
+        stats = measure_cmi(model, data)
+        self.centroids = stats["centroids"].to(self.centroids.device)
+        if self.start_acc < 0:
+            self.start_acc.fill_(stats["accuracy"])
+            self.recent_acc.fill_(stats["accuracy"])
+
+    def forward(self, model, images, labels, index=None):
+        logits = model(images)
+        loss, terms = mcmi_loss(logits, labels, self.centroids, self.lam, return_terms=True)
+        acc = accuracy(logits, labels)
+        with torch.no_grad():
+            self.recent_acc.lerp_(acc, 0.02)
+            if self.update == "ema":
+                sums, counts = self._class_sums(logits, labels)
+                self._set_means(sums, counts, self.ema_decay)
+            elif self.update == "running":
+                sums, counts = self._class_sums(logits, labels)
+                if self._sums.shape != sums.shape:
+                    self._sums, self._counts = torch.zeros_like(sums), torch.zeros_like(counts)
+                self._sums += sums
+                self._counts += counts
+                self._steps += 1
+                if self._steps == self.refresh_steps:
+                    self._refresh()
+        return loss, {**terms, "acc": acc}
+
+    def on_epoch_end(self, model, data, epoch):
+        if self.update == "running" and self._steps:
+            self._refresh()
+
+    def _refresh(self):
+        self._set_means(self._sums, self._counts, 0.0)
+        self._sums.zero_()
+        self._counts.zero_()
+        self._steps = 0
+
+    def _class_sums(self, logits, labels):
+        """Per-class sums of the batch's probabilities (K×K, float64) and the class counts (K×1)."""
+        probs = logits.detach().float().softmax(1).double()
+        sums = torch.zeros_like(self.centroids).index_add_(0, labels, probs)
+        return sums, torch.bincount(labels, minlength=sums.shape[0]).to(sums).unsqueeze(1)
+
+    def _set_means(self, sums, counts, decay: float):
+        """centroids ← decay·centroids + (1 − decay)·class means, for the classes seen; every rank the same."""
+        if dist_utils.is_distributed():  # the global class means: every rank keeps the same centroids
+            both = dist_utils.all_reduce_sum(torch.cat([sums, counts], 1))
+            sums, counts = both[:, :-1], both[:, -1:]
+        means = sums / counts.clamp_min(1)
+        self.centroids.copy_(torch.where(counts > 0, decay * self.centroids + (1 - decay) * means, self.centroids))
+
+    def check(self):
+        if not self.guard or self.start_acc <= 0:
+            return
+        if dist_utils.is_distributed():  # one decision for all ranks: the mean of their running accuracies
+            self.recent_acc.copy_(dist_utils.all_reduce_sum(self.recent_acc.clone()) / dist_utils.world_size())
+        k = max(self.centroids.shape[0], 2)
+        floor = 0.5 * float(self.start_acc)
+        recent = float(self.recent_acc)
+        if floor > 1.5 / k and recent < floor:  # only a teacher well above chance can collapse
+            raise StopTraining(
+                f"MCMI fine-tune collapsed with lam={self.lam:g} (update={self.update!r}): running train accuracy fell "
+                f"to {recent:.1%} from {float(self.start_acc):.1%}. KL(P_x ‖ Q_y) is unbounded, so a large λ pushes mass "
+                f"onto classes the centroids barely cover; use a smaller lam, fresher centroids "
+                f"(update='running' with fewer refresh_steps than {self.refresh_steps or REFRESH_STEPS}), or guard=False "
+                f"to let it run")
+
+
+def mcmi_objective(lam: float, centroids: torch.Tensor | None = None, update: str = UPDATES[0],
+                   ema_decay: float = 0.999, guard: bool = True, refresh_steps: int | None = None) -> MCMIObjective:
+    return MCMIObjective(lam, centroids, update, ema_decay, guard, refresh_steps)
+
+
+class KDObjective(Objective):
+    """Hinton KD: ce_weight · CE + kd_weight · T²·KL(teacher_T ‖ student_T). The teacher stays frozen in eval mode."""
+
+    def __init__(self, teacher: nn.Module, temperature: float = 4.0, kd_weight: float = 0.9, ce_weight: float = 0.1):
+        super().__init__()
+        self.__dict__["teacher"] = teacher  # not a submodule: not trained, not in state_dict, never set to train()
+        self.temperature = check_float("temperature", temperature, 0.0, low_open=True)
+        self.kd_weight = check_float("kd_weight", kd_weight, 0.0)
+        self.ce_weight = check_float("ce_weight", ce_weight, 0.0)
+
+    def prepare(self, model, data):
+        check_model_input(self.teacher, data, "the teacher")
+        freeze_teacher(self.teacher, data.device, memory_format(model))
+
+    def forward(self, model, images, labels, index=None):
+        with torch.no_grad():
+            teacher_logits = self.teacher(images)
+        logits = model(images)
+        ce = F.cross_entropy(logits.float(), labels)
+        kd = kd_loss(logits, teacher_logits, self.temperature)
+        return self.ce_weight * ce + self.kd_weight * kd, {"ce": ce.detach(), "kd": kd.detach(),
+                                                           "acc": accuracy(logits, labels)}
+
+
+def kd_objective(teacher: nn.Module, temperature: float = 4.0, kd_weight: float = 0.9,
+                 ce_weight: float = 0.1) -> KDObjective:
+    return KDObjective(teacher, temperature, kd_weight, ce_weight)

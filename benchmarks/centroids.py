@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from mcmi_lab.pipelines import load_run_data, model_metrics
+from mcmi_lab.recipes import load_run_data, model_metrics
 from mcmi_lab.recipes import finetune_mcmi, train_teacher
 from mcmi_lab.stats import derive_seeds
 from mcmi_lab.objectives import StopTraining, UPDATES

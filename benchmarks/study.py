@@ -15,7 +15,7 @@ import torch
 
 from mcmi_lab import few_shot, omit_classes
 from mcmi_lab.evaluate import evaluate
-from mcmi_lab.pipelines import load_run_data, train_student
+from mcmi_lab.recipes import load_run_data, train_student
 from mcmi_lab.recipes import finetune_control, finetune_mcmi, train_teacher
 from mcmi_lab.stats import derive_seeds
 from mcmi_lab.train import COMPILE_MODES

@@ -63,7 +63,7 @@ def _zoo_layers(model: nn.Module, preact: bool) -> tuple[list[str], str]:
     try:
         return feature_layers(model, preact), classifier_layer(model)
     except ValueError:
-        inner = getattr(model, "model", None)  # e.g. recipes.TemperatureScaled: same features, scaled logits
+        inner = getattr(model, "model", None)  # e.g. models.wrappers.TemperatureScaled: same features, scaled logits
         if not isinstance(inner, nn.Module):
             raise
         names, cls = _zoo_layers(inner, preact)

@@ -5,8 +5,7 @@ defaults written here (a test keeps the two in step). A pipeline overrides some 
 overrides some more from the command line and checks the whole set with :func:`validate_parameters` before any
 notebook runs, so a bad value fails in one line instead of minutes later in a cell.
 
-The few steps that every notebook shares also live here, so that notebooks stay library calls plus plotting:
-:func:`load_run_data` (the data of one run seed), :func:`train_student` and :func:`model_metrics`.
+The steps the notebooks run (teachers, controls, students, the run data) are in :mod:`mcmi_lab.recipes`.
 """
 from __future__ import annotations
 
@@ -15,10 +14,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
-import torch
-from torch import nn
-
-from .data import DATASETS, ImageData, load_dataset, stratified_split, subset
+from .data import DATASETS
+from .kd import KD_METHODS
+from .models import MODELS
+from .objectives import UPDATES
 from .utils import check_choice, check_float, check_int
 
 #: The notebook set of a full run, in execution order (01 writes the teachers every later notebook reads).
@@ -87,17 +86,14 @@ def _list_of(item: Callable) -> Callable:
 
 
 def _model_names() -> Sequence[str]:
-    from .models import MODELS
     return list(MODELS)
 
 
 def _updates() -> Sequence[str]:
-    from .objectives import UPDATES
     return UPDATES
 
 
 def _kd_method_names() -> Sequence[str]:
-    from .kd import KD_METHODS
     return list(KD_METHODS)
 
 
@@ -267,62 +263,3 @@ def validate_parameters(params: Mapping[str, Any]) -> dict[str, Any]:
 def omit_sets(omit: Sequence[int | Sequence[int]]) -> list[list[int]]:
     """`omit_classes` as a list of class lists: ``[3, [0, 3]]`` -> ``[[3], [0, 3]]``."""
     return [list(item) if isinstance(item, (list, tuple)) else [item] for item in omit]
-
-
-# ---- steps shared by the notebooks ----------------------------------------------------------------------------
-
-def load_run_data(dataset: str = "fashion-mnist", train_size: int | None = None, test_size: int | None = None,
-                  val_fraction: float = 0.1, seed: int = 0, root: str | None = None
-                  ) -> tuple[ImageData, ImageData, ImageData]:
-    """(train, val, test) of one run: `train_size` class-interleaved samples of the training split (seeded), less a
-    stratified validation part of `val_fraction` that only temperature scaling reads; the first `test_size`
-    samples of a seeded class-interleaved test subset. The same arguments give the same tensors in every notebook."""
-    full = load_dataset(dataset, "train", root=root)
-    pool = subset(full, train_size, seed=seed) if train_size is not None and train_size < len(full) else full
-    train, val = stratified_split(pool, val_fraction, seed=seed)
-    test = load_dataset(dataset, "test", root=root)
-    if test_size is not None and test_size < len(test):
-        test = subset(test, test_size, seed=0)  # one fixed test subset for every seed
-    return train, val, test
-
-
-def train_student(teacher: nn.Module | None, data: ImageData, method: str = "kd", model: str = "cnn_tiny",
-                  epochs: int = 10, *, seed: int = 0, temperature: float = 4.0, lr: float = 0.05,
-                  model_kwargs: dict | None = None, **fit_kwargs) -> nn.Module:
-    """A fresh `model` (initialised from `seed`) distilled from `teacher` with KD `method` (``kd.KD_METHODS``, their
-    literature defaults at temperature T); ``teacher=None`` or ``method="ce"`` trains it on the labels alone (the
-    no-teacher baseline). The recipe is the same for every teacher (DESIGN.md §2): SGD `lr`, step schedule,
-    `epochs`, data order from `seed`. `fit_kwargs`: TrainConfig fields (batch_size, device, ...)."""
-    from .kd import distill
-    from .models import build_model
-    from .train import TrainConfig, fit
-    from .objectives import mll_objective
-    from .utils import set_seed
-
-    set_seed(seed)
-    student = build_model(model, data.num_classes, data.in_channels, **(model_kwargs or {}))
-    cfg = TrainConfig(epochs=epochs, seed=seed, lr=lr)
-    if teacher is None or method == "ce":
-        fit(student, data, mll_objective(), cfg, **fit_kwargs)
-    else:
-        distill(student, teacher, data, method, cfg, temperature=temperature, **fit_kwargs)
-    return student
-
-
-def model_metrics(model: nn.Module, train: ImageData, test: ImageData) -> dict[str, Any]:
-    """Accuracy, CMI and NCMI on train and test, test NLL and top-label ECE: a flat, JSON-ready dict.
-
-    Test-set values come from one `predict` pass; train-set values from one streaming `measure_cmi` pass.
-    """
-    from .evaluate import measure_cmi, metrics_from_logits, predict
-    from .stats import expected_calibration_error
-
-    on_train = measure_cmi(model, train)
-    logits, labels = predict(model, test)
-    on_test = metrics_from_logits(logits, labels, test.num_classes)
-    return {
-        "train_acc": on_train["accuracy"], "train_cmi": float(on_train["cmi"]), "train_ncmi": float(on_train["ncmi"]),
-        "test_acc": on_test["accuracy"], "test_cmi": on_test["cmi"], "test_ncmi": on_test["ncmi"],
-        "test_nll": on_test["nll"], "test_ece": expected_calibration_error(torch.softmax(logits.double(), 1), labels),
-        "train_per_class_cmi": on_train["per_class_cmi"].tolist(),
-    }

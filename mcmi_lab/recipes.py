@@ -1,4 +1,5 @@
-"""The paper's steps as one call each: an MLL teacher, its MCMI fine-tune, and the fair controls.
+"""The paper's steps as one call each: the run data, an MLL teacher, its MCMI fine-tune, the fair controls
+(λ = 0, label smoothing, temperature scaling), a student, and the metrics a teacher is judged by.
 
 Every recipe is `fit` with a particular objective and config; nothing here trains in its own loop.
 Model selection never looks at the test set: the teacher is the last epoch's weights.
@@ -7,13 +8,18 @@ from __future__ import annotations
 
 import copy
 import os
+from typing import Any
 
 import torch
 from torch import nn
 
-from .data import ImageData
-from .evaluate import predict
+from .data import ImageData, load_dataset, stratified_split, subset
+from .evaluate import measure_cmi, metrics_from_logits, predict
+from .kd import distill
+from .models import build_model
+from .models.wrappers import TemperatureScaled
 from .objectives import mcmi_objective, mll_objective
+from .stats import expected_calibration_error
 from .train import TrainConfig, fit
 from .utils import check_float, set_seed
 
@@ -21,8 +27,6 @@ from .utils import check_float, set_seed
 def _model(model: str | nn.Module, data: ImageData, seed: int, **model_kwargs) -> nn.Module:
     if isinstance(model, nn.Module):
         return model
-    from .models import build_model
-
     set_seed(seed)  # the initial weights are a function of the seed
     return build_model(model, data.num_classes, data.in_channels, **model_kwargs)
 
@@ -68,17 +72,18 @@ def finetune_control(teacher: nn.Module, data: ImageData, epochs: int = 20, **kw
     return finetune_mcmi(teacher, data, 0.0, epochs, **kwargs)
 
 
-class TemperatureScaled(nn.Module):
-    """A model whose logits are divided by a fixed temperature (Guo et al. 2017, temperature scaling)."""
-
-    def __init__(self, model: nn.Module, temperature: float):
-        super().__init__()
-        self.model = model
-        self.register_buffer("temperature", torch.tensor(float(temperature)))
-        self.spec = getattr(model, "spec", None)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x) / self.temperature
+def finetune_label_smoothing(teacher: nn.Module, data: ImageData, smoothing: float, epochs: int = 20, *,
+                             seed: int = 0, lr: float = 0.05, schedule: str = "cosine",
+                             eval_data: ImageData | None = None, checkpoint: str | os.PathLike | None = None,
+                             resume: bool = False, **fit_kwargs) -> tuple[nn.Module, list[dict]]:
+    """The label-smoothing control: the MCMI fine-tune recipe (same epochs, lr, schedule) with cross-entropy on
+    labels smoothed by `smoothing` instead of the CMI term. Returns (fine-tuned copy, history)."""
+    check_float("smoothing", smoothing, 0.0, 1.0, high_open=True)
+    model = copy.deepcopy(teacher)
+    cfg = TrainConfig(epochs=epochs, seed=seed, lr=lr, schedule=schedule)
+    hist = fit(model, data, mll_objective(smoothing), cfg, eval_data=eval_data, checkpoint=checkpoint, resume=resume,
+               **fit_kwargs)
+    return model, hist
 
 
 def temperature_scale(model: nn.Module, val_data: ImageData, steps: int = 100) -> TemperatureScaled:
@@ -94,3 +99,51 @@ def temperature_scale(model: nn.Module, val_data: ImageData, steps: int = 100) -
         return loss
     opt.step(closure)
     return TemperatureScaled(copy.deepcopy(model), float(log_t.exp()))
+
+
+def load_run_data(dataset: str = "fashion-mnist", train_size: int | None = None, test_size: int | None = None,
+                  val_fraction: float = 0.1, seed: int = 0, root: str | None = None
+                  ) -> tuple[ImageData, ImageData, ImageData]:
+    """(train, val, test) of one run: `train_size` class-interleaved samples of the training split (seeded), less a
+    stratified validation part of `val_fraction` that only temperature scaling reads; the first `test_size`
+    samples of a seeded class-interleaved test subset. The same arguments give the same tensors in every notebook."""
+    full = load_dataset(dataset, "train", root=root)
+    pool = subset(full, train_size, seed=seed) if train_size is not None and train_size < len(full) else full
+    train, val = stratified_split(pool, val_fraction, seed=seed)
+    test = load_dataset(dataset, "test", root=root)
+    if test_size is not None and test_size < len(test):
+        test = subset(test, test_size, seed=0)  # one fixed test subset for every seed
+    return train, val, test
+
+
+def train_student(teacher: nn.Module | None, data: ImageData, method: str = "kd", model: str = "cnn_tiny",
+                  epochs: int = 10, *, seed: int = 0, temperature: float = 4.0, lr: float = 0.05,
+                  model_kwargs: dict | None = None, **fit_kwargs) -> nn.Module:
+    """A fresh `model` (initialised from `seed`) distilled from `teacher` with KD `method` (``kd.KD_METHODS``, their
+    literature defaults at temperature T); ``teacher=None`` or ``method="ce"`` trains it on the labels alone (the
+    no-teacher baseline). The recipe is the same for every teacher (DESIGN.md §2): SGD `lr`, step schedule,
+    `epochs`, data order from `seed`. `fit_kwargs`: TrainConfig fields (batch_size, device, ...)."""
+    set_seed(seed)
+    student = build_model(model, data.num_classes, data.in_channels, **(model_kwargs or {}))
+    cfg = TrainConfig(epochs=epochs, seed=seed, lr=lr)
+    if teacher is None or method == "ce":
+        fit(student, data, mll_objective(), cfg, **fit_kwargs)
+    else:
+        distill(student, teacher, data, method, cfg, temperature=temperature, **fit_kwargs)
+    return student
+
+
+def model_metrics(model: nn.Module, train: ImageData, test: ImageData) -> dict[str, Any]:
+    """Accuracy, CMI and NCMI on train and test, test NLL and top-label ECE: a flat, JSON-ready dict.
+
+    Test-set values come from one `predict` pass; train-set values from one streaming `measure_cmi` pass.
+    """
+    on_train = measure_cmi(model, train)
+    logits, labels = predict(model, test)
+    on_test = metrics_from_logits(logits, labels, test.num_classes)
+    return {
+        "train_acc": on_train["accuracy"], "train_cmi": float(on_train["cmi"]), "train_ncmi": float(on_train["ncmi"]),
+        "test_acc": on_test["accuracy"], "test_cmi": on_test["cmi"], "test_ncmi": on_test["ncmi"],
+        "test_nll": on_test["nll"], "test_ece": expected_calibration_error(torch.softmax(logits.double(), 1), labels),
+        "train_per_class_cmi": on_train["per_class_cmi"].tolist(),
+    }

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .checkpoint import load_checkpoint, load_model, save_model
+from .models.wrappers import TemperatureScaled
 from .utils import write_json
 
 RUN_INFO = "run.json"
@@ -57,10 +58,8 @@ def teacher_path(run_dir: str | os.PathLike, name: str) -> Path:
 
 
 def save_teacher(run_dir: str | os.PathLike, name: str, model: nn.Module, **extra: Any) -> Path:
-    """Save a teacher under `run_dir`. A temperature-scaled model (``recipes.TemperatureScaled``) is stored as its
+    """Save a teacher under `run_dir`. A temperature-scaled model (``models.wrappers.TemperatureScaled``) is stored as its
     base model plus ``temperature``, so :func:`load_teacher` rebuilds it from plain data."""
-    from .recipes import TemperatureScaled
-
     if isinstance(model, TemperatureScaled):
         return save_model(teacher_path(run_dir, name), model.model, temperature=float(model.temperature), **extra)
     return save_model(teacher_path(run_dir, name), model, **extra)
@@ -68,8 +67,6 @@ def save_teacher(run_dir: str | os.PathLike, name: str, model: nn.Module, **extr
 
 def load_teacher(run_dir: str | os.PathLike, name: str, device: str | torch.device = "cpu") -> nn.Module:
     """A teacher saved by :func:`save_teacher`, in eval mode; a clear error naming the notebook to run if missing."""
-    from .recipes import TemperatureScaled
-
     path = teacher_path(run_dir, name)
     if not path.is_file():
         raise FileNotFoundError(f"teacher {name!r} is missing ({path}): run notebooks/{TEACHER_NOTEBOOK}.ipynb with "

@@ -435,7 +435,7 @@ def test_zoo_resnets_wire_every_method():
 
 
 def test_custom_models_through_explicit_layers_and_a_wrapped_teacher():
-    from mcmi_lab.recipes import TemperatureScaled
+    from mcmi_lab.models.wrappers import TemperatureScaled
 
     student, teacher = pair()
     custom = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 4, 3, padding=1),

@@ -4,11 +4,23 @@ Notation (DESIGN.md §2): P_x = softmax(f(x)/T) ∈ Δ^K, label y, class centroi
 
 * CMI = E[KL(P_X ‖ Q_Y)] = Σ_y π_y · mean_{x∈y} KL(P_x ‖ Q_y)                (nats, 0 ≤ CMI ≤ log K)
        = Σ_y π_y [H(Q_y) − mean_{x∈y} H(P_x)]                             (one-pass form used by CMIMeter)
-* Γ   = E[1{Y ≠ Y'} · (−Σ_k P_X(k) log P_X'(k))] over independent pairs (X, Y), (X', Y'): the separation used by
-        the pairwise loss of the reference code for "CMI-constrained deep learning" (Yang et al.). NCMI = CMI / Γ.
+* Γ   = the cross entropy CE(P_X, P_X') = −Σ_k P_X(k) log P_X'(k) averaged over ordered pairs of samples with
+        different labels, the cluster separation of Yang et al., "CMI-constrained deep learning". NCMI = CMI / Γ.
 
-Γ is bilinear in (P_X, log P_X'), so the average over all N² pairs is exact from per-class sums:
-N²·Γ = −(Σ_i P_i)·(Σ_j log P_j) + Σ_c (Σ_{i∈c} P_i)·(Σ_{j∈c} log P_j). That is O(N·K) instead of O(N²·K) — the cheap
+Which average (``pairs=``), over the N samples given, with S = Σ_{i,j: y_i≠y_j} CE(P_i, P_j):
+
+* ``"all"`` (the default): Γ = S / N² = E[1{Y≠Y'} · CE(P_X, P_X')] over all N² ordered pairs; the
+  same-label pairs count as zeros.
+* ``"different"``: Γ = S / D, D = N² − Σ_c n_c² the number of ordered pairs with different labels, i.e.
+  E[CE | Y≠Y'], the reference's ``pair_wise_CE`` (github.com/iclr2024mcmi/ICLRMCMI, ``losses.py`` and
+  ``utils.py`` of each experiment folder): the mean of the different-label entries of the N x N matrix
+  −P·(log P)ᵀ. It is larger by N²/D (K/(K−1) for balanced classes), and nan when no two samples differ in label.
+  Two details the reference does differently and this code does not copy: it averages the *nonzero* entries, so a
+  different-label pair whose CE is exactly 0 (two saturated one-hot outputs on the same class) drops out of its
+  count; and it clamps log at 1e-25 where this code clamps at float64's smallest normal.
+
+Γ is bilinear in (P_X, log P_X'), so S is exact from per-class sums:
+S = −(Σ_i P_i)·(Σ_j log P_j) + Σ_c (Σ_{i∈c} P_i)·(Σ_{j∈c} log P_j). That is O(N·K) instead of O(N²·K) — the cheap
 estimator is exact, and it is what both :func:`separation` and :class:`CMIMeter` use (tests compare it with
 brute-force pairs). All accumulation is float64.
 
@@ -16,9 +28,14 @@ Paper: Ye et al., "Bayes conditional distribution estimation for knowledge disti
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
 _TINY = torch.finfo(torch.float64).tiny
+#: Which pairs Γ averages over (module docstring): all N² ordered pairs, or only those with different labels.
+Pairs = Literal["all", "different"]
+_PAIRS = ("all", "different")
 
 
 def probabilities(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -87,25 +104,40 @@ def conditional_mutual_information(probs: torch.Tensor, labels: torch.Tensor, nu
     return kl_to_centroids(probs, labels, class_centroids(probs, labels, num_classes)).mean()
 
 
-def separation(probs: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Γ = E[1{Y≠Y'} · CE(P_X, P_X')] over all N² ordered pairs, exact, in O(N·K) (see the module docstring)."""
+def _check_pairs(pairs: str) -> None:
+    if pairs not in _PAIRS:
+        raise ValueError(f"pairs={pairs!r} is not accepted: expected one of {', '.join(map(repr, _PAIRS))}")
+
+
+def separation(probs: torch.Tensor, labels: torch.Tensor, num_classes: int, pairs: Pairs = "all") -> torch.Tensor:
+    """Γ, the mean cross entropy CE(P_x, P_x') between samples of different labels, exact, in O(N·K).
+
+    probs: (N, K), labels: (N,) -> float64 scalar. pairs="all" divides the different-label sum by N² (the default);
+    pairs="different" by the number of different-label ordered pairs, as the reference ``pair_wise_CE`` does (module
+    docstring).
+    """
     _check(probs, labels, num_classes)
+    _check_pairs(pairs)
     p = probs.double()
     logp = torch.log(p.clamp_min(_TINY))
     sum_p = torch.zeros(num_classes, p.shape[1], dtype=torch.float64, device=p.device).index_add_(0, labels, p)
     sum_logp = torch.zeros_like(sum_p).index_add_(0, labels, logp)
-    return _separation_from_sums(sum_p, sum_logp, len(labels))
+    return _separation_from_sums(sum_p, sum_logp, class_counts(labels, num_classes).double(), pairs)
 
 
-def _separation_from_sums(sum_p: torch.Tensor, sum_logp: torch.Tensor, n: int | torch.Tensor) -> torch.Tensor:
+def _separation_from_sums(sum_p: torch.Tensor, sum_logp: torch.Tensor, counts: torch.Tensor,
+                          pairs: Pairs) -> torch.Tensor:
     cross_all = sum_p.sum(0) @ sum_logp.sum(0)
     cross_same = (sum_p * sum_logp).sum()
-    return -(cross_all - cross_same) / (n * n)
+    n = counts.sum()
+    num_pairs = n * n if pairs == "all" else n * n - (counts * counts).sum()
+    return -(cross_all - cross_same) / num_pairs
 
 
-def ncmi(probs: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Normalised CMI = CMI / Γ (Yang et al., CMI-constrained deep learning)."""
-    return conditional_mutual_information(probs, labels, num_classes) / separation(probs, labels, num_classes)
+def ncmi(probs: torch.Tensor, labels: torch.Tensor, num_classes: int, pairs: Pairs = "all") -> torch.Tensor:
+    """Normalised CMI = CMI / Γ (Yang et al., CMI-constrained deep learning); ``pairs`` as in :func:`separation`."""
+    return (conditional_mutual_information(probs, labels, num_classes)
+            / separation(probs, labels, num_classes, pairs))
 
 
 class CMIMeter:
@@ -113,13 +145,15 @@ class CMIMeter:
 
     Keeps per class the sum of P_x, of log P_x and of H(P_x), and the count (float64, O(K²) memory), so the result
     equals the two-pass formulas whatever the batch order. Under torch.distributed, :meth:`all_reduce` sums the
-    statistics of all ranks (call it before :meth:`compute`).
+    statistics of all ranks (call it before :meth:`compute`). ``pairs`` chooses Γ's average as in :func:`separation`.
     """
 
-    def __init__(self, num_classes: int, temperature: float = 1.0, device: str | torch.device | None = None):
+    def __init__(self, num_classes: int, temperature: float = 1.0, device: str | torch.device | None = None,
+                 pairs: Pairs = "all"):
         if not temperature > 0:
             raise ValueError(f"temperature={temperature!r} is not accepted: expected a number > 0")
-        self.num_classes, self.temperature = num_classes, temperature
+        _check_pairs(pairs)
+        self.num_classes, self.temperature, self.pairs = num_classes, temperature, pairs
         k = num_classes
         self.sum_p = torch.zeros(k, k, dtype=torch.float64, device=device)
         self.sum_logp = torch.zeros(k, k, dtype=torch.float64, device=device)
@@ -164,6 +198,6 @@ class CMIMeter:
         per_class = (entropy(q) - self.sum_h / self.count.clamp_min(1)).clamp_min(0)
         per_class[self.count == 0] = 0
         cmi = (per_class * self.count).sum() / n
-        gamma = _separation_from_sums(self.sum_p, self.sum_logp, n)
+        gamma = _separation_from_sums(self.sum_p, self.sum_logp, self.count, self.pairs)
         return {"cmi": cmi, "per_class_cmi": per_class, "separation": gamma, "ncmi": cmi / gamma,
                 "centroids": q, "count": self.count.clone()}

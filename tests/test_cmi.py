@@ -24,15 +24,17 @@ def brute_cmi(probs, labels, k):
     return total
 
 
-def brute_separation(probs, labels):
+def brute_separation(probs, labels, pairs="all"):
+    """Σ over ordered pairs with different labels of CE(P_i, P_j), divided by N² or by the number of such pairs."""
     n = len(labels)
     probs, labels = probs.tolist(), labels.tolist()
-    s = 0.0
+    s, different = 0.0, 0
     for i in range(n):
         for j in range(n):
             if labels[i] != labels[j]:
                 s += -sum(probs[i][k] * math.log(probs[j][k]) for k in range(len(probs[0])))
-    return s / n**2
+                different += 1
+    return s / (n**2 if pairs == "all" else different)
 
 
 @pytest.mark.parametrize("k", [2, 3, 7])
@@ -53,6 +55,35 @@ def test_meter_equals_two_pass_equals_brute_force(k):
     assert out["separation"].item() == pytest.approx(brute_separation(probs, labels), rel=1e-10)
     assert separation(probs, labels, k).item() == pytest.approx(brute_separation(probs, labels), rel=1e-10)
     assert out["ncmi"].item() == pytest.approx(ncmi(probs, labels, k).item(), rel=1e-10)
+
+
+@pytest.mark.parametrize("pairs", ["all", "different"])
+def test_separation_pairs_equal_brute_force_pairs(pairs):
+    # Tiny, unbalanced, with an empty class (3 of num_classes=4): both conventions against the double loop.
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(7, 4, generator=g, dtype=torch.float64) * 2
+    labels = torch.tensor([0, 0, 0, 1, 2, 2, 1])
+    probs = probabilities(logits)
+    expected = brute_separation(probs, labels, pairs)
+    assert separation(probs, labels, 4, pairs=pairs).item() == pytest.approx(expected, rel=1e-12)
+    meter = CMIMeter(4, pairs=pairs).update(logits[:3], labels[:3]).update(logits[3:], labels[3:]).compute()
+    assert meter["separation"].item() == pytest.approx(expected, rel=1e-12)
+    assert meter["ncmi"].item() == pytest.approx(ncmi(probs, labels, 4, pairs=pairs).item(), rel=1e-12)
+    assert ncmi(probs, labels, 4, pairs=pairs).item() == pytest.approx(brute_cmi(probs, labels, 4) / expected,
+                                                                        rel=1e-10)
+
+
+def test_separation_conventions_differ_by_the_pair_count():
+    g = torch.Generator().manual_seed(4)
+    k = 3
+    probs = torch.softmax(torch.randn(12, k, generator=g, dtype=torch.float64), 1)
+    balanced = torch.arange(12) % k  # D = N² − Σ n_c² = N²(1 − 1/K): the ratio is K/(K−1)
+    ratio = separation(probs, balanced, k, pairs="different") / separation(probs, balanced, k)
+    assert ratio.item() == pytest.approx(k / (k - 1), rel=1e-13)
+    assert torch.equal(separation(probs, balanced, k), separation(probs, balanced, k, pairs="all"))  # the default
+    one_class = torch.zeros(12, dtype=torch.long)  # no different-label pair
+    assert separation(probs, one_class, k).item() == 0.0
+    assert math.isnan(separation(probs, one_class, k, pairs="different").item())
 
 
 def test_cmi_zero_when_outputs_equal_centroid():
@@ -119,3 +150,7 @@ def test_bad_input():
         conditional_mutual_information(torch.full((2, 3), 1 / 3), torch.tensor([0, 3]), 3)
     with pytest.raises(ValueError, match="classes"):
         CMIMeter(3).update(torch.zeros(2, 4), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="pairs='same'.*'all', 'different'"):
+        separation(torch.full((2, 3), 1 / 3), torch.tensor([0, 1]), 3, pairs="same")
+    with pytest.raises(ValueError, match="pairs='diff'"):
+        CMIMeter(3, pairs="diff")

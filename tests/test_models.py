@@ -10,22 +10,27 @@ from mcmi_lab.models.shufflenetv2 import BasicBlock as ShuffleV2Block
 from mcmi_lab.models.wrn import WideResNet
 
 # Parameters for num_classes=100, in_channels=3, counted by running RepDistiller's own model files
-# (github.com/HobbitLong/RepDistiller, models/*.py at commit eedab9d; "resnet152" is its resnetv2.py ResNet152)
-# with torch 2.14 on 3x32x32 inputs. They agree with the CRD paper's table (resnet8x4 1.23M, resnet32x4 7.43M,
-# wrn_40_2 2.26M, wrn_16_2 0.70M, vgg13 9.46M, vgg8 3.96M, MobileNetV2 0.81M, ShuffleV1 0.95M, ShuffleV2 1.36M,
-# ResNet50 23.71M, resnet56 0.86M, resnet20 0.28M, resnet110 1.74M).
+# (github.com/HobbitLong/RepDistiller, models/*.py at commit eedab9d; "ResNet152" is its resnetv2.py ResNet152)
+# with torch 2.14 on 3x32x32 inputs; "resnet152" is the MCMI fork's CIFAR ResNet(152, [16, 16, 32, 64],
+# 'basicblock') (github.com/iclr2024mcmi/ICLRMCMI, models/resnet.py; 2,417,076 as issue 13 states). They agree
+# with the CRD paper's table (resnet8x4 1.23M, resnet32x4 7.43M, wrn_40_2 2.26M, wrn_16_2 0.70M, vgg13 9.46M,
+# vgg8 3.96M, MobileNetV2 0.81M, ShuffleV1 0.95M, ShuffleV2 1.36M, ResNet50 23.71M, resnet56 0.86M, resnet20 0.28M,
+# resnet110 1.74M).
 REFERENCE_PARAMS = {
     "resnet8": 83_892, "resnet14": 181_108, "resnet20": 278_324, "resnet32": 472_756, "resnet44": 667_188,
     "resnet56": 861_620, "resnet110": 1_736_564, "resnet8x4": 1_233_540, "resnet32x4": 7_433_860,
-    "ResNet50": 23_705_252, "resnet152": 58_341_028,
+    "resnet152": 2_417_076, "ResNet50": 23_705_252, "ResNet152": 58_341_028,
     "wrn_16_1": 180_916, "wrn_16_2": 703_284, "wrn_40_1": 569_780, "wrn_40_2": 2_255_156,
     "vgg8": 3_965_028, "vgg11": 9_277_284, "vgg13": 9_462_180, "vgg16": 14_774_436, "vgg19": 20_086_692,
     "mobile_half": 812_836, "ShuffleV1": 949_258, "ShuffleV2": 1_355_528,
 }
 SMALL = ("cnn_small", "cnn_tiny")
+# Other spellings of the same builder: alias -> the name tested above (the MCMI fork's model_dict key).
+ALIASES = {"MobileNetV2": "mobile_half"}
 # Slow on CPU: one build and one forward each. Their code paths run at 1x28x28 through a smaller sibling
-# (resnet110/resnet32x4 -> resnet20/resnet8x4, ResNet50/resnet152 -> none smaller: see test below, vgg16/19 -> vgg8).
-BIG = {"resnet110", "resnet32x4", "ResNet50", "resnet152", "vgg16", "vgg19"}
+# (resnet110/resnet152/resnet32x4 -> resnet20/resnet8x4, ResNet50/ResNet152 -> none smaller: see test below,
+# vgg16/19 -> vgg8).
+BIG = {"resnet110", "resnet152", "resnet32x4", "ResNet50", "ResNet152", "vgg16", "vgg19"}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -42,7 +47,38 @@ def n_params(model: nn.Module) -> int:
 
 
 def test_every_model_is_tested():
-    assert set(MODELS) == set(REFERENCE_PARAMS) | set(SMALL)
+    assert set(MODELS) == set(REFERENCE_PARAMS) | set(SMALL) | set(ALIASES)
+
+
+@pytest.mark.parametrize("alias,name", ALIASES.items())
+def test_alias_is_the_same_builder(alias, name):
+    assert MODELS[alias] is MODELS[name]
+    model = build_model(alias, 100)
+    assert model.spec["name"] == alias and n_params(model) == REFERENCE_PARAMS[name]
+    model.load_state_dict(build_model(name, 100).state_dict())  # the other spelling's checkpoints load
+
+
+def test_resnet152_is_the_mcmi_fork_cifar_resnet():
+    # Key names and shapes read from the fork's models/resnet.py: conv1/bn1 stem, layer1..3 of
+    # (152 - 2) / 6 = 25 BasicBlocks (conv1, bn1, conv2, bn2), a downsample Sequential(conv, BN) only where the
+    # stride or width changes (first block of layer2 and layer3), and fc.
+    state = build_model("resnet152", 100).state_dict()
+    expected_shapes = {
+        "conv1.weight": (16, 3, 3, 3), "bn1.running_var": (16,),
+        "layer1.0.conv1.weight": (16, 16, 3, 3), "layer1.24.bn2.weight": (16,),
+        "layer2.0.conv1.weight": (32, 16, 3, 3), "layer2.0.downsample.0.weight": (32, 16, 1, 1),
+        "layer2.0.downsample.1.running_mean": (32,), "layer3.0.downsample.0.weight": (64, 32, 1, 1),
+        "layer3.24.conv2.weight": (64, 64, 3, 3), "layer3.24.bn2.num_batches_tracked": (),
+        "fc.weight": (100, 64), "fc.bias": (100,),
+    }
+    for key, shape in expected_shapes.items():
+        assert tuple(state[key].shape) == shape, key
+    for absent in ("layer1.0.downsample.0.weight", "layer2.1.downsample.0.weight", "layer3.25.conv1.weight",
+                   "linear.weight", "layer4.0.conv1.weight"):
+        assert absent not in state
+    # Stem 1 + 5 (BN: weight, bias, running_mean, running_var, num_batches_tracked), 75 blocks of 12, two
+    # downsamples of 6, fc 2.
+    assert len(state) == 6 + 75 * 12 + 2 * 6 + 2
 
 
 @pytest.mark.parametrize("name", list(REFERENCE_PARAMS) + list(SMALL))
@@ -104,7 +140,7 @@ def check_preact(model, stages, pre, feats):
 
 @pytest.mark.parametrize("name", ["ResNet50"])
 def test_four_stage_resnet_at_28(name):
-    # ResNet50 and resnet152 are one class; one forward at 1x28x28 covers both (28 -> 28, 14, 7, 4).
+    # ResNet50 and ResNet152 are one class; one forward at 1x28x28 covers both (28 -> 28, 14, 7, 4).
     model = build_model(name, 10, in_channels=1).eval()
     with torch.no_grad():
         assert model(torch.randn(1, 1, 28, 28)).shape == (1, 10)

@@ -18,7 +18,9 @@ import torch.nn as nn
 from ..utils import check_int
 from . import mobilenetv2, resnet, resnetv2, shufflenetv1, shufflenetv2, small, vgg, wrn
 
-#: name -> builder(num_classes, in_channels=3, **overrides). Names are RepDistiller's (its ``model_dict``).
+#: name -> builder(num_classes, in_channels=3, **overrides). Names are the ``model_dict`` keys of RepDistiller and
+#: of the MCMI authors' fork (github.com/iclr2024mcmi/ICLRMCMI); where the two spell a model differently, both
+#: keys point at the same builder (an alias), so either spelling loads that code's checkpoints.
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet8": resnet.resnet8,
     "resnet14": resnet.resnet14,
@@ -27,10 +29,11 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet44": resnet.resnet44,
     "resnet56": resnet.resnet56,
     "resnet110": resnet.resnet110,
+    "resnet152": resnet.resnet152,  # the MCMI fork's CIFAR basic-block depth 152 (2.42M parameters)
     "resnet8x4": resnet.resnet8x4,
     "resnet32x4": resnet.resnet32x4,
     "ResNet50": resnetv2.resnet50,
-    "resnet152": resnetv2.resnet152,  # RepDistiller's resnetv2.py ResNet152 (no CIFAR resnet.py depth 152)
+    "ResNet152": resnetv2.resnet152,  # RepDistiller's resnetv2.py bottleneck ResNet152 (58M parameters)
     "wrn_16_1": wrn.wrn_16_1,
     "wrn_16_2": wrn.wrn_16_2,
     "wrn_40_1": wrn.wrn_40_1,
@@ -40,7 +43,8 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "vgg13": vgg.vgg13,
     "vgg16": vgg.vgg16,
     "vgg19": vgg.vgg19,
-    "mobile_half": mobilenetv2.mobile_half,
+    "mobile_half": mobilenetv2.mobile_half,  # RepDistiller's model_dict key
+    "MobileNetV2": mobilenetv2.mobile_half,  # alias: the MCMI fork's model_dict key
     "ShuffleV1": shufflenetv1.shuffle_v1,
     "ShuffleV2": shufflenetv2.shuffle_v2,
     "cnn_small": small.cnn_small,

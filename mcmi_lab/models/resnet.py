@@ -3,6 +3,8 @@
 He et al., Deep Residual Learning for Image Recognition, https://arxiv.org/abs/1512.03385 (the CIFAR variant,
 section 4.2); Tian et al., Contrastive Representation Distillation, https://arxiv.org/abs/1910.10699 (the zoo).
 Module names match RepDistiller's ``models/resnet.py``, so its checkpoints load with ``load_state_dict``.
+``resnet152`` is the one depth RepDistiller lacks: the MCMI authors' fork (github.com/iclr2024mcmi/ICLRMCMI,
+``models/resnet.py``) adds it as ``ResNet(152, [16, 16, 32, 64], 'basicblock')``, the seed code's teacher.
 Input (B, C, H, W) with H, W >= 8 (32x32 CIFAR, 28x28 Fashion-MNIST); output logits (B, K).
 """
 from __future__ import annotations
@@ -105,6 +107,12 @@ def resnet56(num_classes: int, in_channels: int = 3) -> ResNet:
 
 def resnet110(num_classes: int, in_channels: int = 3) -> ResNet:
     return ResNet(110, _THIN, num_classes, in_channels)
+
+
+def resnet152(num_classes: int, in_channels: int = 3) -> ResNet:
+    """The MCMI authors' resnet152: 25 basic blocks per stage at widths 16-32-64 (2,417,076 parameters at
+    100 classes). Not RepDistiller's bottleneck ``ResNet152`` (58M parameters): that one is ``MODELS["ResNet152"]``."""
+    return ResNet(152, _THIN, num_classes, in_channels)
 
 
 def resnet8x4(num_classes: int, in_channels: int = 3) -> ResNet:

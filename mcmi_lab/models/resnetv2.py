@@ -74,6 +74,7 @@ def resnet50(num_classes: int, in_channels: int = 3) -> ResNetV2:
 
 
 def resnet152(num_classes: int, in_channels: int = 3) -> ResNetV2:
-    """RepDistiller's ResNet152 (3, 8, 36, 3 bottlenecks). Its CIFAR family (resnet.py) has no depth 152:
-    bottleneck depths there are 9n + 2, and 152 is not one."""
+    """RepDistiller's ``resnetv2.ResNet152`` (3, 8, 36, 3 bottlenecks; 58,341,028 parameters at 100 classes),
+    registered as ``MODELS["ResNet152"]``. ``MODELS["resnet152"]`` is the MCMI authors' CIFAR basic-block
+    ResNet (:func:`mcmi_lab.models.resnet.resnet152`), the network their checkpoints hold."""
     return ResNetV2((3, 8, 36, 3), num_classes, in_channels)

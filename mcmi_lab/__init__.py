@@ -6,24 +6,29 @@ Where things live: ``data`` (data sets as tensors, views, batches), ``models`` (
 fine-tune, controls), ``kd`` (the KD methods and ``distill``), ``cam`` (Eigen-CAM), ``plots``, ``stats``,
 ``synthetic`` (known-posterior task), ``runs``/``report`` (artifacts), ``cli`` (``mcmi-lab``).
 
-``mcmi_lab.cam``, ``mcmi_lab.plots`` and ``mcmi_lab.widgets`` are imported on use (they pull in grad-cam, matplotlib
-and ipywidgets): ``from mcmi_lab.cam import plot_cam_grid``.
+The public surface is ``__all__`` below plus the ``__all__`` of the three figure modules, ``mcmi_lab.cam``,
+``mcmi_lab.plots`` and ``mcmi_lab.widgets``, which are imported on use (they pull in grad-cam, matplotlib and
+ipywidgets): ``from mcmi_lab.cam import plot_cam_grid``. The notebooks use nothing else (tests/test_notebooks.py).
 """
 __version__ = "0.1.0"
 
 from .checkpoint import UnsafeCheckpointError, load_checkpoint, load_model, save_checkpoint, save_model
 from .cmi import (CMIMeter, class_centroids, conditional_mutual_information, kl_to_centroids, ncmi, per_class_cmi,
                   probabilities, separation)
-from .data import (DATASETS, ImageData, batches, few_shot, from_dataset, from_tensors, load_dataset,
-                   omit_classes, stratified_split, subset)
+from .data import ImageData, batches, few_shot, from_dataset, from_tensors, omit_classes, stratified_split, subset
+from .datasets import DATASETS, load_dataset
 from .evaluate import evaluate, measure_cmi, metrics_from_logits, predict
 from .features import capture, feature_shapes
 from .kd import KD_METHODS, build_objective, distill, method_hparams
 from .losses import kd_loss, mcmi_loss
 from .models import MODELS, build_model, cam_layer, classifier_layer, feature_layers
 from .objectives import MCMIObjective, Objective, StopTraining, kd_objective, mcmi_objective, mll_objective
-from .pipelines import PIPELINES
-from .recipes import finetune_control, finetune_mcmi, temperature_scale, train_teacher
+from .models.wrappers import TemperatureScaled
+from .pipelines import PARAMETERS, PIPELINES, TEACHERS, omit_sets
+from .recipes import (finetune_control, finetune_label_smoothing, finetune_mcmi, load_run_data, model_metrics,
+                      temperature_scale, train_student, train_teacher)
+from .report import build_report, markdown_table
+from .runs import figure_path, load_teacher, load_teachers, read_results, save_teacher, write_results
 from .stats import derive_seeds, expected_calibration_error, mean_std, paired_difference
 from .synthetic import SyntheticTask, kl_to_posterior
 from .train import TrainConfig, fit
@@ -41,12 +46,18 @@ __all__ = [
     "per_class_cmi", "separation", "ncmi", "mcmi_loss", "kd_loss",
     # training
     "TrainConfig", "fit", "Objective", "MCMIObjective", "StopTraining", "mll_objective", "mcmi_objective",
-    "kd_objective", "KD_METHODS", "distill", "build_objective", "method_hparams", "train_teacher", "finetune_mcmi", "finetune_control", "temperature_scale",
+    "kd_objective", "KD_METHODS", "distill", "build_objective", "method_hparams",
+    # the paper's steps (recipes)
+    "load_run_data", "train_teacher", "finetune_mcmi", "finetune_control", "finetune_label_smoothing",
+    "temperature_scale", "TemperatureScaled", "train_student", "model_metrics",
     # evaluation and statistics
     "predict", "evaluate", "metrics_from_logits", "measure_cmi", "kl_to_posterior", "expected_calibration_error",
     "mean_std", "paired_difference", "derive_seeds",
     # artifacts
     "save_checkpoint", "load_checkpoint", "save_model", "load_model", "UnsafeCheckpointError",
-    # headless runs (papermill): mcmi_lab.cli.run_pipeline, mcmi_lab.report.build_report
-    "PIPELINES",
+    # run folders and reports (what the notebooks hand each other)
+    "save_teacher", "load_teacher", "load_teachers", "write_results", "read_results", "figure_path",
+    "markdown_table", "build_report",
+    # headless runs (papermill): the notebooks' parameters and the named pipelines (mcmi_lab.cli.run_pipeline)
+    "PARAMETERS", "PIPELINES", "TEACHERS", "omit_sets",
 ]

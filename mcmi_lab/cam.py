@@ -26,6 +26,20 @@ from torch import nn
 from .features import restoring_modes
 from .utils import check_float, check_int
 
+__all__ = [
+    "MASK_THRESHOLD",
+    "SignCorrectedEigenCAM",
+    "default_target_layer",
+    "resolve_target_layer",
+    "eigen_cams",
+    "cam_statistics",
+    "object_masks",
+    "summarize_cams",
+    "format_cam_table",
+    "compare_cams",
+    "plot_cam_grid",
+]
+
 #: Object-mask threshold for dark-background images (Fashion-MNIST), as a fraction of full intensity.
 MASK_THRESHOLD = 0.05
 

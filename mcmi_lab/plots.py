@@ -20,6 +20,21 @@ from matplotlib.patches import Patch
 from .stats import mean_std
 from .utils import atomic_write, check_choice
 
+__all__ = [
+    "save_figure",
+    "plot_cmi_bars",
+    "plot_per_class_cmi",
+    "plot_kl_distributions",
+    "log_probabilities",
+    "project_2d",
+    "plot_output_projection",
+    "plot_student_vs_teacher_cmi",
+    "plot_confusion",
+    "plot_history",
+    "plot_lambda_sweep",
+    "plot_fraction_curve",
+]
+
 MARKERS = "osD^vP*Xh<>"
 
 

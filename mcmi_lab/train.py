@@ -54,6 +54,7 @@ class TrainConfig:
     progress: str = "auto"            # "auto" (bar in a terminal or notebook), "bar", "off"
     log: bool = True                  # one plain line per epoch
     sync_bn: bool = False             # DDP: BatchNorm statistics over all ranks (CUDA only; no-op in one process)
+    name: str = ""                    # what is trained ("mcmi λ=0.5", "student kd ← mcmi"): prefixes log lines and bars
     compile: bool | str = False       # torch.compile the training forward: True, or a mode ("reduce-overhead": CUDA
                                       # graphs). Off: 0.85-1.20x on this CPU (benchmarks.loop --compile)
 
@@ -109,6 +110,7 @@ def fit(model: nn.Module, data: ImageData, objective: Objective | None = None, c
     checkpoint: a file written atomically after every epoch; with `resume=True` an existing one is continued,
     to the same weights and history as an uninterrupted run. callbacks: called as ``cb(record, model)`` per epoch.
     """
+    # ---- set-up: config, device, model, data and objective on the device, optimizer -----------------------------
     cfg = dataclasses.replace(config or TrainConfig(), **overrides).validate()
     objective = objective if objective is not None else mll_objective()
     device = get_device(cfg.device)
@@ -126,23 +128,14 @@ def fit(model: nn.Module, data: ImageData, objective: Objective | None = None, c
     params = [p for p in model.parameters() if p.requires_grad] + [p for p in objective.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                                 nesterov=cfg.nesterov)
+
+    # ---- resume: weights, optimizer, objective buffers, history and random state of the last finished epoch -----
     history: list[dict] = []
     start = 0
-    if resume and checkpoint is not None and rank == 0:
-        _remove_stale_temp_files(checkpoint)
-    if resume and checkpoint is not None and Path(checkpoint).is_file():
-        state = load_checkpoint(checkpoint)
-        load_state(model, state["model"], f"checkpoint {str(checkpoint)!r}")
-        optimizer.load_state_dict(state["optimizer"])
-        _load_objective(objective, state["objective"])
-        history, start = list(state["history"]), int(state["epoch"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if device.type == "cuda" and state["rng"].get("cuda"):
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        if cfg.log and rank == 0:
-            print(f"resumed from {checkpoint} at epoch {start}/{cfg.epochs}", flush=True)
-    if resume and world > 1:
-        _check_same_start(start, checkpoint, device)
+    if resume and checkpoint is not None:
+        history, start = _resume(checkpoint, model, optimizer, objective, device, cfg, rank, world)
+
+    # ---- wrappers: SyncBatchNorm, DDP, torch.compile; precision; steps per epoch ---------------------------------
     restore_bn = dist_utils.convert_sync_batchnorm(model) if cfg.sync_bn and world > 1 else None
     train_model = dist_utils.wrap(model, device) if world > 1 else model
     if cfg.compile:
@@ -151,69 +144,42 @@ def fit(model: nn.Module, data: ImageData, objective: Objective | None = None, c
                              "the model's intermediate features with hooks, which torch.compile would retrace every "
                              "step; use compile=False")
         train_model = torch.compile(train_model, mode=None if cfg.compile is True else cfg.compile)
-    objective_params = [p for p in objective.parameters() if p.requires_grad]
     amp = autocast_dtype(cfg.precision, device)
+    autocast = lambda: torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)  # noqa: E731
     n_rank = len(data) // world
     drop_last = n_rank % cfg.batch_size == 1  # BatchNorm cannot train on a batch of one
     steps = n_rank // cfg.batch_size + (0 if drop_last or n_rank % cfg.batch_size == 0 else 1)
 
     for epoch in range(start, cfg.epochs):
+        # ---- one epoch: the objective's epoch hooks around the steps ---------------------------------------------
         t0 = time.perf_counter()
         lr = cfg.lr_at(epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        with autocast():
             objective.on_epoch_start(model, data, epoch)  # e.g. the centroid pass, at the training precision
         model.train()
         objective.train()
-        names: list[str] | None = None
-        sums = first_bad = None
-        seen = 0
-        bar = _progress(cfg, steps, f"epoch {epoch + 1}/{cfg.epochs}")
-        for step, (images, labels, index) in enumerate(batches(
-                data, cfg.batch_size, shuffle=True, augment=cfg.augment, seed=cfg.seed, epoch=epoch,
-                drop_last=drop_last, rank=rank, world_size=world, index=True)):
-            images = images.contiguous(memory_format=memory_format)
-            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                loss, terms = objective(train_model, images, labels, index)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if world > 1 and objective_params:  # DDP averages the model's gradients, not the objective's
-                dist_utils.average_gradients(objective_params)
-            optimizer.step()
-            values = torch.stack([loss.detach().float()] + [t.detach().float() for t in terms.values()])
-            if names is None:
-                names = ["loss"] + list(terms)
-                sums = torch.zeros_like(values)
-                first_bad = torch.full_like(values, -1)
-            sums += values * len(labels)
-            first_bad = torch.where(~torch.isfinite(values) & (first_bad < 0), float(step), first_bad)
-            seen += len(labels)
-            if (step + 1) % cfg.check_every == 0:
-                _check_finite(names, first_bad, epoch)
-                objective.check()
-            if bar is not None:
-                bar.update()
+        batch_iter = batches(data, cfg.batch_size, shuffle=True, augment=cfg.augment, seed=cfg.seed, epoch=epoch,
+                             drop_last=drop_last, rank=rank, world_size=world, index=True)
+        bar = _progress(cfg, steps, f"{cfg.name + ' ' if cfg.name else ''}epoch {epoch + 1}/{cfg.epochs}")
+        means = _train_epoch(train_model, objective, optimizer, batch_iter, memory_format, autocast, cfg, epoch, bar)
         if bar is not None:
             bar.close()
-        if names is None:
-            raise ValueError(f"data of {len(data)} samples gives no batch of size {cfg.batch_size} per rank")
         if world > 1:  # BatchNorm statistics drift apart within an epoch: evaluate and save rank 0's everywhere
             dist_utils.broadcast_buffers(model)
-        _check_finite(names, first_bad, epoch)
-        objective.check()
         objective.on_epoch_end(model, data, epoch)
-        sums = dist_utils.all_reduce_sum(torch.cat([sums, torch.tensor([float(seen)], device=sums.device)]))
-        means = (sums[:-1] / sums[-1]).tolist()
+
+        # ---- record: epoch means, evaluation, log line, callbacks, checkpoint ------------------------------------
         record = {"epoch": epoch + 1, "lr": lr}
-        record.update({("train_acc" if k == "acc" else k): v for k, v in zip(names, means)})
+        record.update({("train_acc" if k == "acc" else k): v for k, v in means.items()})
         if eval_data is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
             metrics = measure_cmi(model, eval_data)  # sharded over the ranks, exact
             record.update(eval_acc=metrics["accuracy"], eval_cmi=float(metrics["cmi"]))
         record["time"] = time.perf_counter() - t0
         history.append(record)
         if cfg.log and rank == 0:
-            print(format_record(record, cfg.epochs), flush=True)
+            print(format_record(record, cfg.epochs, cfg.name), flush=True)
         for callback in callbacks:
             callback(record, model)
         if checkpoint is not None and rank == 0:
@@ -225,6 +191,68 @@ def fit(model: nn.Module, data: ImageData, objective: Objective | None = None, c
         restore_bn()
     model.eval()
     return history
+
+
+def _train_epoch(train_model: nn.Module, objective: Objective, optimizer, batch_iter, memory_format, autocast,
+                 cfg: TrainConfig, epoch: int, bar) -> dict[str, float]:
+    """The steps of one epoch; returns the sample-weighted means of the loss and the objective's terms (over all
+    ranks). The host syncs only every `check_every` steps, to stop on a non-finite term or a collapse."""
+    objective_params = [p for p in objective.parameters() if p.requires_grad]
+    world = dist_utils.world_size()
+    names: list[str] | None = None
+    sums = first_bad = None
+    seen = 0
+    for step, (images, labels, index) in enumerate(batch_iter):
+        images = images.contiguous(memory_format=memory_format)
+        with autocast():
+            loss, terms = objective(train_model, images, labels, index)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if world > 1 and objective_params:  # DDP averages the model's gradients, not the objective's
+            dist_utils.average_gradients(objective_params)
+        optimizer.step()
+        values = torch.stack([loss.detach().float()] + [t.detach().float() for t in terms.values()])
+        if names is None:
+            names = ["loss"] + list(terms)
+            sums = torch.zeros_like(values)
+            first_bad = torch.full_like(values, -1)
+        sums += values * len(labels)
+        first_bad = torch.where(~torch.isfinite(values) & (first_bad < 0), float(step), first_bad)
+        seen += len(labels)
+        if (step + 1) % cfg.check_every == 0:
+            _check_finite(names, first_bad, epoch)
+            objective.check()
+        if bar is not None:
+            bar.update()
+    if names is None:
+        raise ValueError(f"the data gives no batch of size {cfg.batch_size} per rank: use more samples or a smaller "
+                         "batch_size")
+    _check_finite(names, first_bad, epoch)
+    objective.check()
+    sums = dist_utils.all_reduce_sum(torch.cat([sums, torch.tensor([float(seen)], device=sums.device)]))
+    return dict(zip(names, (sums[:-1] / sums[-1]).tolist()))
+
+
+def _resume(checkpoint, model, optimizer, objective, device, cfg: TrainConfig, rank: int, world: int
+            ) -> tuple[list[dict], int]:
+    """Load a checkpoint written by fit (if there is one); returns (history, first epoch to run)."""
+    history, start = [], 0
+    if rank == 0:
+        _remove_stale_temp_files(checkpoint)
+    if Path(checkpoint).is_file():
+        state = load_checkpoint(checkpoint)
+        load_state(model, state["model"], f"checkpoint {str(checkpoint)!r}")
+        optimizer.load_state_dict(state["optimizer"])
+        _load_objective(objective, state["objective"])
+        history, start = list(state["history"]), int(state["epoch"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if device.type == "cuda" and state["rng"].get("cuda"):
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        if cfg.log and rank == 0:
+            print(f"resumed from {checkpoint} at epoch {start}/{cfg.epochs}", flush=True)
+    if world > 1:
+        _check_same_start(start, checkpoint, device)
+    return history, start
 
 
 def _load_objective(objective: Objective, state: dict) -> None:
@@ -274,10 +302,10 @@ def _rng_state(device: torch.device) -> dict:
     return state
 
 
-def format_record(record: dict, epochs: int) -> str:
-    """One plain line per epoch: `epoch 3/20  loss 0.412  ce 0.40  ...  lr 0.0500  4.1s`."""
+def format_record(record: dict, epochs: int, name: str = "") -> str:
+    """One plain line per epoch: `[name] epoch 3/20  loss 0.412  ce 0.40  ...  lr 0.0500  4.1s`."""
     skip = {"epoch", "lr", "time"}
-    parts = [f"epoch {record['epoch']}/{epochs}"]
+    parts = ([name] if name else []) + [f"epoch {record['epoch']}/{epochs}"]
     parts += [f"{k} {v:.4f}" for k, v in record.items() if k not in skip and isinstance(v, float)]
     parts += [f"lr {record['lr']:.4g}", f"{record['time']:.1f}s"]
     return "  ".join(parts)

@@ -13,6 +13,11 @@ from torch import nn
 
 from .cam import plot_cam_grid
 
+__all__ = [
+    "cam_grid_for",
+    "cam_explorer",
+]
+
 ALL_CLASSES = -1
 
 

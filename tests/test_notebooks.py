@@ -39,6 +39,59 @@ def test_notebook_structure(name):
     assert ".backward(" not in source and "optim." not in source
 
 
+#: The public surface a notebook may import from: mcmi_lab's __all__ and the figure modules' __all__.
+PUBLIC = ("mcmi_lab", "mcmi_lab.cam", "mcmi_lab.plots", "mcmi_lab.widgets")
+
+
+def undeclared_imports(source: str) -> list[str]:
+    """Names a notebook's code takes from mcmi_lab outside the declared public surface (``__all__``)."""
+    import ast
+    import importlib
+
+    tree = ast.parse("\n".join(line for line in source.splitlines() if not line.lstrip().startswith(("%", "!"))))
+    bad, aliases = [], {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "mcmi_lab":
+            if node.module not in PUBLIC:
+                bad += [f"{node.module}.{a.name}" for a in node.names]
+                continue
+            declared = importlib.import_module(node.module).__all__
+            bad += [f"{node.module}.{a.name}" for a in node.names if a.name not in declared]
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.split(".")[0] == "mcmi_lab":
+                    if a.name not in PUBLIC:
+                        bad.append(a.name)
+                    aliases[a.asname or a.name] = a.name
+    for node in ast.walk(tree):  # ml.X attribute access through `import mcmi_lab as ml`
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases:
+            module = aliases[node.value.id]
+            if node.attr not in importlib.import_module(module).__all__:
+                bad.append(f"{module}.{node.attr}")
+    return bad
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_notebooks_import_only_declared_public_names(name):
+    source = "\n".join(c.source for c in _load(name).cells if c.cell_type == "code")
+    assert undeclared_imports(source) == []
+
+
+def test_the_public_name_check_catches_an_undeclared_import():
+    assert undeclared_imports("from mcmi_lab.pipelines import load_run_data") == ["mcmi_lab.pipelines.load_run_data"]
+    assert undeclared_imports("from mcmi_lab.plots import _finish") == ["mcmi_lab.plots._finish"]
+    assert undeclared_imports("import mcmi_lab as ml\nml.fit\nml.kd_losses") == ["mcmi_lab.kd_losses"]
+    assert undeclared_imports("%matplotlib inline\nfrom mcmi_lab import fit, predict") == []
+
+
+def test_the_public_modules_declare_only_what_exists():
+    import importlib
+
+    for module in PUBLIC:
+        mod = importlib.import_module(module)
+        assert [n for n in mod.__all__ if not hasattr(mod, n)] == []
+
+
 @pytest.mark.parametrize("name", ALL)
 def test_declared_parameters_are_known_with_the_library_defaults(name):
     declared = papermill.inspect_notebook(str(notebooks_dir() / f"{name}.ipynb"))

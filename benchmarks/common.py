@@ -18,7 +18,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from mcmi_lab.data import ImageData, load_dataset
+from mcmi_lab.data import ImageData
+from mcmi_lab.datasets import load_dataset
 from mcmi_lab.models import build_model
 from mcmi_lab.runtime import autocast_dtype
 from mcmi_lab.utils import get_device

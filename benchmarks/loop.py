@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from mcmi_lab.data import ImageData, fashion_mnist_root
+from mcmi_lab.data import ImageData
+from mcmi_lab.datasets import fashion_mnist_root
 from mcmi_lab.train import COMPILE_MODES, fit
 from mcmi_lab.runtime import autocast_dtype
 

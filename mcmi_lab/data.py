@@ -2,37 +2,24 @@
 
 A data set is an :class:`ImageData`: images ``(N, C, H, W)`` (uint8 or float), labels ``(N,)``, class names and
 normalisation statistics. A whole epoch lives on the training device; batches are cut and augmented there with
-tensor ops (random crop through padding + offsets, horizontal flip), never per-sample Python.
+tensor ops (random crop through padding + offsets, horizontal flip), never per-sample Python. The named data sets
+and the files behind them are in :mod:`mcmi_lab.datasets`.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import gzip
 import hashlib
-import os
-import shutil
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .utils import check_choice, check_float, check_int
+from .utils import check_float, check_int
 
-#: Environment variable naming a directory that holds Fashion-MNIST (IDX files, gzipped or not) or CIFAR.
-DATA_ENV = "MCMI_LAB_DATA"
-#: Where Debian's `dataset-fashion-mnist` package puts the files.
-DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-FASHION_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-                 "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+#: The splits of every data set (``load_dataset`` in :mod:`mcmi_lab.datasets` reads them).
 SPLITS = ("train", "test")
-
-
-def cache_dir() -> Path:
-    """The user cache directory: $XDG_CACHE_HOME/mcmi_lab (default ~/.cache/mcmi_lab)."""
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mcmi_lab"
 
 
 @dataclass(frozen=True)
@@ -163,122 +150,6 @@ def from_dataset(dataset, classes: Sequence[str] | None = None, **kwargs) -> Ima
         raise ValueError("an empty dataset is not accepted: expected at least one (image, label) item")
     classes = classes if classes is not None else getattr(dataset, "classes", None)
     return from_tensors(torch.stack(images), torch.tensor(labels), classes, **kwargs)
-
-
-# ---- named data sets ------------------------------------------------------------------------------------------
-
-def load_dataset(name: str = "fashion-mnist", split: str = "train", root: str | os.PathLike | None = None,
-                 download: bool = True, **kwargs) -> ImageData:
-    """Load a named data set split as an :class:`ImageData` (CPU tensors).
-
-    name: one of ``DATASETS`` ("fashion-mnist" is the default and is found offline, see
-    :func:`fashion_mnist_root`); split: "train" or "test". `kwargs` go to the loader (e.g. the synthetic
-    task's knobs).
-    """
-    check_choice("split", split, SPLITS)
-    if name not in DATASETS:
-        raise ValueError(f"data set {name!r} is not known: expected one of {', '.join(sorted(DATASETS))}")
-    return DATASETS[name](split=split, root=root, download=download, **kwargs)
-
-
-def _load_fashion_mnist(split: str, root=None, download: bool = True) -> ImageData:
-    from torchvision.datasets import FashionMNIST
-
-    ds = FashionMNIST(str(fashion_mnist_root(root, download)), train=split == "train", download=False)
-    return ImageData(ds.data.unsqueeze(1).contiguous(), ds.targets.clone(), tuple(ds.classes),
-                     (0.2860,), (0.3530,), name="fashion-mnist", pad=2, flip=True)
-
-
-def fashion_mnist_root(root: str | os.PathLike | None = None, download: bool = True) -> Path:
-    """A directory laid out as torchvision's FashionMNIST expects (``<dir>/FashionMNIST/raw/``).
-
-    Looked for, in order: `root`, $MCMI_LAB_DATA, Debian's ``/usr/share/datasets/fashion-mnist``, the user cache
-    (:func:`cache_dir`), and finally torchvision's download into the cache (when `download`). A directory counts
-    if it holds the four IDX files, gzipped or not, either directly or in torchvision's layout.
-    """
-    cache = cache_dir() / "fashion-mnist"
-    candidates = [Path(p) for p in (root, os.environ.get(DATA_ENV)) if p]
-    for source in candidates + [DEBIAN_FASHION_MNIST, cache]:
-        laid_out = _fashion_layout(source, cache)
-        if laid_out is not None:
-            return laid_out
-    if root is not None:
-        raise FileNotFoundError(f"root={str(root)!r} holds no Fashion-MNIST files: expected the four IDX files "
-                                f"({', '.join(FASHION_FILES)}, optionally .gz) or torchvision's FashionMNIST/raw/")
-    if download:
-        try:
-            return _download_fashion_mnist(cache)
-        except Exception as err:  # offline: fall through to the one clear error below
-            reason = f" (download failed: {type(err).__name__}: {err})"
-    else:
-        reason = ""
-    raise FileNotFoundError(
-        "Fashion-MNIST was not found" + reason + ". Get it one of three ways: "
-        "(1) `sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu; files in /usr/share/datasets/fashion-mnist), "
-        f"(2) point ${DATA_ENV} or root= at a directory holding the four IDX files, "
-        f"(3) run once with a network so torchvision downloads it into {cache}.")
-
-
-def _download_fashion_mnist(cache: Path) -> Path:
-    from torchvision.datasets import FashionMNIST
-
-    FashionMNIST(str(cache), train=True, download=True)
-    return cache
-
-
-def _fashion_layout(source: Path, cache: Path) -> Path | None:
-    """`source` itself if it is in torchvision's layout; else the cache after copying its IDX files there."""
-    if all((source / "FashionMNIST" / "raw" / f).is_file() for f in FASHION_FILES):
-        return source
-    found = {f: next((source / n for n in (f, f + ".gz") if (source / n).is_file()), None) for f in FASHION_FILES}
-    if not all(found.values()):
-        return None
-    raw = cache / "FashionMNIST" / "raw"
-    raw.mkdir(parents=True, exist_ok=True)
-    for name, path in found.items():
-        if not (raw / name).is_file():
-            tmp = raw / f".{name}.tmp"
-            with (gzip.open(path) if path.suffix == ".gz" else open(path, "rb")) as src, open(tmp, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-            os.replace(tmp, raw / name)
-    return cache
-
-
-def _load_cifar(num_classes: int):
-    stats = {10: ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-             100: ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))}
-
-    def load(split: str, root=None, download: bool = True) -> ImageData:
-        from torchvision.datasets import CIFAR10, CIFAR100
-
-        cls = CIFAR10 if num_classes == 10 else CIFAR100
-        root = Path(root or os.environ.get(DATA_ENV) or cache_dir() / f"cifar{num_classes}")
-        try:
-            ds = cls(str(root), train=split == "train", download=download)
-        except RuntimeError as err:  # torchvision: "Dataset not found or corrupted."
-            raise FileNotFoundError(f"CIFAR-{num_classes} was not found under {root} ({err}): put torchvision's "
-                                    f"{cls.base_folder}/ there, pass root=, or allow download with a network") from None
-        images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
-        mean, std = stats[num_classes]
-        return ImageData(images, torch.tensor(ds.targets), tuple(ds.classes), mean, std,
-                         name=f"cifar{num_classes}", pad=4, flip=True)
-
-    return load
-
-
-def _load_synthetic(split: str, root=None, download: bool = True, **kwargs) -> ImageData:
-    from .synthetic import load_synthetic
-
-    return load_synthetic(split, **kwargs)
-
-
-#: name -> loader(split, root, download, **kwargs); a plain dict, extend it to register a data set.
-DATASETS = {
-    "fashion-mnist": _load_fashion_mnist,
-    "cifar10": _load_cifar(10),
-    "cifar100": _load_cifar(100),
-    "synthetic": _load_synthetic,
-}
 
 
 # ---- views ----------------------------------------------------------------------------------------------------
@@ -418,31 +289,3 @@ def batches(data: ImageData, batch_size: int, *, shuffle: bool = False, augment:
             images = augment_batch(images, data.pad, data.flip, gen)
         out = (data.normalize(images), labels)
         yield (out + (idx,)) if index else out
-
-
-# ---- set-up -----------------------------------------------------------------------------------------------------
-
-def ensure_fashion_mnist(install: bool = True) -> Path:
-    """Make Fashion-MNIST available offline; return its torchvision root.
-
-    When it is nowhere to be found and `install` is true, installs Debian's `dataset-fashion-mnist` with apt-get
-    (as root, or through passwordless sudo); otherwise raises the one error that lists the three ways to get it.
-    """
-    import subprocess
-
-    try:
-        return fashion_mnist_root(download=False)
-    except FileNotFoundError:
-        if not install or shutil.which("apt-get") is None:
-            raise
-    prefix = [] if os.geteuid() == 0 else ["sudo", "-n"]
-    if prefix and shutil.which("sudo") is None:
-        raise FileNotFoundError("Fashion-MNIST is missing and apt-get needs root: run "
-                                "`sudo apt-get install dataset-fashion-mnist`, or see `mcmi-lab data --help`")
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    print("installing Debian package dataset-fashion-mnist ...", flush=True)
-    for cmd in (["apt-get", "install", "-y", "-q", "dataset-fashion-mnist"],
-                ["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "dataset-fashion-mnist"]):
-        if subprocess.run(prefix + cmd, env=env, stdout=subprocess.DEVNULL).returncode == 0 and "install" in cmd:
-            break
-    return fashion_mnist_root(download=True)

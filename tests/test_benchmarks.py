@@ -24,7 +24,7 @@ RATIO_LINE = re.compile(r"^ratios: loop/limit=(\S+) loop/usual=(\S+) mcmi/mll=(\
 
 def test_quick_run_ends_with_the_ratio_line(capsys):
     pytest.importorskip("torchvision")
-    from mcmi_lab.data import fashion_mnist_root
+    from mcmi_lab.datasets import fashion_mnist_root
 
     try:
         fashion_mnist_root(download=False)

@@ -1,17 +1,12 @@
-import gzip
-import pickle
-import struct
-
 import pytest
 import torch
 
-import mcmi_lab.data as data_mod
 from mcmi_lab import (ImageData, batches, few_shot, from_dataset, from_tensors, load_dataset, omit_classes,
                       stratified_split, subset)
 from mcmi_lab.data import augment_batch, epoch_generator
 
 
-# ---- Fashion-MNIST ------------------------------------------------------------------------------------------
+# ---- Fashion-MNIST (its discovery and cache, and CIFAR: tests/test_datasets.py) -----------------------------
 
 def test_fashion_mnist_real_files(fashion_train, fashion_test):
     assert fashion_train.images.shape == (60000, 1, 28, 28) and fashion_train.images.dtype == torch.uint8
@@ -29,107 +24,6 @@ def test_few_shot_exact_and_seeded(fashion_train):
     assert not torch.equal(a.images, c.images)
     tiny = few_shot(fashion_train, 1e-6, seed=0)
     assert tiny.class_counts().tolist() == [1] * 10  # at least one per class
-
-
-def _write_idx(path, array, gz):
-    """IDX format: magic (0, 0, dtype 0x08 = ubyte, ndim), big-endian dims, then the bytes."""
-    header = bytes([0, 0, 8, array.dim()]) + b"".join(struct.pack(">I", d) for d in array.shape)
-    payload = header + array.to(torch.uint8).numpy().tobytes()
-    opener = gzip.open if gz else open
-    with opener(str(path) + (".gz" if gz else ""), "wb") as f:
-        f.write(payload)
-
-
-def _fake_fashion(folder, n=20, gz=True, value=7):
-    folder.mkdir(parents=True, exist_ok=True)
-    for split, count in (("train", n), ("t10k", n // 2)):
-        _write_idx(folder / f"{split}-images-idx3-ubyte", torch.full((count, 28, 28), value), gz)
-        _write_idx(folder / f"{split}-labels-idx1-ubyte", torch.arange(count) % 10, gz)
-
-
-@pytest.fixture
-def isolated(tmp_path, monkeypatch):
-    """No Debian files, an empty cache, no env var, and no network download."""
-    monkeypatch.setattr(data_mod, "DEBIAN_FASHION_MNIST", tmp_path / "debian")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.delenv(data_mod.DATA_ENV, raising=False)
-
-    def offline(cache):
-        raise OSError("network unreachable")
-    monkeypatch.setattr(data_mod, "_download_fashion_mnist", offline)
-    return tmp_path
-
-
-def test_search_order_root_env_debian_cache(isolated, monkeypatch):
-    _fake_fashion(isolated / "debian", value=1)
-    assert int(load_dataset("fashion-mnist").images[0, 0, 0, 0]) == 1  # Debian files
-    _fake_fashion(isolated / "env", value=2, gz=False)
-    monkeypatch.setenv(data_mod.DATA_ENV, str(isolated / "env"))
-    # Debian files were laid out into the cache already; env comes before both
-    got = load_dataset("fashion-mnist")
-    assert len(got) == 20
-    _fake_fashion(isolated / "root" / "FashionMNIST" / "raw", value=3, gz=False)
-    assert int(load_dataset("fashion-mnist", root=isolated / "root").images[0, 0, 0, 0]) == 3
-    assert len(load_dataset("fashion-mnist", "test", root=isolated / "root")) == 10
-
-
-def test_cache_is_used_when_nothing_else(isolated):
-    _fake_fashion(isolated / "cache" / "mcmi_lab" / "fashion-mnist" / "FashionMNIST" / "raw", value=5, gz=False)
-    assert int(load_dataset("fashion-mnist").images[0, 0, 0, 0]) == 5
-
-
-def test_offline_error_lists_three_ways(isolated):
-    with pytest.raises(FileNotFoundError) as err:
-        load_dataset("fashion-mnist")
-    msg = str(err.value)
-    assert "apt-get install dataset-fashion-mnist" in msg and data_mod.DATA_ENV in msg and "network" in msg
-    assert "(1)" in msg and "(2)" in msg and "(3)" in msg
-    with pytest.raises(FileNotFoundError, match="root="):
-        load_dataset("fashion-mnist", root=isolated / "nothing")
-
-
-# ---- CIFAR in the real pickle layout ------------------------------------------------------------------------------
-
-def _write_cifar(root, k):
-    from torchvision.datasets import CIFAR10, CIFAR100
-    cls = CIFAR10 if k == 10 else CIFAR100
-    folder = root / cls.base_folder
-    folder.mkdir(parents=True)
-    g = torch.Generator().manual_seed(k)
-    key = "labels" if k == 10 else "fine_labels"
-    md5 = {}
-    for name, _ in cls.train_list + cls.test_list:
-        n = 6
-        batch = {"data": torch.randint(0, 256, (n, 3072), generator=g, dtype=torch.uint8).numpy(),
-                 key: (torch.arange(n) % k).tolist()}
-        with open(folder / name, "wb") as f:
-            pickle.dump(batch, f)
-    meta_key = cls.meta["key"]
-    with open(folder / cls.meta["filename"], "wb") as f:
-        pickle.dump({meta_key: [f"class{i}" for i in range(k)]}, f)
-    from torchvision.datasets.utils import calculate_md5
-    for name in [n for n, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]:
-        md5[name] = calculate_md5(str(folder / name))
-    return cls, md5
-
-
-@pytest.mark.parametrize("k", [10, 100])
-def test_cifar_tiny_files_in_real_layout(tmp_path, monkeypatch, k):
-    cls, md5 = _write_cifar(tmp_path, k)
-    # the real integrity check runs, against the checksums of our tiny files
-    monkeypatch.setattr(cls, "train_list", [[n, md5[n]] for n, _ in cls.train_list])
-    monkeypatch.setattr(cls, "test_list", [[n, md5[n]] for n, _ in cls.test_list])
-    monkeypatch.setattr(cls, "meta", dict(cls.meta, md5=md5[cls.meta["filename"]]))
-    train = load_dataset(f"cifar{k}", "train", root=tmp_path, download=False)
-    test = load_dataset(f"cifar{k}", "test", root=tmp_path, download=False)
-    n_train = 6 * len(cls.train_list)
-    assert train.images.shape == (n_train, 3, 32, 32) and len(test) == 6
-    assert train.num_classes == k and train.classes[1] == "class1" and train.pad == 4 and train.flip
-
-
-def test_cifar_missing_is_clear(tmp_path):
-    with pytest.raises(FileNotFoundError, match="CIFAR-10 was not found"):
-        load_dataset("cifar10", root=tmp_path, download=False)
 
 
 # ---- user data, views, bad input ---------------------------------------------------------------------------------

@@ -7,12 +7,14 @@ function that the tests pin: there is one copy of each formula.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import distributed as dist_utils
-from .data import ImageData
+from .data import ImageData, subset
 from .evaluate import measure_cmi
 from .losses import kd_loss, mcmi_loss
 from .runtime import check_model_input, freeze_teacher, memory_format
@@ -88,12 +90,33 @@ class MCMIObjective(Objective):
     70-step epochs but collapsed on 844-step ones, where a running refresh every 100 steps was stable (README,
     "The science, and the defaults we chose").
     A collapse guard stops the run when the running train accuracy falls below half the starting model's.
+
+    target_cmi: instead of a fixed `lam`, hold the model's train CMI at this dose (nats). λ starts at 0 and is
+    adapted by projected dual ascent (the Lagrange multiplier of the constraint CMI ≥ c): every `control_steps`
+    steps the train CMI is measured in eval mode on a fixed stratified probe of the training data (`probe_size`
+    samples; eval mode because BatchNorm's batch statistics make the training batches' own KL overstate the
+    measured CMI 1.3-3x), and λ ← clip(λ + `control_gain`·clip((c − ĉ)/c, −2, 1), 0, `max_lam`). The relative
+    error makes one gain serve every dose; the clip at −2 cuts λ fast when CMI overshoots (the runaway that
+    collapses fixed large λ). λ is a device tensor between updates (no host sync per step) and is logged as "lam".
     """
 
-    def __init__(self, lam: float, centroids: torch.Tensor | None = None, update: str = UPDATES[0],
-                 ema_decay: float = 0.999, guard: bool = True, refresh_steps: int | None = None):
+    def __init__(self, lam: float | None = None, centroids: torch.Tensor | None = None, update: str = UPDATES[0],
+                 ema_decay: float = 0.999, guard: bool = True, refresh_steps: int | None = None, *,
+                 target_cmi: float | None = None, control_steps: int = 25, control_gain: float = 0.25,
+                 max_lam: float = 3.0, probe_size: int = 1024):
         super().__init__()
-        self.lam = check_float("lam", lam, 0.0)
+        if (lam is None) == (target_cmi is None):
+            raise ValueError(f"lam={lam!r} with target_cmi={target_cmi!r} is not accepted: give exactly one, a fixed "
+                             "λ ≥ 0 or a CMI target in nats")
+        self.lam = check_float("lam", lam, 0.0) if lam is not None else None
+        self.target_cmi = check_float("target_cmi", target_cmi, 0.0, low_open=True) if target_cmi is not None else None
+        self.control_steps = check_int("control_steps", control_steps, minimum=1)
+        self.control_gain = check_float("control_gain", control_gain, 0.0, low_open=True)
+        self.max_lam = check_float("max_lam", max_lam, 0.0, low_open=True)
+        self.probe_size = check_int("probe_size", probe_size, minimum=1)
+        self.register_buffer("lam_t", torch.zeros(()))  # the controller's λ (target_cmi only)
+        self._probe = None
+        self._control_count = 0
         self.update = check_choice("update", update, UPDATES)
         self.ema_decay = check_float("ema_decay", ema_decay, 0.0, 1.0, high_open=True)
         self.guard = guard
@@ -117,8 +140,20 @@ class MCMIObjective(Objective):
         if empty:
             raise ValueError(f"data with empty classes {empty} is not accepted for MCMI training: every class needs "
                              "samples to define its centroid")
+        if self.target_cmi is not None:
+            if self.target_cmi >= math.log(data.num_classes):
+                raise ValueError(f"target_cmi={self.target_cmi!r} is not accepted: expected a number in (0, log K) = "
+                                 f"(0, {math.log(data.num_classes):.4f}) nats for {data.num_classes} classes")
+            self._probe = data if len(data) <= self.probe_size else subset(data, self.probe_size, seed=0)
+
+    def _control(self, model) -> None:
+        """One dual-ascent step of λ from the probe's eval-mode CMI (a host sync, once per `control_steps`)."""
+        probe_cmi = float(measure_cmi(getattr(model, "module", model), self._probe)["cmi"])
+        error = min(1.0, max(-2.0, (self.target_cmi - probe_cmi) / self.target_cmi))
+        self.lam_t.fill_(min(self.max_lam, max(0.0, float(self.lam_t) + self.control_gain * error)))
 
     def on_epoch_start(self, model, data, epoch):
+        self._control_count = 0  # the controller acts at the same steps of every epoch: resume stays exact
         if self.centroids.numel() and self.update != "epoch":
             return
         stats = measure_cmi(model, data)
@@ -128,8 +163,15 @@ class MCMIObjective(Objective):
             self.recent_acc.fill_(stats["accuracy"])
 
     def forward(self, model, images, labels, index=None):
+        if self.target_cmi is not None:
+            self._control_count += 1
+            if self._control_count % self.control_steps == 0:
+                self._control(model)
         logits = model(images)
-        loss, terms = mcmi_loss(logits, labels, self.centroids, self.lam, return_terms=True)
+        lam = self.lam if self.target_cmi is None else self.lam_t
+        loss, terms = mcmi_loss(logits, labels, self.centroids, lam, return_terms=True)
+        if self.target_cmi is not None:
+            terms["lam"] = self.lam_t.detach().clone()
         acc = accuracy(logits, labels)
         with torch.no_grad():
             self.recent_acc.lerp_(acc, 0.02)
@@ -181,16 +223,23 @@ class MCMIObjective(Objective):
         recent = float(self.recent_acc)
         if floor > 1.5 / k and recent < floor:  # only a teacher well above chance can collapse
             raise StopTraining(
-                f"MCMI fine-tune collapsed with lam={self.lam:g} (update={self.update!r}): running train accuracy fell "
+                f"MCMI fine-tune collapsed with {self._knob()} (update={self.update!r}): running train accuracy fell "
                 f"to {recent:.1%} from {float(self.start_acc):.1%}. KL(P_x ‖ Q_y) is unbounded, so a large λ pushes mass "
                 f"onto classes the centroids barely cover; use a smaller lam, fresher centroids "
                 f"(update='running' with fewer refresh_steps than {self.refresh_steps or REFRESH_STEPS}), or guard=False "
                 f"to let it run")
 
 
-def mcmi_objective(lam: float, centroids: torch.Tensor | None = None, update: str = UPDATES[0],
-                   ema_decay: float = 0.999, guard: bool = True, refresh_steps: int | None = None) -> MCMIObjective:
-    return MCMIObjective(lam, centroids, update, ema_decay, guard, refresh_steps)
+    def _knob(self) -> str:
+        return f"lam={self.lam:g}" if self.target_cmi is None else \
+            f"target_cmi={self.target_cmi:g} (λ reached {float(self.lam_t):.3g})"
+
+
+def mcmi_objective(lam: float | None = None, centroids: torch.Tensor | None = None, update: str = UPDATES[0],
+                   ema_decay: float = 0.999, guard: bool = True, refresh_steps: int | None = None,
+                   **target) -> MCMIObjective:
+    """:class:`MCMIObjective` with a fixed `lam`, or with ``target_cmi=c`` (and the controller's options)."""
+    return MCMIObjective(lam, centroids, update, ema_decay, guard, refresh_steps, **target)
 
 
 class KDObjective(Objective):

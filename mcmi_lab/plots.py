@@ -32,6 +32,8 @@ __all__ = [
     "plot_confusion",
     "plot_history",
     "plot_lambda_sweep",
+    "plot_dose_response",
+    "dose_points",
     "plot_fraction_curve",
 ]
 
@@ -329,6 +331,79 @@ def _curves(ax, rows: Sequence[Mapping], x: str, y: str, group: str | None) -> N
     ax.set_ylabel(y)
     if group and by_group:
         ax.legend(fontsize=8)
+
+
+#: Axis labels of the dose-response metrics: words and units, never variable names.
+DOSE_LABELS = {
+    "train_cmi": "teacher train CMI (nats)",
+    "test_acc": "teacher test accuracy (%)",
+    "test_cmi": "teacher test CMI (nats)",
+    "test_ece": "teacher test ECE (%)",
+    "kl_to_posterior": "KL(P* ‖ teacher) on test (nats)",
+    "student_acc": "KD student test accuracy (%)",
+    "few_shot_acc": "few-shot student test accuracy (%)",
+    "zero_shot_omitted_acc": "zero-shot student, omitted class (%)",
+    "zero_shot_acc": "zero-shot student test accuracy (%)",
+}
+#: Metrics given in [0, 1] and shown in %.
+PERCENT = {"test_acc", "test_ece", "student_acc", "few_shot_acc", "zero_shot_omitted_acc", "zero_shot_acc"}
+METHOD_LABELS = {"control": "control (λ = 0)", "mcmi": "MCMI (CMI target)", "label_smoothing": "label smoothing",
+                 "temperature": "temperature scaling"}
+
+
+def dose_points(rows: Sequence[Mapping], y: str, x: str = "train_cmi") -> dict[str, list[dict]]:
+    """Per method, per dose: x and y over the seeds with the mean and a 95% t interval of y (the control, one
+    dose, joins every method's line as its first point). rows: dose-response rows with "method", "dose", "seed"."""
+    from .stats import paired_difference
+
+    groups: dict[str, dict] = defaultdict(lambda: defaultdict(lambda: {"x": [], "y": []}))
+    for r in rows:
+        if _number(r.get(x)) is not None and _number(r.get(y)) is not None:
+            cell = groups[str(r["method"])][r.get("dose")]
+            cell["x"].append(_number(r[x]))
+            cell["y"].append(_number(r[y]) * (100.0 if y in PERCENT else 1.0))
+    out = {}
+    for method, doses in groups.items():
+        points = []
+        for dose, cell in doses.items():
+            d = paired_difference(cell["y"], [0.0] * len(cell["y"]))
+            points.append({"dose": dose, "x": mean_std(cell["x"])[0], "y": d["mean"], "low": d["low"],
+                           "high": d["high"], "xs": cell["x"], "ys": cell["y"]})
+        out[method] = sorted(points, key=lambda p: p["x"])
+    return out
+
+
+def plot_dose_response(rows: Sequence[Mapping], ys: Sequence[str] = ("test_acc", "student_acc", "few_shot_acc",
+                                                                      "zero_shot_omitted_acc"),
+                       x: str = "train_cmi", path=None) -> Figure:
+    """Each metric in `ys` against the teacher's train CMI, one line per method: the mean per dose with its 95%
+    interval over seeds (bars; none with one seed) and the seeds as faint dots. Shared x axis across panels."""
+    present = [y for y in ys if any(_number(r.get(y)) is not None for r in rows)] or list(ys[:1])
+    fig, axes = _panels(len(present), size=(4.6, 3.6), ncols=min(len(present), 2))
+    methods = list(dict.fromkeys(str(r["method"]) for r in rows))
+    colors = dict(zip(methods, _colors(len(methods))))
+    for ax, y in zip(axes, present):
+        points = dose_points(rows, y, x)
+        control = points.pop("control", [])
+        for i, (method, pts) in enumerate(points.items()):
+            line = control + pts
+            err = [[p["y"] - p["low"] for p in line], [p["high"] - p["y"] for p in line]]
+            has_ci = all(math.isfinite(e) for side in err for e in side)
+            ax.errorbar([p["x"] for p in line], [p["y"] for p in line], yerr=err if has_ci else None,
+                        marker=MARKERS[i % len(MARKERS)], ms=5, capsize=3, color=colors[method],
+                        label=METHOD_LABELS.get(method, method))
+            for p in pts:
+                ax.plot(p["xs"], p["ys"], ".", color=colors[method], alpha=0.3)
+        for p in control:
+            ax.plot(p["xs"], p["ys"], "k.", alpha=0.3)
+            ax.plot([p["x"]], [p["y"]], "k*", ms=10, label=METHOD_LABELS["control"], zorder=5)
+        ax.set_xlabel(DOSE_LABELS.get(x, x))
+        ax.set_ylabel(DOSE_LABELS.get(y, y))
+        ax.grid(alpha=0.3)
+    if axes:
+        axes[0].legend(fontsize=9)
+    fig.suptitle("Dose-response: mean and 95% interval over seeds per dose", fontsize=11)
+    return _finish(fig, path)
 
 
 def plot_lambda_sweep(rows: Sequence[Mapping], x: str = "lambda",

@@ -72,6 +72,32 @@ def paired_difference(a: Iterable[float], b: Iterable[float], confidence: float 
     return {"mean": mean, "low": low, "high": high, "n": n, "std": std, "confidence": c}
 
 
+def slope(xs: Iterable[float], ys: Iterable[float]) -> float:
+    """Least-squares slope of y on x: Σ(x − x̄)(y − ȳ) / Σ(x − x̄)²; nan when the x do not vary."""
+    x, y = _floats("xs", xs), _floats("ys", ys)
+    if len(x) != len(y):
+        raise ValueError(f"ys of length {len(y)} is not accepted: expected as many values as xs ({len(x)})")
+    mx, my = math.fsum(x) / len(x), math.fsum(y) / len(y)
+    sxx = math.fsum((a - mx) ** 2 for a in x)
+    return math.fsum((a - mx) * (b - my) for a, b in zip(x, y)) / sxx if sxx > 0 else math.nan
+
+
+def slope_over_seeds(points: Mapping[Any, Sequence[tuple[float, float]]], confidence: float = 0.95) -> dict[str, float]:
+    """The dose-response slope: one least-squares slope of y on x per seed (its doses), then their mean with a
+    Student-t interval over the seeds (:func:`paired_difference` of the slopes against 0), so that the interval
+    reflects seed-to-seed variation and the points of one seed are not counted as independent.
+
+    points: ``{seed: [(x, y), ...]}``; seeds with fewer than two distinct x are left out. Returns the keys of
+    :func:`paired_difference` (``mean``, ``low``, ``high``, ``n``, ...); None-free, nan where undefined.
+    """
+    slopes = [s for s in (slope([p[0] for p in pts], [p[1] for p in pts]) for pts in points.values() if len(pts) >= 2)
+              if math.isfinite(s)]
+    if not slopes:
+        return {"mean": math.nan, "low": math.nan, "high": math.nan, "n": 0, "std": math.nan,
+                "confidence": confidence}
+    return paired_difference(slopes, [0.0] * len(slopes), confidence)
+
+
 def _lookup(result: Mapping[str, Any], key: str) -> Any:
     """result[key], else the dotted path ("teacher.test_acc" -> result["teacher"]["test_acc"]); None if absent."""
     if key in result:

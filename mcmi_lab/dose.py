@@ -1,0 +1,158 @@
+"""Dose-matched teachers: the other ways of raising a teacher's train CMI, at the same CMI as an MCMI teacher.
+
+The dose of a teacher is its train CMI I(X; Ŷ | Y) in nats (``measure_cmi(teacher, train)["cmi"]``), not the λ
+that produced it: the CMI a fixed λ gives depends on the learning rate, the steps, the data and the teacher.
+An MCMI teacher gets a dose with ``finetune_mcmi(teacher, data, target_cmi=c)``; the controls get the same dose here:
+
+* :func:`match_temperature` — the MLL teacher's logits divided by the T that gives train CMI c (no training: the
+  train logits are predicted once, then T is searched on them; CMI rises with T up to a peak and then falls to 0,
+  as the outputs become uniform, so high doses are out of its reach).
+* :func:`match_label_smoothing` — the label-smoothing fine-tune (the MCMI recipe with smoothed labels instead of
+  the CMI term) whose ε gives train CMI c, by a short search (each try one fine-tune). Label smoothing may not
+  reach a dose at all: its optimum puts every sample of a class on the same vector, so it raises CMI only through
+  the imperfect fit; the search then returns the closest teacher and says so.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .cmi import conditional_mutual_information, probabilities
+from .data import ImageData
+from .evaluate import measure_cmi, predict
+from .models.wrappers import TemperatureScaled
+from .recipes import finetune_label_smoothing
+from .utils import check_float, check_int
+
+#: A dose reached within this relative distance of its target counts as matched (±25%, the controller's bound).
+DOSE_TOLERANCE = 0.25
+
+
+def check_target_cmi(target_cmi: float, num_classes: int) -> float:
+    """A CMI target must lie in (0, log K): one line naming the bound otherwise."""
+    if isinstance(target_cmi, bool) or not isinstance(target_cmi, (int, float)) or not math.isfinite(target_cmi):
+        raise ValueError(f"target_cmi={target_cmi!r} is not accepted: expected a number in (0, log K)")
+    if not 0 < target_cmi < math.log(num_classes):
+        raise ValueError(f"target_cmi={target_cmi!r} is not accepted: expected a number in (0, log K) = "
+                         f"(0, {math.log(num_classes):.4f}) nats for {num_classes} classes")
+    return float(target_cmi)
+
+
+def matched(reached: float, target: float, tolerance: float = DOSE_TOLERANCE) -> bool:
+    """True when `reached` lies within ±`tolerance` (relative) of `target`."""
+    return abs(reached - target) <= tolerance * target
+
+
+# ---- temperature ------------------------------------------------------------------------------------------------
+
+def cmi_at_temperature(logits: torch.Tensor, labels: torch.Tensor, num_classes: int, temperature: float) -> float:
+    """Train CMI of softmax(logits / T): what a temperature-scaled teacher would measure on these samples."""
+    return float(conditional_mutual_information(probabilities(logits, temperature), labels, num_classes))
+
+
+def match_temperature(model: nn.Module, data: ImageData, target_cmi: float, *, max_temperature: float = 100.0,
+                      iterations: int = 60) -> tuple[TemperatureScaled, float]:
+    """The temperature-scaled teacher whose train CMI on `data` is `target_cmi`; returns (teacher, CMI reached).
+
+    CMI is not monotone in T: it rises from T = 1 to a peak (outputs spread inside each class) and falls to 0 as the
+    outputs become uniform (measured on the demo teacher: peak 0.076 nats at T ≈ 2.8). So the peak is located on a
+    log grid up to `max_temperature`, then log T is bisected on the rising side; a dose above the peak cannot be
+    reached (a warning, and the peak's teacher). A teacher above the dose at T = 1 is sharpened (T < 1).
+    One `predict` pass; each evaluation is a tensor op on its logits.
+    """
+    target = check_target_cmi(target_cmi, data.num_classes)
+    check_float("max_temperature", max_temperature, 1.0, low_open=True)
+    logits, labels = predict(model, data)
+    cmi = lambda t: cmi_at_temperature(logits, labels, data.num_classes, t)  # noqa: E731
+    grid = [math.exp(i * math.log(max_temperature) / 48) for i in range(49)]
+    peak = max(grid, key=cmi)
+    if cmi(peak) < target:
+        warnings.warn(f"temperature scaling cannot reach train CMI {target:g}: its highest, at T = {peak:.3g}, is "
+                      f"{cmi(peak):.4f} nats; returning that teacher", stacklevel=2)
+        return TemperatureScaled(model, peak), cmi(peak)
+    low, high = 1.0, peak
+    while cmi(low) > target and low > 1e-3:
+        low /= 2
+    for _ in range(check_int("iterations", iterations, minimum=1)):
+        mid = math.sqrt(low * high)
+        low, high = (mid, high) if cmi(mid) < target else (low, mid)
+    t = math.sqrt(low * high)
+    return TemperatureScaled(model, t), cmi(t)
+
+
+# ---- label smoothing --------------------------------------------------------------------------------------------
+
+@dataclass
+class SmoothingSearch:
+    """The tries of :func:`match_label_smoothing`: ε -> (fine-tuned teacher, its train CMI). Pass the same object
+    to several targets of one teacher and data, and a later target reuses the earlier fine-tunes (a try within the
+    tolerance is taken as it is; the others guide the next ε)."""
+
+    tries: dict[float, tuple[nn.Module, float]] = field(default_factory=dict)
+
+    def points(self) -> list[tuple[float, float]]:
+        return sorted((eps, cmi) for eps, (_, cmi) in self.tries.items())
+
+    def next_epsilon(self, target: float, first: float) -> float | None:
+        """The next ε to try: interpolation (in log CMI) between the tries that bracket the target, else a step
+        towards it from the nearest try; None when the bracket has shrunk below 0.005 in ε."""
+        pts = [(0.0, self.tries[0.0][1])] if 0.0 in self.tries else []
+        pts = sorted(set(pts + self.points()))
+        if not pts:
+            return first
+        below = [p for p in pts if p[1] < target]
+        above = [p for p in pts if p[1] >= target]
+        if below and above:
+            (e0, c0), (e1, c1) = max(below), min(above)
+            if abs(e1 - e0) < 0.005:
+                return None
+            w = (math.log(target) - math.log(c0)) / (math.log(c1) - math.log(c0))
+            return round(e0 + w * (e1 - e0), 4)
+        if below:  # every try is below the dose: smooth more
+            e = max(below)[0]
+            return None if e >= 0.95 else round(min(0.95, max(2 * e, e + 0.1)), 4)
+        e = min(above)[0]  # every try is above: smooth less
+        return None if e <= 0.005 else round(e / 2, 4)
+
+
+def match_label_smoothing(teacher: nn.Module, data: ImageData, target_cmi: float, epochs: int = 20, *,
+                          search: SmoothingSearch | None = None, max_tries: int = 4, first_epsilon: float = 0.2,
+                          tolerance: float = DOSE_TOLERANCE, **finetune_kwargs
+                          ) -> tuple[nn.Module, float, float]:
+    """The label-smoothing fine-tune of `teacher` whose train CMI is within `tolerance` of `target_cmi`.
+
+    Each try is :func:`mcmi_lab.recipes.finetune_label_smoothing` (same epochs, lr, schedule as the MCMI recipe);
+    at most `max_tries` new fine-tunes. Returns (teacher, ε, train CMI reached); when no try is within the tolerance,
+    the closest one, with a warning naming the CMI reached.
+    """
+    target = check_target_cmi(target_cmi, data.num_classes)
+    check_int("max_tries", max_tries, minimum=1)
+    search = search if search is not None else SmoothingSearch()
+    for _ in range(max_tries):
+        best = _closest(search, target)
+        if best is not None and matched(best[2], target, tolerance):
+            return best
+        eps = search.next_epsilon(target, first_epsilon)
+        if eps is None or eps in search.tries:
+            break
+        model, _ = finetune_label_smoothing(teacher, data, eps, epochs, **finetune_kwargs)
+        search.tries[eps] = (model, float(measure_cmi(model, data)["cmi"]))
+    best = _closest(search, target)
+    if not matched(best[2], target, tolerance):
+        warnings.warn(f"label smoothing did not reach train CMI {target:g} within ±{tolerance:.0%}: the closest try, "
+                      f"ε = {best[1]:g}, gave {best[2]:.4f} nats (tries: "
+                      + ", ".join(f"ε {e:g} → {c:.4f}" for e, c in search.points()) + ")", stacklevel=2)
+    return best
+
+
+def _closest(search: SmoothingSearch, target: float) -> tuple[nn.Module, float, float] | None:
+    if not search.tries:
+        return None
+    eps = min(search.tries, key=lambda e: abs(math.log(max(search.tries[e][1], 1e-12) / target)))
+    model, cmi = search.tries[eps]
+    return model, eps, cmi
+

@@ -1,0 +1,115 @@
+"""Doses: the CMI-target controller, the dose-matched controls and the dose-response statistics."""
+import math
+import warnings
+
+import pytest
+import torch
+
+from conftest import random_images, tiny_cnn
+from mcmi_lab import finetune_mcmi, fit, measure_cmi
+from mcmi_lab.cmi import conditional_mutual_information, probabilities
+from mcmi_lab.dose import SmoothingSearch, check_target_cmi, cmi_at_temperature, match_temperature, matched
+from mcmi_lab.objectives import MCMIObjective
+from mcmi_lab.stats import slope, slope_over_seeds
+
+
+@pytest.fixture(scope="module")
+def converged():
+    """A tiny teacher trained to ~100% train accuracy on a small learnable set: low CMI, room for a dose."""
+    torch.manual_seed(0)
+    data = random_images(n=256, k=4, size=12)
+    model = tiny_cnn(num_classes=4, width=8)
+    fit(model, data, epochs=15, lr=0.05, augment=False, log=False, progress="off", precision="fp32", batch_size=32)
+    return model, data
+
+
+# ---- the controller ---------------------------------------------------------------------------------------------
+
+def _target_run(model, data, target, epochs=6, **control):
+    return finetune_mcmi(model, data, target_cmi=target, epochs=epochs, augment=False, log=False, progress="off",
+                         precision="fp32", batch_size=32, control={"control_steps": 2, **control})
+
+
+def test_a_target_at_todays_cmi_leaves_the_teacher_nearly_unchanged(converged):
+    model, data = converged
+    start = measure_cmi(model, data)
+    tuned, hist = _target_run(model, data, float(start["cmi"]), epochs=2)
+    after = measure_cmi(tuned, data)
+    assert max(r["lam"] for r in hist) < 0.5
+    assert after["accuracy"] >= start["accuracy"] - 0.02
+
+
+def test_an_unreached_target_warns_with_the_cmi_reached(converged):
+    model, data = converged
+    with pytest.warns(UserWarning, match=r"did not reach train CMI 1 within ±25%: it reached 0\.\d+ nats"):
+        _target_run(model, data, 1.0, epochs=1, max_lam=0.01)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(lam=0.5, target_cmi=0.1), "give exactly one"),
+    (dict(), "give exactly one"),
+    (dict(target_cmi=0.0), "target_cmi=0.0 is not accepted"),
+    (dict(target_cmi=-0.1), "target_cmi=-0.1 is not accepted"),
+])
+def test_bad_targets_are_refused_in_one_line(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MCMIObjective(**kwargs)
+
+
+def test_a_target_at_or_above_log_k_is_refused(converged):
+    model, data = converged
+    with pytest.raises(ValueError, match=r"expected a number in \(0, log K\) = \(0, 1\.3863\) nats for 4 classes"):
+        _target_run(model, data, math.log(4), epochs=1)
+    with pytest.raises(ValueError, match="log K"):
+        check_target_cmi(3.0, 10)
+
+
+def test_fixed_lambda_is_unchanged_by_the_controller(converged):
+    """lam= trains exactly as before: the controller's λ buffer stays 0 and is not logged."""
+    model, data = converged
+    tuned, hist = finetune_mcmi(model, data, 0.3, epochs=1, augment=False, log=False, progress="off",
+                                precision="fp32", batch_size=32)
+    assert "lam" not in hist[0]
+
+
+# ---- matched controls -------------------------------------------------------------------------------------------
+
+def test_match_temperature_finds_the_dose_on_the_rising_side(converged):
+    model, data = converged
+    from mcmi_lab import predict
+
+    logits, labels = predict(model, data)
+    peak = max(cmi_at_temperature(logits, labels, 4, math.exp(i / 10)) for i in range(0, 47))
+    target = 0.5 * peak
+    scaled, reached = match_temperature(model, data, target)
+    assert reached == pytest.approx(target, rel=1e-6)
+    # the reached value is the CMI of the scaled teacher itself (plain formula on its softmax)
+    probs = probabilities(logits, float(scaled.temperature))
+    assert float(conditional_mutual_information(probs, labels, 4)) == pytest.approx(reached, rel=1e-6)
+    assert float(measure_cmi(scaled, data)["cmi"]) == pytest.approx(reached, rel=1e-3)
+    with pytest.warns(UserWarning, match="temperature scaling cannot reach"):
+        match_temperature(model, data, 1.3)
+
+
+def test_smoothing_search_interpolates_between_bracketing_tries():
+    search = SmoothingSearch({0.1: (None, 0.02), 0.4: (None, 0.08)})
+    eps = search.next_epsilon(0.04, 0.2)
+    w = (math.log(0.04) - math.log(0.02)) / (math.log(0.08) - math.log(0.02))
+    assert eps == pytest.approx(0.1 + w * 0.3, abs=1e-4)
+    assert SmoothingSearch({0.1: (None, 0.01)}).next_epsilon(0.05, 0.2) == 0.2  # all below: smooth more
+    assert SmoothingSearch({0.4: (None, 0.2)}).next_epsilon(0.05, 0.2) == 0.2  # all above: halve ε
+    assert SmoothingSearch().next_epsilon(0.05, 0.2) == 0.2
+
+
+# ---- dose-response statistics -----------------------------------------------------------------------------------
+
+def test_slope_and_its_interval_over_seeds_by_hand():
+    assert slope([0, 1, 2], [1, 3, 5]) == 2.0
+    assert math.isnan(slope([1, 1], [0, 1]))
+    # seed slopes 2, 4, 3: mean 3, sd 1, t(0.975, 2) = 4.302652729911275 -> half width 4.3027/sqrt(3)
+    points = {0: [(0, 0), (1, 2)], 1: [(0, 1), (0.5, 3)], 2: [(0, 0), (1, 3), (2, 6)]}
+    d = slope_over_seeds(points)
+    half = 4.302652729911275 / math.sqrt(3)
+    assert d["n"] == 3 and d["mean"] == pytest.approx(3.0)
+    assert d["low"] == pytest.approx(3 - half) and d["high"] == pytest.approx(3 + half)
+    assert slope_over_seeds({0: [(1, 2)]})["n"] == 0

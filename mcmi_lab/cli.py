@@ -16,12 +16,15 @@ import argparse
 import contextlib
 import importlib.util
 import os
+import shutil
+import subprocess
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
 
+from .datasets import fashion_mnist_root
 from .pipelines import (PARAMETERS, PIPELINES, START_ORDER, get_pipeline, notebook_needs, parse_value,
                         resolve_parameters)
 
@@ -222,10 +225,26 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
-    from .data import ensure_fashion_mnist
-
+    """Find Fashion-MNIST; when it is nowhere, install Debian's `dataset-fashion-mnist` with apt-get (as root, or
+    through passwordless sudo) and look again (then torchvision's download too). Every failure is one line."""
     try:
-        root = ensure_fashion_mnist()
+        try:
+            root = fashion_mnist_root(download=False)
+        except FileNotFoundError:
+            if shutil.which("apt-get") is None:
+                raise
+            prefix = [] if os.geteuid() == 0 else ["sudo", "-n"]
+            if prefix and shutil.which("sudo") is None:
+                raise FileNotFoundError("Fashion-MNIST is missing and apt-get needs root: run "
+                                        "`sudo apt-get install dataset-fashion-mnist`, or see `mcmi-lab data --help`")
+            env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+            print("installing Debian package dataset-fashion-mnist ...", flush=True)
+            for cmd in (["apt-get", "install", "-y", "-q", "dataset-fashion-mnist"],
+                        ["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "dataset-fashion-mnist"]):
+                done = subprocess.run(prefix + cmd, env=env, stdout=subprocess.DEVNULL).returncode == 0
+                if done and "install" in cmd:
+                    break
+            root = fashion_mnist_root(download=True)
     except Exception as err:  # one clear message, not a traceback
         print(f"mcmi-lab: {err}", file=sys.stderr)
         return 1

@@ -143,7 +143,7 @@ def _value(text: str) -> Any:
 
 def add_train_command(subparsers) -> argparse.ArgumentParser:
     """Add the ``train`` command to an argparse `subparsers` (``mcmi-lab train``); returns its parser."""
-    from .data import DATASETS
+    from .datasets import DATASETS
     from .models import MODELS
 
     p = subparsers.add_parser("train", help="train a teacher (mll), fine-tune it (mcmi) or distil a student (kd); "
@@ -268,7 +268,8 @@ def run_training(args: argparse.Namespace) -> dict:
 
 def _load_data(args, rank: int):
     from . import distributed as dist_utils
-    from .data import few_shot, load_dataset, omit_classes, subset
+    from .data import few_shot, omit_classes, subset
+    from .datasets import load_dataset
 
     for turn in (0, 1):  # rank 0 first: it may lay out the cache that the others then read
         if (rank == 0) == (turn == 0):

@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
-from .data import DATASETS
+from .datasets import check_dataset, dataset_classes
 from .kd import KD_METHODS
 from .models import MODELS
 from .objectives import UPDATES
@@ -40,8 +40,6 @@ def notebook_needs(name: str) -> tuple[str, ...]:
 
 #: Teachers written by 01_teachers: MLL, the three fair controls, and MCMI.
 TEACHERS = ("mll", "control", "label_smoothing", "temperature", "mcmi")
-#: Number of classes of the named data sets, to check omitted classes before anything is loaded.
-DATASET_CLASSES = {"fashion-mnist": 10, "cifar10": 10, "cifar100": 100, "synthetic": 10}
 
 
 # ---- checks: each raises one ValueError line naming the parameter, the value and what is accepted -------------
@@ -102,7 +100,7 @@ def _omit_sets(name, value, params):
     if not isinstance(value, list) or not value:
         raise ValueError(f"{name}={value!r} is not accepted: expected a non-empty list of classes or class lists, "
                          "e.g. [3, [0, 3, 6]]")
-    k = DATASET_CLASSES.get(params.get("dataset"))
+    k = dataset_classes(params.get("dataset"))
     for i, item in enumerate(value):
         classes = item if isinstance(item, list) else [item]
         for c in classes:
@@ -131,7 +129,8 @@ PARAMETERS: dict[str, Parameter] = {
     "device": Parameter(None, _optional(_str), "torch device (None: cuda > mps > cpu)"),
     "interactive": Parameter(True, _bool, "show widgets and progress bars (mcmi-lab run sets false)"),
     # data
-    "dataset": Parameter("fashion-mnist", _choice(lambda: list(DATASETS)), "data set name (data.DATASETS)"),
+    "dataset": Parameter("fashion-mnist", lambda name, value, params: check_dataset(value, name),
+                         "data set name (data.DATASETS)"),
     "data_root": Parameter(None, _optional(_str), "directory holding the data set (None: the usual places)"),
     "train_size": Parameter(10000, _optional(_int(1)), "training samples (class-interleaved subset; None: all)"),
     "test_size": Parameter(None, _optional(_int(1)), "test samples (None: all)"),

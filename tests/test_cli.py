@@ -213,16 +213,15 @@ def test_schedule_respects_needs_and_job_count():
 
 
 def test_data_command_reports_success_and_failure(monkeypatch, capsys, tmp_path):
-    import mcmi_lab.data as data
-
-    monkeypatch.setattr(data, "ensure_fashion_mnist", lambda: tmp_path)
+    monkeypatch.setattr(cli, "fashion_mnist_root", lambda download: tmp_path)
     assert cli.main(["data"]) == 0
     assert str(tmp_path / "FashionMNIST" / "raw") in capsys.readouterr().out
 
-    def missing():
+    def missing(download):
         raise FileNotFoundError("Fashion-MNIST was not found. Get it one of three ways: ...")
 
-    monkeypatch.setattr(data, "ensure_fashion_mnist", missing)
+    monkeypatch.setattr(cli, "fashion_mnist_root", missing)
+    monkeypatch.setattr(cli.shutil, "which", lambda name: None)  # no apt-get here: the error, not an install
     assert cli.main(["data"]) == 1
     assert capsys.readouterr().err.strip() == "mcmi-lab: Fashion-MNIST was not found. Get it one of three ways: ..."
 

@@ -223,7 +223,7 @@ def test_sync_bn_on_cpu_is_one_clear_line(two_ranks):
 # ---- the launcher ---------------------------------------------------------------------------------------------------
 
 def test_torchrun_launcher_trains_resumes_and_writes_on_rank_zero(tmp_path):
-    from mcmi_lab.data import fashion_mnist_root
+    from mcmi_lab.datasets import fashion_mnist_root
 
     fashion_mnist_root(download=False)  # the data must be here (`make data`); fails with the three ways to get it
     out = tmp_path / "run"

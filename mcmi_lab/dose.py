@@ -25,21 +25,12 @@ from .cmi import conditional_mutual_information, probabilities
 from .data import ImageData
 from .evaluate import measure_cmi, predict
 from .models.wrappers import TemperatureScaled
+from .objectives import check_target_cmi
 from .recipes import finetune_label_smoothing
 from .utils import check_float, check_int
 
 #: A dose reached within this relative distance of its target counts as matched (±25%, the controller's bound).
 DOSE_TOLERANCE = 0.25
-
-
-def check_target_cmi(target_cmi: float, num_classes: int) -> float:
-    """A CMI target must lie in (0, log K): one line naming the bound otherwise."""
-    if isinstance(target_cmi, bool) or not isinstance(target_cmi, (int, float)) or not math.isfinite(target_cmi):
-        raise ValueError(f"target_cmi={target_cmi!r} is not accepted: expected a number in (0, log K)")
-    if not 0 < target_cmi < math.log(num_classes):
-        raise ValueError(f"target_cmi={target_cmi!r} is not accepted: expected a number in (0, log K) = "
-                         f"(0, {math.log(num_classes):.4f}) nats for {num_classes} classes")
-    return float(target_cmi)
 
 
 def matched(reached: float, target: float, tolerance: float = DOSE_TOLERANCE) -> bool:

@@ -78,6 +78,16 @@ UPDATES = ("running", "epoch", "frozen", "ema")
 REFRESH_STEPS = 100
 
 
+def check_target_cmi(target_cmi: float, num_classes: int) -> float:
+    """A CMI target must lie in (0, log K): one line naming the bound otherwise."""
+    if isinstance(target_cmi, bool) or not isinstance(target_cmi, (int, float)) or not math.isfinite(target_cmi):
+        raise ValueError(f"target_cmi={target_cmi!r} is not accepted: expected a number in (0, log K)")
+    if not 0 < target_cmi < math.log(num_classes):
+        raise ValueError(f"target_cmi={target_cmi!r} is not accepted: expected a number in (0, log K) = "
+                         f"(0, {math.log(num_classes):.4f}) nats for {num_classes} classes")
+    return float(target_cmi)
+
+
 class MCMIObjective(Objective):
     """CE − λ·KL(P_x ‖ Q_y) with centroids Q treated as constants (DESIGN.md §2).
 
@@ -141,9 +151,7 @@ class MCMIObjective(Objective):
             raise ValueError(f"data with empty classes {empty} is not accepted for MCMI training: every class needs "
                              "samples to define its centroid")
         if self.target_cmi is not None:
-            if self.target_cmi >= math.log(data.num_classes):
-                raise ValueError(f"target_cmi={self.target_cmi!r} is not accepted: expected a number in (0, log K) = "
-                                 f"(0, {math.log(data.num_classes):.4f}) nats for {data.num_classes} classes")
+            check_target_cmi(self.target_cmi, data.num_classes)
             self._probe = data if len(data) <= self.probe_size else subset(data, self.probe_size, seed=0)
 
     def _control(self, model) -> None:

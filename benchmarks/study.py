@@ -54,17 +54,17 @@ def run_seed(seed: int, a: argparse.Namespace, log: dict) -> None:
         acc = evaluate(t, test)["accuracy"]
         log["teacher_acc"].setdefault(name, []).append(acc)
         student = step(f"KD student from {name}", lambda: train_student(
-            t, train, "kd", "cnn_tiny", a.student_epochs, seed=s["student"], **common))
+            t, train, "kd", "cnn_tiny", a.student_epochs, seed=s["student"], **common)[0])
         log["student_acc"].setdefault(name, []).append(evaluate(student, test)["accuracy"])
     for name in ("control", "mcmi"):
         for frac in (0.05, 0.1):
             step(f"few-shot {frac:g} from {name}", lambda: train_student(
                 teachers[name], few_shot(train, frac, s["student"]), "kd", "cnn_tiny", a.student_epochs,
-                seed=s["student"], **common))
+                seed=s["student"], **common)[0])
         for omit in ([3], [0, 3, 6]):
             step(f"zero-shot {omit} from {name}", lambda: train_student(
                 teachers[name], omit_classes(train, omit), "kd", "cnn_tiny", a.student_epochs, seed=s["student"],
-                **common))
+                **common)[0])
 
 
 def main(argv=None) -> dict:

@@ -23,7 +23,11 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
+from matplotlib.figure import Figure
+
 from .features import restoring_modes
+from .models import cam_layer
+from .plots import save_figure
 from .utils import check_float, check_int
 
 __all__ = [
@@ -79,14 +83,9 @@ def default_target_layer(model: nn.Module) -> str:
     """Name of the default Eigen-CAM layer: ``mcmi_lab.models.cam_layer(model)`` where it knows the model, else the
     last top-level child that contains a Conv2d (the last convolutional stage of a plain CNN)."""
     try:
-        from .models import cam_layer
-    except (ImportError, AttributeError):
-        cam_layer = None
-    if cam_layer is not None:
-        try:
-            return cam_layer(model)
-        except (ValueError, KeyError, LookupError, TypeError, AttributeError):
-            pass  # not a zoo model: use the plain rule below
+        return cam_layer(model)
+    except (ValueError, KeyError, LookupError, TypeError, AttributeError):
+        pass  # not a zoo model: use the plain rule below
     conv_children = [name for name, child in model.named_children()
                      if any(isinstance(m, nn.Conv2d) for m in child.modules())]
     if not conv_children:
@@ -288,10 +287,6 @@ def plot_cam_grid(images: torch.Tensor, models: Mapping[str, nn.Module], data=No
     data: an ImageData or a (mean, std) pair, used to show the inputs de-normalised. -> matplotlib Figure
     (saved atomically when `path` is given).
     """
-    from matplotlib.figure import Figure
-
-    from .plots import save_figure
-
     if isinstance(images, torch.Tensor) and images.dtype == torch.uint8:
         if not hasattr(data, "normalize"):
             raise ValueError("uint8 images are not accepted without data=ImageData: expected normalised inputs")

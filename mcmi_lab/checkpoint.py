@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .models import build_model
 from .utils import atomic_write
 
 FORMAT = "mcmi_lab/1"
@@ -87,8 +88,6 @@ def save_model(path: str | os.PathLike, model: nn.Module, **extra: Any) -> Path:
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild a model saved by :func:`save_model` (or a training checkpoint of a `build_model` model)."""
-    from .models import build_model
-
     state = load_checkpoint(path)
     spec = state.get("spec")
     if not spec:

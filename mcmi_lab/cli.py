@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -25,8 +24,11 @@ from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
 
 from .datasets import fashion_mnist_root
+from .launch import add_train_command
 from .pipelines import (PARAMETERS, PIPELINES, START_ORDER, get_pipeline, notebook_needs, parse_value,
                         resolve_parameters)
+from .report import build_report
+from .runs import describe_device, merge_results, now, seed_dir, write_run_info
 
 #: Where the notebooks are: $MCMI_LAB_NOTEBOOKS, else ``notebooks/`` next to the package (a source checkout).
 NOTEBOOKS_ENV = "MCMI_LAB_NOTEBOOKS"
@@ -148,9 +150,6 @@ def run_pipeline(pipeline: str, out: str | os.PathLike, overrides: Mapping | Non
     seeds (default: the pipeline's); notebooks: a subset of the pipeline's notebooks; jobs: notebooks executed at
     once (default :func:`default_jobs`), each kernel with cores / jobs threads.
     """
-    from .report import build_report
-    from .runs import describe_device, merge_results, now, seed_dir, write_run_info
-
     pipe = get_pipeline(pipeline)
     params = resolve_parameters(pipe, {"interactive": False, **dict(overrides or {})})
     seeds = list(pipe.seeds if seeds is None else seeds)
@@ -253,8 +252,6 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from .report import build_report
-
     md, page = build_report(args.dir)
     print(f"mcmi-lab: report written to {page} (and {md})")
     return 0
@@ -284,12 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("dir", type=Path, help="run folder written by `mcmi-lab run`")
     report.set_defaults(func=_cmd_report)
 
-    # ---- `mcmi-lab train` (torchrun, resumable training) lives in mcmi_lab/launch.py -----------------------------
-    # launch.add_train_command(subparsers) adds its parser with set_defaults(func=callable(args) -> exit status).
-    if importlib.util.find_spec(f"{__package__}.launch") is not None:
-        from .launch import add_train_command
-
-        add_train_command(sub)
+    add_train_command(sub)  # `mcmi-lab train` (torchrun, resumable training): mcmi_lab/launch.py
     return parser
 
 

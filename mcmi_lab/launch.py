@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import ast
-import dataclasses
+import inspect
 import os
 import subprocess
 import sys
@@ -24,9 +24,17 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
+from . import distributed as dist_utils
+from .checkpoint import load_checkpoint, load_model, save_model
+from .data import few_shot, omit_classes, subset
+from .datasets import DATASETS, load_dataset
+from .evaluate import evaluate
+from .kd import KD_METHODS, method_hparams
+from .models import MODELS
 from .objectives import REFRESH_STEPS, UPDATES
-from .train import COMPILE_MODES
-from .utils import check_float, check_int
+from .recipes import finetune_mcmi, train_student, train_teacher
+from .train import COMPILE_MODES, TrainConfig
+from .utils import check_float, check_int, get_device, write_json
 
 OBJECTIVES = ("mll", "mcmi", "kd")
 LAUNCHER_OPTIONS = ("nproc", "nnodes", "node_rank", "master_addr", "master_port")
@@ -55,8 +63,6 @@ def init_distributed(device: str | torch.device | None = None, backend: str | No
     Outside torchrun (or with WORLD_SIZE=1) nothing is initialised. The device is `device`, else cuda:LOCAL_RANK when
     CUDA is there, else the CPU; the backend is nccl for CUDA and gloo otherwise, unless `backend` says.
     """
-    from .utils import get_device
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if world <= 1:
@@ -141,11 +147,12 @@ def _value(text: str) -> Any:
         return text
 
 
+def _default(recipe, name: str):
+    return inspect.signature(recipe).parameters[name].default
+
+
 def add_train_command(subparsers) -> argparse.ArgumentParser:
     """Add the ``train`` command to an argparse `subparsers` (``mcmi-lab train``); returns its parser."""
-    from .datasets import DATASETS
-    from .models import MODELS
-
     p = subparsers.add_parser("train", help="train a teacher (mll), fine-tune it (mcmi) or distil a student (kd); "
                               "--nproc N for DistributedDataParallel", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -155,14 +162,18 @@ def add_train_command(subparsers) -> argparse.ArgumentParser:
                    "kd (distil --teacher into --model)")
     g.add_argument("--data", choices=sorted(DATASETS), default="fashion-mnist")
     g.add_argument("--data-root", help="directory holding the data set files")
-    g.add_argument("--model", choices=list(MODELS), help="architecture (default cnn_small; mcmi: the teacher's)")
+    g.add_argument("--model", choices=list(MODELS), help=f"architecture (default {_default(train_teacher, 'model')} "
+                   f"(mll), {_default(train_student, 'model')} (kd); mcmi: the teacher's)")
     g.add_argument("--width", type=pos_int("--width"), help="width of cnn_small / cnn_tiny")
     g.add_argument("--teacher", type=Path, help="model.pt of the teacher (mcmi: the model fine-tuned; kd: distilled)")
-    g.add_argument("--lam", type=_typed(check_float, "--lam", 0.0), default=0.2, help="mcmi: λ of CE − λ·KL (0.2)")
+    dose = g.add_mutually_exclusive_group()
+    dose.add_argument("--lam", type=_typed(check_float, "--lam", 0.0), help="mcmi: a fixed λ of CE − λ·KL")
+    dose.add_argument("--target-cmi", type=pos_float("--target-cmi"), metavar="NATS", help="mcmi: the dose "
+                      "instead of λ: λ is adapted so that the train CMI reaches NATS (in (0, log K))")
     g.add_argument("--update", choices=UPDATES, default=UPDATES[0], help="mcmi: centroid update")
     g.add_argument("--refresh-steps", type=pos_int("--refresh-steps"), default=None,
                    help=f"mcmi, update running: steps between centroid refreshes (default {REFRESH_STEPS})")
-    g.add_argument("--method", default="kd", help="kd: KD method (kd, fitnet, at, crd, dkd, ...; default kd)")
+    g.add_argument("--method", default="kd", help=f"kd: KD method ({', '.join(KD_METHODS)}; default kd)")
     g.add_argument("--temperature", type=pos_float("--temperature"), help="kd: temperature (default 4)")
     g.add_argument("--hparam", nargs=2, action="append", metavar=("NAME", "VALUE"), help="kd: a method "
                    "hyper-parameter (repeatable)")
@@ -176,13 +187,17 @@ def add_train_command(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--eval-subset", type=pos_int("--eval-subset"), help="evaluate on N test samples")
     g.add_argument("--no-eval", action="store_true", help="no test-set evaluation")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=pos_int("--epochs"), help="default 240 (mll, kd) or 20 (mcmi)")
-    g.add_argument("--batch-size", type=pos_int("--batch-size"), default=64, help="per process")
-    g.add_argument("--lr", type=pos_float("--lr"), default=0.05)
-    g.add_argument("--schedule", choices=("step", "cosine", "constant"), help="default cosine (mcmi), else step")
-    g.add_argument("--weight-decay", type=_typed(check_float, "--weight-decay", 0.0), default=5e-4)
+    # defaults: the recipe's (recipes.train_teacher, finetune_mcmi, train_student), read from their signatures
+    g.add_argument("--epochs", type=pos_int("--epochs"), help=f"default {_default(train_teacher, 'epochs')} (mll), "
+                   f"{_default(finetune_mcmi, 'epochs')} (mcmi), {_default(train_student, 'epochs')} (kd)")
+    g.add_argument("--batch-size", type=pos_int("--batch-size"), help=f"per process (default {TrainConfig.batch_size})")
+    g.add_argument("--lr", type=pos_float("--lr"), help=f"default {TrainConfig.lr}")
+    g.add_argument("--schedule", choices=("step", "cosine", "constant"),
+                   help=f"default {_default(finetune_mcmi, 'schedule')} (mcmi), else {TrainConfig.schedule}")
+    g.add_argument("--weight-decay", type=_typed(check_float, "--weight-decay", 0.0),
+                   help=f"default {TrainConfig.weight_decay}")
     g.add_argument("--no-augment", action="store_true")
-    g.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
+    g.add_argument("--precision", choices=("auto", "fp32", "bf16"), help=f"default {TrainConfig.precision}")
     g.add_argument("--seed", type=_typed(check_int, "--seed", 0), default=0)
     g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK, else cpu)")
     g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (CUDA only)")
@@ -227,14 +242,28 @@ def check_train_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--objective {args.objective} needs --teacher PATH (a model.pt written by train)")
     if args.objective == "mll" and args.teacher is not None:
         raise ValueError("--teacher is not accepted with --objective mll: expected --objective mcmi or kd")
+    if args.objective != "mcmi" and (args.lam is not None or args.target_cmi is not None):
+        raise ValueError(f"--lam and --target-cmi are not accepted with --objective {args.objective}: they configure "
+                         "--objective mcmi")
     if args.objective != "kd" and (args.method != "kd" or args.hparam or args.temperature is not None):
         raise ValueError("--method, --hparam and --temperature are not accepted with --objective "
                          f"{args.objective}: they configure --objective kd")
+    if args.objective == "kd":
+        if args.method not in KD_METHODS:
+            raise ValueError(f"--method {args.method} is not accepted: expected one of {', '.join(KD_METHODS)}")
+        accepted = method_hparams(args.method)
+        for name, value in args.hparam or []:
+            if name not in accepted or name == "temperature":
+                raise ValueError(f"--hparam {name} {value} is not accepted for --method {args.method}: expected one of "
+                                 f"{', '.join(k for k in accepted if k != 'temperature') or '(none)'} "
+                                 "(the temperature is --temperature)")
     if args.refresh_steps is not None and (args.objective != "mcmi" or args.update != "running"):
         raise ValueError(f"--refresh-steps is not accepted with --objective {args.objective} --update {args.update}: "
                          "it sets how often --objective mcmi --update running refreshes the centroids")
     if args.teacher is not None and not Path(args.teacher).is_file():
         raise FileNotFoundError(f"--teacher {str(args.teacher)!r} does not exist: expected a model.pt written by train")
+    if args.objective == "mcmi" and args.lam is None and args.target_cmi is None:
+        raise ValueError("--objective mcmi needs --lam L (a fixed λ >= 0) or --target-cmi C (a CMI dose in nats)")
     if args.nnodes > 1 and not args.master_addr:
         raise ValueError(f"--nnodes {args.nnodes} needs --master-addr: the address of node 0")
     if args.node_rank >= args.nnodes:
@@ -267,10 +296,6 @@ def run_training(args: argparse.Namespace) -> dict:
 
 
 def _load_data(args, rank: int):
-    from . import distributed as dist_utils
-    from .data import few_shot, omit_classes, subset
-    from .datasets import load_dataset
-
     for turn in (0, 1):  # rank 0 first: it may lay out the cache that the others then read
         if (rank == 0) == (turn == 0):
             train = load_dataset(args.data, "train", root=args.data_root)
@@ -287,62 +312,59 @@ def _load_data(args, rank: int):
     return train, test
 
 
-def _build(args, data, device):
-    from .checkpoint import load_model
-    from .models import build_model
-    from .objectives import kd_objective, mcmi_objective, mll_objective
-    from .utils import set_seed
+def _fit_options(args, info: DistInfo) -> dict:
+    """The TrainConfig fields this command line sets; the recipe's defaults stand for the others."""
+    given = {"batch_size": args.batch_size, "lr": args.lr, "schedule": args.schedule,
+             "weight_decay": args.weight_decay, "precision": args.precision, "compile": args.compile}
+    options = {k: v for k, v in given.items() if v is not None}
+    return {**options, "augment": not args.no_augment, "sync_bn": args.sync_bn, "device": str(info.device)}
 
-    teacher = load_model(args.teacher, device) if args.teacher is not None else None
-    if teacher is not None and teacher.spec["num_classes"] != data.num_classes:
+
+def _teacher(args, data, device):
+    teacher = load_model(args.teacher, device)
+    if teacher.spec["num_classes"] != data.num_classes:
         raise ValueError(f"--teacher {str(args.teacher)!r} has {teacher.spec['num_classes']} classes: expected "
                          f"{data.num_classes}, the classes of --data {args.data}")
-    if args.objective == "mcmi":
-        if args.model is not None and args.model != teacher.spec["name"]:
-            raise ValueError(f"--model {args.model} is not accepted with --objective mcmi: the model fine-tuned is the "
-                             f"teacher ({teacher.spec['name']})")
-        return teacher, mcmi_objective(args.lam, update=args.update, refresh_steps=args.refresh_steps)
-    set_seed(args.seed)  # the initial weights are a function of the seed
-    width = {} if args.width is None else {"width": args.width}
-    model = build_model(args.model or "cnn_small", data.num_classes, data.in_channels, **width)
+    if args.objective == "mcmi" and args.model is not None and args.model != teacher.spec["name"]:
+        raise ValueError(f"--model {args.model} is not accepted with --objective mcmi: the model fine-tuned is the "
+                         f"teacher ({teacher.spec['name']})")
+    return teacher
+
+
+def _run_recipe(args, train, test, info: DistInfo):
+    """The recipe of --objective: train_teacher (mll), finetune_mcmi (mcmi) or train_student (kd). -> (model, hist)"""
+    common = {"seed": args.seed, "eval_data": test, "checkpoint": Path(args.out) / "checkpoint.pt",
+              "resume": args.resume, **_fit_options(args, info)}
+    if args.epochs is not None:
+        common["epochs"] = args.epochs
+    width = {} if args.width is None else {"model_kwargs": {"width": args.width}}
     if args.objective == "mll":
-        return model, mll_objective(args.label_smoothing)
+        return train_teacher(train, args.model or "cnn_small", label_smoothing=args.label_smoothing, **width,
+                             **common)
+    teacher = _teacher(args, train, info.device)
+    if args.objective == "mcmi":
+        return finetune_mcmi(teacher, train, args.lam, target_cmi=args.target_cmi, update=args.update,
+                             refresh_steps=args.refresh_steps, **common)
     hparams = {name: _value(v) for name, v in (args.hparam or [])}
     if args.temperature is not None:
         hparams["temperature"] = args.temperature
-    try:
-        from .kd import kd_method_objective
-    except ImportError:  # a checkout without the KD methods: Hinton KD only
-        if args.method != "kd":
-            raise ValueError(f"--method {args.method} is not accepted: expected kd (mcmi_lab.kd is missing)") from None
-        return model, kd_objective(teacher, **hparams)
-    return model, kd_method_objective(args.method, teacher, **hparams)
+    model = {} if args.model is None else {"model": args.model}
+    return train_student(teacher, train, args.method, **model, **width, **hparams, **common)
 
 
 def _train(args, info: DistInfo) -> dict:
-    from .checkpoint import save_model
-    from .evaluate import evaluate
-    from .train import TrainConfig, fit
-    from .utils import write_json
-
     out = Path(args.out)
     train, test = _load_data(args, info.rank)
-    model, objective = _build(args, train, info.device)
-    mcmi = args.objective == "mcmi"
-    cfg = TrainConfig(epochs=args.epochs or (20 if mcmi else 240), batch_size=args.batch_size, lr=args.lr,
-                      schedule=args.schedule or ("cosine" if mcmi else "step"), weight_decay=args.weight_decay,
-                      augment=not args.no_augment, precision=args.precision, seed=args.seed, device=str(info.device),
-                      sync_bn=args.sync_bn, compile=args.compile or False)
     if info.rank == 0:
         print(f"train {args.objective}: {len(train)} {train.name} images, {info.world_size} process(es) on "
               f"{info.device} ({info.backend or 'no process group'}), out {out}", flush=True)
-    history = fit(model, train, objective, cfg, eval_data=test, checkpoint=out / "checkpoint.pt", resume=args.resume)
+    model, history = _run_recipe(args, train, test, info)
     # rank 0 alone writes the results, so it alone evaluates (every rank holds the same weights after fit)
     metrics = evaluate(model, test) if test is not None and info.rank == 0 else None
     results = {"objective": args.objective, "method": args.method if args.objective == "kd" else None,
                "data": args.data, "train_size": len(train), "model": dict(model.spec),
                "teacher": str(args.teacher) if args.teacher else None, "world_size": info.world_size,
-               "backend": info.backend, "device": str(info.device), "config": dataclasses.asdict(cfg),
+               "backend": info.backend, "device": str(info.device), "config": load_checkpoint(out / "checkpoint.pt")["config"],
                "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"},
                "history": history, "test": metrics}
     if info.rank == 0:
@@ -350,8 +372,6 @@ def _train(args, info: DistInfo) -> dict:
         write_json(out / "results.json", results)
         summary = f"test accuracy {metrics['accuracy']:.4f}, CMI {metrics['cmi']:.4f}; " if metrics else ""
         print(f"{summary}wrote {out / 'model.pt'} and {out / 'results.json'}", flush=True)
-    from . import distributed as dist_utils
-
     dist_utils.barrier()
     return results
 

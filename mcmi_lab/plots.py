@@ -17,7 +17,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from .stats import mean_std
+from .stats import mean_std, paired_difference
 from .utils import atomic_write, check_choice
 
 __all__ = [
@@ -354,8 +354,6 @@ METHOD_LABELS = {"control": "control (λ = 0)", "mcmi": "MCMI (CMI target)", "la
 def dose_points(rows: Sequence[Mapping], y: str, x: str = "train_cmi") -> dict[str, list[dict]]:
     """Per method, per dose: x and y over the seeds with the mean and a 95% t interval of y (the control, one
     dose, joins every method's line as its first point). rows: dose-response rows with "method", "dose", "seed"."""
-    from .stats import paired_difference
-
     groups: dict[str, dict] = defaultdict(lambda: defaultdict(lambda: {"x": [], "y": []}))
     for r in rows:
         if _number(r.get(x)) is not None and _number(r.get(y)) is not None:

@@ -133,19 +133,20 @@ def load_run_data(dataset: str = "fashion-mnist", train_size: int | None = None,
 
 def train_student(teacher: nn.Module | None, data: ImageData, method: str = "kd", model: str = "cnn_tiny",
                   epochs: int = 10, *, seed: int = 0, temperature: float = 4.0, lr: float = 0.05,
-                  model_kwargs: dict | None = None, **fit_kwargs) -> nn.Module:
+                  model_kwargs: dict | None = None, **fit_kwargs) -> tuple[nn.Module, list[dict]]:
     """A fresh `model` (initialised from `seed`) distilled from `teacher` with KD `method` (``kd.KD_METHODS``, their
     literature defaults at temperature T); ``teacher=None`` or ``method="ce"`` trains it on the labels alone (the
     no-teacher baseline). The recipe is the same for every teacher (DESIGN.md §2): SGD `lr`, step schedule,
-    `epochs`, data order from `seed`. `fit_kwargs`: TrainConfig fields (batch_size, device, ...)."""
+    `epochs`, data order from `seed`. `fit_kwargs`: TrainConfig fields (batch_size, device, ...), fit's keywords
+    (eval_data, checkpoint, resume) and the method's hyper-parameters (``beta=...``). Returns (student, history)."""
     set_seed(seed)
     student = build_model(model, data.num_classes, data.in_channels, **(model_kwargs or {}))
     cfg = TrainConfig(epochs=epochs, seed=seed, lr=lr)
     if teacher is None or method == "ce":
-        fit(student, data, mll_objective(), cfg, **fit_kwargs)
+        hist = distill(student, teacher, data, "ce", cfg, **fit_kwargs)
     else:
-        distill(student, teacher, data, method, cfg, temperature=temperature, **fit_kwargs)
-    return student
+        hist = distill(student, teacher, data, method, cfg, temperature=temperature, **fit_kwargs)
+    return student, hist
 
 
 def model_metrics(model: nn.Module, train: ImageData, test: ImageData) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from .plots import plot_cmi_bars, plot_fraction_curve, plot_lambda_sweep, plot_student_vs_teacher_cmi
 from .runs import RESULTS, collect_results, seed_dirs
 from .stats import format_mean_std, mean_std, paired_difference
 from .utils import write_json, write_text
@@ -310,8 +311,6 @@ def _save(rep: _Report, name: str, draw: Callable[[Path], Any]) -> Path | None:
 
 def _summary_figures(rep: _Report) -> list[tuple[Path | None, str]]:
     """Figures over all seeds, drawn from results.json, plus the first seed's own figures."""
-    from .plots import plot_cmi_bars, plot_fraction_curve, plot_lambda_sweep, plot_student_vs_teacher_cmi
-
     figs = []
     teachers = seed_rows(rep.results, "01_teachers", "teachers")
     if teachers:

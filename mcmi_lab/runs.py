@@ -24,7 +24,7 @@ from torch import nn
 
 from .checkpoint import load_checkpoint, load_model, save_model
 from .models.wrappers import TemperatureScaled
-from .utils import write_json
+from .utils import get_device, write_json
 
 RUN_INFO = "run.json"
 RESULTS = "results.json"
@@ -40,8 +40,6 @@ def now() -> str:
 
 def describe_device(device: str | torch.device | None = None) -> str:
     """"cuda (NVIDIA H100 ...)" / "cpu (x86_64, 2 threads)": what the numbers were computed on."""
-    from .utils import get_device
-
     dev = get_device(device)
     if dev.type == "cuda":
         try:

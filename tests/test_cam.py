@@ -1,8 +1,6 @@
 """Eigen-CAM on top of grad-cam: sign correction, scaling, hooks and modes restored, statistics, tables, figure."""
 import math
 import os
-import sys
-import types
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 
@@ -14,6 +12,7 @@ from torch import nn
 
 from mcmi_lab import cam
 from mcmi_lab.data import from_tensors
+from mcmi_lab.models import build_model, cam_layer
 
 
 def tiny_cnn(seed: int = 0, classes: int = 3, channels: int = 1, stride: int = 1) -> nn.Sequential:
@@ -147,17 +146,14 @@ def test_target_layer_by_name_or_module_and_bad_layers():
 
 
 def test_default_layer_fallback_and_zoo_rule(monkeypatch):
-    model = tiny_cnn()
-    monkeypatch.setitem(sys.modules, "mcmi_lab.models", None)  # models package absent: ImportError
+    model = tiny_cnn()  # not a zoo model: the last top-level child holding a Conv2d
     assert cam.default_target_layer(model) == "2"
     with pytest.raises(ValueError, match="without target_layer"):
         cam.default_target_layer(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)))
-    zoo = types.ModuleType("mcmi_lab.models")
-    zoo.cam_layer = lambda m: "0"
-    monkeypatch.setitem(sys.modules, "mcmi_lab.models", zoo)
+    zoo = build_model("resnet8", 10, 3)  # a zoo model: the layer models.cam_layer names
+    assert cam.default_target_layer(zoo) == cam_layer(zoo)
+    monkeypatch.setattr(cam, "cam_layer", lambda m: "0")
     assert cam.default_target_layer(model) == "0"
-    zoo.cam_layer = lambda m: (_ for _ in ()).throw(ValueError("not a zoo model"))
-    assert cam.default_target_layer(model) == "2"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -393,6 +393,77 @@ def test_crd_objective_against_plain_nce_and_memory_update():
     assert torch.equal(obj.memory_s[untouched], mem_s[untouched])
 
 
+def crd_prepared(labels, nce_k):
+    """A CRD objective prepared for data with `labels` (4 classes)."""
+    student, teacher = pair()
+    images = torch.zeros(len(labels), 1, 16, 16, dtype=torch.uint8)
+    data = from_tensors(images, torch.as_tensor(labels), 4)
+    obj = CRDObjective(teacher, nce_k=nce_k, feat_dim=4)
+    obj.prepare(student, data)
+    return obj, data.labels
+
+
+def other_classes(all_labels, label):
+    return set((all_labels != label).nonzero().flatten().tolist())
+
+
+def test_crd_negatives_are_distinct_when_the_other_classes_suffice():
+    """RepDistiller's CIFAR100InstanceSample: np.random.choice(cls_negative[target], k, replace=k > len(...))."""
+    obj, all_labels = crd_prepared(torch.arange(64) % 4, nce_k=20)  # 48 negatives per class
+    labels = torch.tensor([0, 1, 2, 3] * 25)
+    torch.manual_seed(0)
+    neg = obj.sample_negatives(labels)
+    assert neg.shape == (100, 20) and neg.dtype == torch.long
+    for row, label in zip(neg.tolist(), labels.tolist()):
+        assert len(set(row)) == 20  # without replacement
+        assert set(row) <= other_classes(all_labels, label)  # never the anchor, never its class
+    assert set(neg[labels == 0].flatten().tolist()) == other_classes(all_labels, 0)
+    torch.manual_seed(0)
+    assert torch.equal(obj.sample_negatives(labels), neg)  # the global seed fixes the draw
+    # nce_k equal to the negatives available: every row is a permutation of exactly the other classes' samples
+    obj, all_labels = crd_prepared(torch.arange(64) % 4, nce_k=48)
+    for row, label in zip(obj.sample_negatives(labels).tolist(), labels.tolist()):
+        assert sorted(row) == sorted(other_classes(all_labels, label))
+
+
+def test_crd_negatives_are_uniform_subsets():
+    obj, all_labels = crd_prepared(torch.arange(64) % 4, nce_k=24)
+    torch.manual_seed(0)
+    neg = obj.sample_negatives(torch.zeros(2000, dtype=torch.long))
+    hits = torch.bincount(neg.flatten(), minlength=64)
+    allowed = sorted(other_classes(all_labels, 0))
+    assert hits[all_labels == 0].sum() == 0
+    assert (hits[allowed] - 1000).abs().max() < 100  # 2000 rows · 24/48 each; binomial std 22
+
+
+def test_crd_negatives_with_replacement_when_the_other_classes_are_fewer():
+    obj, all_labels = crd_prepared(torch.arange(64) % 4, nce_k=100)  # 48 negatives per class < 100
+    labels = torch.tensor([0, 1, 2, 3] * 10)
+    torch.manual_seed(0)
+    neg = obj.sample_negatives(labels)
+    assert neg.shape == (40, 100)
+    for row, label in zip(neg.tolist(), labels.tolist()):
+        assert set(row) <= other_classes(all_labels, label)
+    for label in range(4):  # 1000 draws over 48 samples: every one drawn
+        assert set(neg[labels == label].flatten().tolist()) == other_classes(all_labels, label)
+
+
+def test_crd_negatives_per_row_when_only_some_classes_suffice():
+    """Class 0 holds 40 of 64 samples: its rows have 24 negatives (< nce_k 30, with replacement), the others 56."""
+    obj, all_labels = crd_prepared(torch.tensor([0] * 40 + [1, 2, 3] * 8), nce_k=30)
+    labels = torch.tensor([0, 1, 2, 3] * 25)
+    torch.manual_seed(0)
+    neg = obj.sample_negatives(labels)
+    assert neg.shape == (100, 30)
+    for row, label in zip(neg.tolist(), labels.tolist()):
+        assert set(row) <= other_classes(all_labels, label)
+        if label == 0:
+            assert len(set(row)) < 30  # 30 draws from 24 samples
+        else:
+            assert len(set(row)) == 30
+    assert set(neg[labels == 0].flatten().tolist()) == other_classes(all_labels, 0)
+
+
 def test_crd_memory_resumes_exactly(tmp_path):
     data = tiny_data(64)
     kw = dict(nce_k=8, feat_dim=4, epochs=2, device="cpu", **FAST)  # CUDA kernels need not be deterministic

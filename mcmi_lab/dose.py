@@ -26,17 +26,8 @@ from .data import ImageData
 from .evaluate import measure_cmi, predict
 from .models.wrappers import TemperatureScaled
 from .objectives import check_target_cmi
-from .recipes import finetune_label_smoothing
+from .recipes import DOSE_TOLERANCE, finetune_label_smoothing, matched
 from .utils import check_float, check_int
-
-#: A dose reached within this relative distance of its target counts as matched (±25%, the controller's bound).
-DOSE_TOLERANCE = 0.25
-
-
-def matched(reached: float, target: float, tolerance: float = DOSE_TOLERANCE) -> bool:
-    """True when `reached` lies within ±`tolerance` (relative) of `target`."""
-    return abs(reached - target) <= tolerance * target
-
 
 # ---- temperature ------------------------------------------------------------------------------------------------
 

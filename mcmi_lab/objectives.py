@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed as dist_utils
-from .data import ImageData, subset
+from .cmi import CMIMeter
+from .data import ImageData, batches, subset
 from .evaluate import measure_cmi
 from .losses import kd_loss, mcmi_loss
 from .runtime import check_model_input, freeze_teacher, memory_format
@@ -76,6 +77,26 @@ def mll_objective(label_smoothing: float = 0.0) -> MLLObjective:
 UPDATES = ("running", "epoch", "frozen", "ema")
 #: Steps between two refreshes of update="running" (it also refreshes at the end of every epoch).
 REFRESH_STEPS = 100
+#: How a full centroid pass runs the model (see MCMIObjective); the first is the default.
+CENTROID_PASSES = ("eval", "reference")
+
+
+def reference_centroids(model: nn.Module, data: ImageData, epoch: int = 0, batch_size: int = 64) -> torch.Tensor:
+    """The class centroids as the authors' reference code computes them: the model in train mode (BatchNorm with
+    batch statistics, and its running statistics updated by the pass) over the shuffled, augmented training
+    batches of `batch_size` (its loader's 64), under no_grad. The model's mode is restored afterwards."""
+    was_training = model.training
+    model.train()
+    meter = CMIMeter(data.num_classes, device=data.device)
+    try:
+        with torch.no_grad():
+            for images, labels in batches(data, batch_size, shuffle=True, augment=True, seed=0, epoch=epoch,
+                                          rank=dist_utils.rank(), world_size=dist_utils.world_size()):
+                meter.update(model(images).float(), labels)
+    finally:
+        model.train(was_training)
+    meter.all_reduce()
+    return meter.compute()["centroids"]
 
 
 def check_target_cmi(target_cmi: float, num_classes: int) -> float:
@@ -94,27 +115,39 @@ class MCMIObjective(Objective):
     update: how the centroids follow the model. All start from one full pass of the starting model.
     "running" (the default) — every `refresh_steps` steps (default :data:`REFRESH_STEPS`) and at the end of every
     epoch, the class means of the training outputs since the last refresh: no extra pass, the outputs are the
-    training steps' own. "epoch" — a full pass at the start of every epoch (costs that pass). "frozen" — the
-    reference code: fixed after the first pass. "ema" — a moving average of batch class means with `ema_decay`.
+    training steps' own. "epoch" — a full pass at the start of every epoch (costs that pass). "frozen" — fixed
+    after the first pass, as in the reference code (whose pass is ``centroid_pass="reference"``). "ema" — a moving average of batch class means with `ema_decay`.
     Why the default: frozen centroids collapsed converged teachers at λ ≥ 0.5; a refresh per epoch was stable on
     70-step epochs but collapsed on 844-step ones, where a running refresh every 100 steps was stable (README,
     "The science, and the defaults we chose").
+    centroid_pass: how the full passes above run the model. "eval" (the default): eval mode on the un-augmented
+    training data: deterministic, no side effect on BatchNorm's running statistics, and the centroids of the model
+    as it is evaluated and distilled from. "reference": as the authors' code (:func:`reference_centroids`): train
+    mode over augmented batches, so BatchNorm uses batch statistics and the pass shifts its running statistics;
+    "frozen" with it is the reference code's centroid step.
     A collapse guard stops the run when the running train accuracy falls below half the starting model's.
 
     target_cmi: instead of a fixed `lam`, hold the model's train CMI at this dose (nats). λ starts at 0 and is
-    adapted by projected dual ascent (the Lagrange multiplier of the constraint CMI ≥ c): every `control_steps`
-    steps the train CMI is measured in eval mode on a fixed stratified probe of the training data (`probe_size`
-    samples; eval mode because BatchNorm's batch statistics make the training batches' own KL overstate the
-    measured CMI 1.3-3x), and λ ← clip(λ + `control_gain`·clip((c − ĉ)/c, −2, 1), 0, `max_lam`). The relative
-    error makes one gain serve every dose; the clip at −2 cuts λ fast when CMI overshoots (the runaway that
-    collapses fixed large λ). λ is a device tensor between updates (no host sync per step) and is logged as "lam".
+    adapted by a proportional-integral controller, the integral part being projected dual ascent on the Lagrange
+    multiplier of the constraint CMI ≥ c: every `control_steps` steps the train CMI ĉ is measured in eval mode on a
+    fixed stratified probe of the training data (`probe_size` samples; eval mode because BatchNorm's batch
+    statistics make the training batches' own KL overstate the measured CMI 1.3-3x), the error is
+    e = clip((s − ĉ)/c, −2, 1) against a set-point s that ramps linearly from the starting CMI to c over the first
+    `ramp_updates` updates, and λ_I ← clip(λ_I + `control_gain`·e, 0, `max_lam`), λ = clip(λ_I + `control_kp`·e,
+    0, `max_lam`). Why this shape (measured on the demo teacher, README): with pure dual ascent and a step to c,
+    λ kept growing while the CMI lagged, then overshot and ran away (CMI keeps rising for a while even at λ = 0);
+    the ramp keeps the lag small and the proportional part cuts λ at once when the CMI overshoots. The relative
+    error makes one set of gains serve every dose. λ is a device tensor between updates (no host sync per step),
+    is logged as "lam", and never goes below 0.
     """
 
     def __init__(self, lam: float | None = None, centroids: torch.Tensor | None = None, update: str = UPDATES[0],
                  ema_decay: float = 0.999, guard: bool = True, refresh_steps: int | None = None, *,
-                 target_cmi: float | None = None, control_steps: int = 25, control_gain: float = 0.25,
-                 max_lam: float = 3.0, probe_size: int = 1024):
+                 target_cmi: float | None = None, control_steps: int = 25, control_gain: float = 0.2,
+                 control_kp: float = 0.5, ramp_updates: int = 5, max_lam: float = 3.0, probe_size: int = 1024,
+                 centroid_pass: str = CENTROID_PASSES[0]):
         super().__init__()
+        self.centroid_pass = check_choice("centroid_pass", centroid_pass, CENTROID_PASSES)
         if (lam is None) == (target_cmi is None):
             raise ValueError(f"lam={lam!r} with target_cmi={target_cmi!r} is not accepted: give exactly one, a fixed "
                              "λ ≥ 0 or a CMI target in nats")
@@ -122,9 +155,16 @@ class MCMIObjective(Objective):
         self.target_cmi = check_float("target_cmi", target_cmi, 0.0, low_open=True) if target_cmi is not None else None
         self.control_steps = check_int("control_steps", control_steps, minimum=1)
         self.control_gain = check_float("control_gain", control_gain, 0.0, low_open=True)
+        self.control_kp = check_float("control_kp", control_kp, 0.0)
+        self.ramp_updates = check_int("ramp_updates", ramp_updates, minimum=1)
         self.max_lam = check_float("max_lam", max_lam, 0.0, low_open=True)
         self.probe_size = check_int("probe_size", probe_size, minimum=1)
         self.register_buffer("lam_t", torch.zeros(()))  # the controller's λ (target_cmi only)
+        # the controller's state, checkpointed with the objective: its integral part, the probe CMI at the start
+        # (-1: not measured yet) and the number of updates made (the set-point ramp's clock)
+        self.register_buffer("lam_i", torch.zeros(()))
+        self.register_buffer("start_cmi", torch.tensor(-1.0))
+        self.register_buffer("updates", torch.zeros((), dtype=torch.long))
         self._probe = None
         self._control_count = 0
         self.update = check_choice("update", update, UPDATES)
@@ -155,16 +195,25 @@ class MCMIObjective(Objective):
             self._probe = data if len(data) <= self.probe_size else subset(data, self.probe_size, seed=0)
 
     def _control(self, model) -> None:
-        """One dual-ascent step of λ from the probe's eval-mode CMI (a host sync, once per `control_steps`)."""
+        """One PI step of λ from the probe's eval-mode CMI (a host sync, once per `control_steps`)."""
         probe_cmi = float(measure_cmi(getattr(model, "module", model), self._probe)["cmi"])
-        error = min(1.0, max(-2.0, (self.target_cmi - probe_cmi) / self.target_cmi))
-        self.lam_t.fill_(min(self.max_lam, max(0.0, float(self.lam_t) + self.control_gain * error)))
+        if self.start_cmi < 0:
+            self.start_cmi.fill_(probe_cmi)
+        start = float(self.start_cmi)
+        ramp = min(1.0, (int(self.updates) + 1) / self.ramp_updates)
+        setpoint = start + (self.target_cmi - start) * ramp if start < self.target_cmi else self.target_cmi
+        error = min(1.0, max(-2.0, (setpoint - probe_cmi) / self.target_cmi))
+        self.lam_i.fill_(min(self.max_lam, max(0.0, float(self.lam_i) + self.control_gain * error)))
+        self.lam_t.fill_(min(self.max_lam, max(0.0, float(self.lam_i) + self.control_kp * error)))
+        self.updates += 1
 
     def on_epoch_start(self, model, data, epoch):
         self._control_count = 0  # the controller acts at the same steps of every epoch: resume stays exact
         if self.centroids.numel() and self.update != "epoch":
             return
         stats = measure_cmi(model, data)
+        if self.centroid_pass == "reference":
+            stats["centroids"] = reference_centroids(model, data, epoch)
         self.centroids = stats["centroids"].to(self.centroids.device)
         if self.start_acc < 0:
             self.start_acc.fill_(stats["accuracy"])
@@ -246,7 +295,8 @@ class MCMIObjective(Objective):
 def mcmi_objective(lam: float | None = None, centroids: torch.Tensor | None = None, update: str = UPDATES[0],
                    ema_decay: float = 0.999, guard: bool = True, refresh_steps: int | None = None,
                    **target) -> MCMIObjective:
-    """:class:`MCMIObjective` with a fixed `lam`, or with ``target_cmi=c`` (and the controller's options)."""
+    """:class:`MCMIObjective` with a fixed `lam`, or with ``target_cmi=c`` (and the controller's options, and
+    ``centroid_pass``)."""
     return MCMIObjective(lam, centroids, update, ema_decay, guard, refresh_steps, **target)
 
 

@@ -25,6 +25,14 @@ from .stats import expected_calibration_error
 from .train import TrainConfig, fit
 from .utils import check_float, set_seed
 
+#: A dose reached within this relative distance of its target counts as matched (±25%).
+DOSE_TOLERANCE = 0.25
+
+
+def matched(reached: float, target: float, tolerance: float = DOSE_TOLERANCE) -> bool:
+    """True when `reached` lies within ±`tolerance` (relative) of `target`."""
+    return abs(reached - target) <= tolerance * target
+
 
 def _model(model: str | nn.Module, data: ImageData, seed: int, **model_kwargs) -> nn.Module:
     if isinstance(model, nn.Module):
@@ -51,7 +59,8 @@ def train_teacher(data: ImageData, model: str | nn.Module = "cnn_small", epochs:
 def finetune_mcmi(teacher: nn.Module, data: ImageData, lam: float | None = None, epochs: int = 20, *,
                   target_cmi: float | None = None, update: str = "running", seed: int = 0, lr: float = 0.05,
                   schedule: str = "cosine", ema_decay: float = 0.999, guard: bool = True,
-                  refresh_steps: int | None = None, control: dict | None = None, eval_data: ImageData | None = None,
+                  refresh_steps: int | None = None, centroid_pass: str = "eval", control: dict | None = None,
+                  eval_data: ImageData | None = None,
                   checkpoint: str | os.PathLike | None = None, resume: bool = False,
                   **fit_kwargs) -> tuple[nn.Module, list[dict]]:
     """The paper's step: fine-tune a copy of a trained MLL teacher with CE − λ·KL(P_x ‖ Q_y) (SGD 0.05 cosine,
@@ -59,27 +68,59 @@ def finetune_mcmi(teacher: nn.Module, data: ImageData, lam: float | None = None,
 
     target_cmi: instead of `lam` (give exactly one), the dose: λ is adapted during the fine-tune so that the train
     CMI reaches `target_cmi` nats and stays there (:class:`mcmi_lab.objectives.MCMIObjective`; `control` passes its
-    options, e.g. ``{"control_gain": 0.5}``). λ per epoch is in the history ("lam"); a dose not reached within
-    ±25% by the end gives a warning naming the CMI reached.
+    options, e.g. ``{"control_gain": 0.5}``). λ and the train CMI per epoch are in the history ("lam",
+    "train_cmi"). The model returned is the last epoch's when its train CMI is within ±25% of the dose, else the
+    last epoch that was (history[-1]["selected_epoch"]; train data only), else the last epoch's with a warning
+    naming the CMI reached.
     update, refresh_steps: the centroid update: "running" (default: class means of the training outputs, refreshed
     every `refresh_steps` steps and per epoch, no extra pass), "epoch" (a full pass per epoch), "frozen" (the
-    reference code exactly) or "ema". Returns (fine-tuned copy, history); `teacher` is not modified.
+    reference code's step) or "ema". centroid_pass: "eval" (default) or "reference" (the reference code's pass:
+    train mode over augmented batches; see MCMIObjective). Returns (fine-tuned copy, history); `teacher` is not
+    modified.
     """
     if lam is not None:
         check_float("lam", lam, 0.0)
     model = copy.deepcopy(teacher)
     objective = mcmi_objective(lam, update=update, ema_decay=ema_decay, guard=guard, refresh_steps=refresh_steps,
-                               target_cmi=target_cmi, **(control or {}))
+                               target_cmi=target_cmi, centroid_pass=centroid_pass, **(control or {}))
     cfg = TrainConfig(epochs=epochs, seed=seed, lr=lr, schedule=schedule)
-    hist = fit(model, data, objective, cfg, eval_data=eval_data, checkpoint=checkpoint, resume=resume, **fit_kwargs)
+    dosed = _DoseRecorder(target_cmi, data) if target_cmi is not None else None
+    callbacks = [*fit_kwargs.pop("callbacks", ()), *([dosed] if dosed else [])]
+    hist = fit(model, data, objective, cfg, eval_data=eval_data, checkpoint=checkpoint, resume=resume,
+               callbacks=callbacks, **fit_kwargs)
     if target_cmi is not None:
-        reached = float(measure_cmi(model, data)["cmi"])
-        hist[-1]["train_cmi"] = reached
-        if abs(reached - target_cmi) > 0.25 * target_cmi:
+        reached = dosed.select(model, hist)
+        if not matched(reached, target_cmi):
             warnings.warn(f"MCMI did not reach train CMI {target_cmi:g} within ±25%: it reached {reached:.4f} nats "
                           f"after {epochs} epochs (final λ {hist[-1]['lam']:.3g}); more epochs or a larger "
                           f"control_gain may reach it", stacklevel=2)
     return model, hist
+
+
+class _DoseRecorder:
+    """Per epoch of a dose-targeted fine-tune: the train CMI (into the history as "train_cmi") and a copy of the
+    weights of the last epoch within ±25% of the target. `select` leaves in the model the final weights when they
+    are within the dose, else that last matched epoch's (history[-1]["selected_epoch"] says which), else the final
+    ones. Train data only: no test-set selection. Epochs trained before a resume are not candidates."""
+
+    def __init__(self, target: float, data: ImageData):
+        self.target, self.data, self.kept, self.kept_epoch = target, data, None, None
+
+    def __call__(self, record: dict, model: nn.Module) -> None:
+        record["train_cmi"] = float(measure_cmi(getattr(model, "module", model), self.data)["cmi"])
+        if matched(record["train_cmi"], self.target):
+            self.kept = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            self.kept_epoch = record["epoch"]
+
+    def select(self, model: nn.Module, hist: list[dict]) -> float:
+        final = hist[-1].get("train_cmi")
+        final = float(measure_cmi(model, self.data)["cmi"]) if final is None else final
+        hist[-1]["selected_epoch"] = hist[-1]["epoch"]
+        if matched(final, self.target) or self.kept is None:
+            return final
+        model.load_state_dict(self.kept)
+        hist[-1]["selected_epoch"] = self.kept_epoch
+        return next(r["train_cmi"] for r in hist if r["epoch"] == self.kept_epoch)
 
 
 def finetune_control(teacher: nn.Module, data: ImageData, epochs: int = 20, **kwargs) -> tuple[nn.Module, list[dict]]:

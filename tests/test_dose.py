@@ -39,6 +39,25 @@ def test_a_target_at_todays_cmi_leaves_the_teacher_nearly_unchanged(converged):
     assert after["accuracy"] >= start["accuracy"] - 0.02
 
 
+def test_the_controller_step_is_the_pi_formula_with_a_ramped_set_point(monkeypatch):
+    """λ_I ← clip(λ_I + g·e, 0, max), λ = clip(λ_I + kp·e, 0, max), e = clip((s − ĉ)/c, −2, 1), the set-point s
+    ramping from the first probe's CMI to c over `ramp_updates` updates: checked step by step by hand."""
+    measured = iter([0.02, 0.05, 0.12, 0.30, 0.10])
+    monkeypatch.setattr("mcmi_lab.objectives.measure_cmi", lambda model, data: {"cmi": next(measured)})
+    obj = MCMIObjective(target_cmi=0.2, control_gain=0.1, control_kp=0.5, ramp_updates=4, max_lam=3.0)
+    start, c, lam_i, seen = 0.02, 0.2, 0.0, []
+    for n, cmi in enumerate([0.02, 0.05, 0.12, 0.30, 0.10]):
+        setpoint = start + (c - start) * min(1.0, (n + 1) / 4)
+        e = min(1.0, max(-2.0, (setpoint - cmi) / c))
+        lam_i = min(3.0, max(0.0, lam_i + 0.1 * e))
+        obj._control(None)
+        seen.append(float(obj.lam_t))
+        assert float(obj.lam_i) == pytest.approx(lam_i, abs=1e-6)
+        assert float(obj.lam_t) == pytest.approx(min(3.0, max(0.0, lam_i + 0.5 * e)), abs=1e-6)
+    assert seen[3] == 0.0  # the overshoot (0.30 against 0.2) cuts λ to 0 at once, through the proportional part
+    assert int(obj.updates) == 5 and float(obj.start_cmi) == pytest.approx(0.02)
+
+
 def test_an_unreached_target_warns_with_the_cmi_reached(converged):
     model, data = converged
     with pytest.warns(UserWarning, match=r"did not reach train CMI 1 within ±25%: it reached 0\.\d+ nats"):

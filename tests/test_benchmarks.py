@@ -211,3 +211,15 @@ def test_iter_logits_leaves_no_mode_set_between_batches():
     assert not torch.is_autocast_enabled("cpu")
     batches.close()
     assert model.training
+
+
+def test_dose_controller_reports_every_target(capsys, fashion_train):
+    from benchmarks import dose_controller
+
+    rows = dose_controller.main(["--targets", "0.05", "0.2", "--epochs", "2", "--train-size", "300",
+                                 "--teacher-epochs", "2"])
+    assert [r["target"] for r in rows] == [0.05, 0.2]
+    assert all(len(r["lam"]) == 2 and min(r["lam"]) >= 0 and len(r["train_cmi"]) == 2 for r in rows)
+    assert all(abs(r["relative_error"] - (r["reached"] / r["target"] - 1)) < 2e-3 for r in rows)
+    assert capsys.readouterr().out.splitlines()[-1] == \
+        f"within ±25%: {sum(abs(r['relative_error']) <= 0.25 for r in rows)}/2"

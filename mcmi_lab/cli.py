@@ -264,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run a named pipeline's notebooks through papermill and write the report",
                          epilog=_parameter_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    run.add_argument("pipeline", choices=list(PIPELINES), help="demo, smoke or paper")
+    run.add_argument("pipeline", choices=list(PIPELINES), help=", ".join(PIPELINES))
     run.add_argument("--out", required=True, type=Path, help="run folder (created; reused if it exists)")
     run.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"),
                      help="override a parameter (repeatable)")

@@ -22,7 +22,7 @@ from .utils import check_choice, check_float, check_int
 
 #: The notebook set of a full run, in execution order (01 writes the teachers every later notebook reads).
 NOTEBOOKS = ("01_teachers", "02_concentration", "03_distill", "04_eigencam", "05_few_shot", "06_zero_shot",
-             "07_lambda_sweep", "08_known_bcpd")
+             "07_dose_response", "08_known_bcpd")
 #: What a notebook reads from the run folder: every notebook but 08 (its own synthetic teachers) and the quickstart
 #: needs the teachers of 01_teachers. `mcmi-lab run` starts a notebook once those of the same seed are done.
 INDEPENDENT = ("00_quickstart", "01_teachers", "08_known_bcpd")
@@ -30,7 +30,7 @@ INDEPENDENT = ("00_quickstart", "01_teachers", "08_known_bcpd")
 
 #: Start order when several notebooks run at once: the teachers first (everything waits on them), then the longest,
 #: so that the run does not end with one long notebook on one core while the others idle.
-START_ORDER = ("01_teachers", "08_known_bcpd", "07_lambda_sweep", "03_distill", "06_zero_shot", "02_concentration",
+START_ORDER = ("01_teachers", "07_dose_response", "08_known_bcpd", "03_distill", "06_zero_shot", "02_concentration",
                "05_few_shot", "04_eigencam")
 
 
@@ -147,7 +147,10 @@ PARAMETERS: dict[str, Parameter] = {
     "lam": Parameter(0.5, _float(0.0), "λ of the MCMI teacher: CE − λ·KL(P_x ‖ Q_y)"),
     "centroid_update": Parameter("running", _choice(_updates), "MCMI centroid update (train.MCMIObjective)"),
     "label_smoothing": Parameter(0.1, _float(0.0, 1.0, high_open=True), "smoothing of the label-smoothing teacher"),
-    "lambdas": Parameter([0.0, 0.1, 0.25, 0.5, 1.0], _list_of(_float(0.0)), "λ values of the sweep (07)"),
+    "doses": Parameter([0.05, 0.1, 0.2, 0.3], _list_of(_float(0.0, low_open=True)),
+                       "train-CMI doses in nats of the dose-response study (07)"),
+    "dose_lr": Parameter(0.05, _LR, "learning rate of the dose-response fine-tunes (cosine; the controller was "
+                                    "measured at it)"),
     # students
     "student_model": Parameter("cnn_tiny", _choice(_model_names), "student architecture (models.MODELS)"),
     "student_epochs": Parameter(10, _EPOCHS, "epochs of every student"),
@@ -191,15 +194,22 @@ PIPELINES: dict[str, Pipeline] = {
     "demo": Pipeline(
         "demo", "Fashion-MNIST on CPU: near-converged cnn_small teachers on a stratified subset, MCMI at λ = 0.5 with "
                 "running centroids, cnn_tiny students; 3 seeds in about 9 minutes on 2 cores",
-        notebooks=tuple(n for n in NOTEBOOKS if n != "07_lambda_sweep"),
+        notebooks=tuple(n for n in NOTEBOOKS if n != "07_dose_response"),
         parameters={"train_size": 5000, "teacher_epochs": 40, "finetune_epochs": 8, "student_epochs": 6,
                     "fractions": [0.05, 0.25], "few_shot_schedule": "steps", "omit_classes": [3, [0, 3]],
                     "teachers": list(TEACHERS),
                     "synthetic_train_size": 4000, "synthetic_epochs": 15, "synthetic_test_size": 2000}),
+    "dose": Pipeline(
+        "dose", "the dose-response study on the demo's data and teachers: 01_teachers, then 07_dose_response (MCMI, "
+                "label smoothing and temperature at train-CMI doses 0.05-0.3, each with KD, few-shot and zero-shot "
+                "students); 3 seeds",
+        notebooks=("01_teachers", "07_dose_response"),
+        parameters={"train_size": 5000, "teacher_epochs": 40, "finetune_epochs": 8, "student_epochs": 6,
+                    "fractions": [0.05, 0.25], "omit_classes": [3, [0, 3]]}),
     "smoke": Pipeline(
         "smoke", "seconds per notebook: tiny subsets, one epoch; checks that everything runs, not what it finds",
         parameters={"train_size": 400, "test_size": 300, "teacher_epochs": 1, "finetune_epochs": 1,
-                    "student_epochs": 1, "kd_methods": ["kd", "at"], "lambdas": [0.0, 0.5], "fractions": [0.25, 1.0],
+                    "student_epochs": 1, "kd_methods": ["kd", "at"], "doses": [0.05, 0.1], "fractions": [0.25, 1.0],
                     "few_shot_schedule": "steps", "omit_classes": [3, [0, 3]], "teachers": ["mll", "control", "mcmi"],
                     "cam_images": 2, "cam_stat_images": 50, "synthetic_train_size": 300, "synthetic_epochs": 1,
                     "synthetic_test_size": 200},
@@ -211,7 +221,7 @@ PIPELINES: dict[str, Pipeline] = {
                     "student_augment": True,
                     "teacher_model": "resnet56", "teacher_epochs": 240, "teacher_lr": 0.05,
                     "finetune_epochs": 20, "finetune_lr": 0.05, "lam": 0.2, "centroid_update": "frozen",
-                    "lambdas": [0.0, 0.1, 0.15, 0.2, 0.25], "student_model": "resnet20", "student_epochs": 240,
+                    "student_model": "resnet20", "student_epochs": 240,
                     "student_lr": 0.05, "fractions": [0.05, 0.1, 0.25, 1.0], "omit_classes": [0, [0, 1, 2, 3, 4]],
                     "cam_images": 8, "cam_stat_images": 1000,
                     "synthetic_train_size": 20000, "synthetic_epochs": 60, "synthetic_test_size": 5000},

@@ -17,9 +17,9 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from .plots import plot_cmi_bars, plot_fraction_curve, plot_lambda_sweep, plot_student_vs_teacher_cmi
+from .plots import plot_cmi_bars, plot_dose_response, plot_fraction_curve, plot_student_vs_teacher_cmi
 from .runs import RESULTS, collect_results, seed_dirs
-from .stats import format_mean_std, mean_std, paired_difference
+from .stats import format_mean_std, mean_std, paired_difference, slope_over_seeds
 from .utils import write_json, write_text
 
 TEACHER_LABELS = {"none": "no teacher (labels only)", "mll": "MLL", "control": "control (λ = 0)",
@@ -242,19 +242,56 @@ def _zero_shot(rep: _Report) -> None:
                   "(points)", d)
 
 
-def _lambda_sweep(rep: _Report) -> None:
-    rows = seed_rows(rep.results, "07_lambda_sweep", "lambda_sweep")
+#: The student metrics of the dose-response study, with the words the report uses for them.
+DOSE_METRICS = {"student_acc": "KD student accuracy", "few_shot_acc": "few-shot student accuracy",
+                "zero_shot_omitted_acc": "zero-shot accuracy on the omitted classes", "test_acc": "teacher test accuracy"}
+
+
+def dose_slopes(rows: SeedRows, method: str, metric: str) -> dict:
+    """The slope of `metric` (in points, ×100) against train CMI (nats) for `method`, one least-squares slope per
+    seed over its matched doses and its control (dose 0), then their mean with a 95% t interval over the seeds."""
+    points = {seed: [(r["train_cmi"], 100 * r[metric]) for r in rs
+                     if ((r["method"] == method and r.get("matched")) or r["method"] == "control")
+                     and isinstance(r.get(metric), (int, float))]
+              for seed, rs in rows.items()}
+    return slope_over_seeds(points)
+
+
+def _dose_response(rep: _Report) -> None:
+    rows = seed_rows(rep.results, "07_dose_response", "dose_response")
     if not rows:
         return
-    lams = sorted({r["lambda"] for rs in rows.values() for r in rs})
+    methods = [m for m in dict.fromkeys(r["method"] for rs in rows.values() for r in rs) if m != "control"]
+    doses = sorted({r["dose"] for rs in rows.values() for r in rs if r["method"] != "control"})
+    rep.add("## Dose-response", "", "The dose is the teacher's train CMI in nats. Slopes: points of the metric per "
+            "nat of train CMI, one least-squares line per seed over its matched doses and the λ = 0 control, then "
+            "the mean over seeds with its 95% interval.", "")
     table = []
-    for lam in lams:
-        collapsed = sum(1 for rs in rows.values() for r in rs if r["lambda"] == lam and r.get("collapsed"))
-        table.append({"λ": f"{lam:g}", "teacher test acc (%)": _acc(values(rows, "teacher_acc", **{"lambda": lam})),
-                      "teacher train CMI": cell(values(rows, "teacher_cmi", **{"lambda": lam})),
-                      "student acc (%)": _acc(values(rows, "student_acc", **{"lambda": lam})),
-                      "collapsed runs": collapsed})
-    rep.add("## λ sweep", "", markdown_table(table), "")
+    for method in methods:
+        for metric, words in DOSE_METRICS.items():
+            d = dose_slopes(rows, method, metric)
+            table.append({"method": method, "metric": words, "slope (points / nat)": format_difference(d),
+                          "verdict": verdict(d) if d["n"] else "not measured"})
+    rep.add(markdown_table(table), "")
+    unmatched = [f"{r['method']} at {r['dose']:g} (seed {seed}: {r['train_cmi']:.3f})" for seed, rs in rows.items()
+                 for r in rs if r["method"] != "control" and not r.get("matched")]
+    if unmatched:
+        rep.add("Not matched within ±25% of the dose (left out of slopes and pairs): " + "; ".join(unmatched) + ".",
+                "")
+    pairs = []
+    for dose in doses:
+        for metric, words in DOSE_METRICS.items():
+            mcmi = values(rows, metric, method="mcmi", dose=dose, matched=True)
+            smooth = values(rows, metric, method="label_smoothing", dose=dose, matched=True)
+            both = sorted(set(mcmi) & set(smooth))
+            if not both:
+                continue
+            d = paired_difference([100 * mcmi[s] for s in both], [100 * smooth[s] for s in both])
+            pairs.append({"dose (nats)": f"{dose:g}", "metric": words, "MCMI − label smoothing (points)":
+                          format_difference(d), "verdict": verdict(d)})
+            rep.claim(f"dose {dose:g}: MCMI − label smoothing, {words} (points)", d)
+    if pairs:
+        rep.add("Paired by seed, MCMI against label smoothing at the same dose:", "", markdown_table(pairs), "")
 
 
 def _known_bcpd(rep: _Report) -> None:
@@ -331,11 +368,11 @@ def _summary_figures(rep: _Report) -> list[tuple[Path | None, str]]:
     if few:
         figs.append((_save(rep, "few_shot", lambda p: plot_fraction_curve(few, logx=True, path=p)),
                      "Few-shot student accuracy by training fraction (mean ± std over seeds)"))
-    sweep = [r for rs in seed_rows(rep.results, "07_lambda_sweep", "lambda_sweep").values() for r in rs
-             if not r.get("collapsed")]
-    if sweep:
-        figs.append((_save(rep, "lambda_sweep", lambda p: plot_lambda_sweep(sweep, path=p)),
-                     "Teacher accuracy, teacher CMI and student accuracy against λ (mean ± std over seeds)"))
+    dosed = [r for rs in seed_rows(rep.results, "07_dose_response", "dose_response").values() for r in rs]
+    if dosed:
+        figs.append((_save(rep, "dose_response", lambda p: plot_dose_response(dosed, path=p)),
+                     "Student and teacher metrics against the teacher's train CMI, per method (mean and 95% "
+                     "interval over seeds)"))
     first = next(iter(seed_dirs(rep.out).values()), None)
     if first is not None:
         for rel, caption in (("04_eigencam/cam_grid.png", "Eigen-CAM of the teachers (first seed)"),
@@ -381,7 +418,7 @@ def build_report(out: str | os.PathLike) -> tuple[Path, Path]:
         raise FileNotFoundError(f"run folder {str(out)!r} holds no results (expected seed_<n>/results/*.json)")
     write_json(out / RESULTS, results)
     rep = _Report(results, out)
-    for section in (_teachers, _students, _few_shot, _zero_shot, _known_bcpd, _eigencam, _lambda_sweep):
+    for section in (_teachers, _students, _few_shot, _zero_shot, _known_bcpd, _eigencam, _dose_response):
         section(rep)  # the tables, collecting the claims
     figures = _summary_figures(rep)
     tables, rep.lines = rep.lines, []

@@ -41,7 +41,7 @@ def test_unknown_parameter_lists_the_accepted_ones():
 
 @pytest.mark.parametrize("name, value, fragment", [
     ("lam", -0.1, "lam=-0.1"),
-    ("lambdas", [0.1, -1], "lambdas[1]=-1"),
+    ("doses", [0.1, -1], "doses[1]=-1"),
     ("fractions", [0.0, 0.5], "fractions[0]=0.0"),
     ("fractions", [1.5], "fractions[0]=1.5"),
     ("fractions", [], "fractions=[]"),
@@ -351,3 +351,41 @@ def test_markdown_table_and_html_rendering_exact():
     assert "<h1>T &lt;1&gt;</h1>" in html
     assert "<tr><td>1</td><td>0.50</td><td>x|y</td></tr>" in html
     assert "<ul><li><strong>b</strong> and <code>c</code></li></ul>" in html
+
+
+def _ls_slope(xs, ys):
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+
+
+def test_report_dose_response_slopes_and_pairs_by_hand(tmp_path):
+    out = tmp_path / "dose_run"
+    write_run_info(out, {"pipeline": "demo", "description": "doses", "notebooks": ["07_dose_response"],
+                         "seeds": [0, 1, 2], "parameters": {}, "device": "cpu (test)", "status": "finished"})
+    ctrl_cmi, ctrl_kd = [0.01, 0.012, 0.011], [0.80, 0.81, 0.82]
+    mcmi = {0.1: ([0.09, 0.11, 0.10], [0.82, 0.82, 0.85]), 0.2: ([0.21, 0.19, 0.22], [0.83, 0.84, 0.84])}
+    smooth = {0.1: ([0.10, 0.09, 0.11], [0.79, 0.80, 0.80]), 0.2: ([0.20, 0.21, 0.08], [0.78, 0.78, 0.70])}
+    for i in SEEDS:
+        rows = [{"method": "control", "dose": 0.0, "matched": True, "train_cmi": ctrl_cmi[i], "student_acc": ctrl_kd[i]}]
+        for name, table in (("mcmi", mcmi), ("label_smoothing", smooth)):
+            for dose, (cmis, accs) in table.items():
+                rows.append({"method": name, "dose": dose, "train_cmi": cmis[i], "student_acc": accs[i],
+                             "matched": abs(cmis[i] - dose) <= 0.25 * dose})
+        write_results(out / f"seed_{i}", "07_dose_response", {"dose_response": rows})
+    md = build_report(out)[0].read_text()
+    section = md[md.index("## Dose-response"):]
+    slopes = [_ls_slope([ctrl_cmi[i], mcmi[0.1][0][i], mcmi[0.2][0][i]],
+                        [100 * ctrl_kd[i], 100 * mcmi[0.1][1][i], 100 * mcmi[0.2][1][i]]) for i in SEEDS]
+    m, low, high = _ci(slopes, [0, 0, 0])
+    assert f"| mcmi | KD student accuracy | {m:+.2f} (95% CI {low:+.2f} .. {high:+.2f}, n=3) | held |" in section
+    # seed 2's label smoothing at 0.2 reached 0.08: unmatched, said so, and out of its slope and of the 0.2 pair
+    assert "label_smoothing at 0.2 (seed 2: 0.080)" in section
+    ls = [_ls_slope([ctrl_cmi[i], smooth[0.1][0][i]] + ([smooth[0.2][0][i]] if i < 2 else []),
+                    [100 * ctrl_kd[i], 100 * smooth[0.1][1][i]] + ([100 * smooth[0.2][1][i]] if i < 2 else []))
+          for i in SEEDS]
+    m, low, high = _ci(ls, [0, 0, 0])
+    assert f"| label_smoothing | KD student accuracy | {m:+.2f} (95% CI {low:+.2f} .. {high:+.2f}, n=3) |" in section
+    m, low, high = _ci([100 * a for a in mcmi[0.1][1]], [100 * a for a in smooth[0.1][1]])
+    assert f"| 0.1 | KD student accuracy | {m:+.2f} (95% CI {low:+.2f} .. {high:+.2f}, n=3) | not shown |" in section
+    d = [100 * (mcmi[0.2][1][i] - smooth[0.2][1][i]) for i in (0, 1)]  # two matched pairs at 0.2
+    assert f"| 0.2 | KD student accuracy | {sum(d) / 2:+.2f} (95% CI" in section and "n=2) |" in section

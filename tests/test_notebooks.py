@@ -226,9 +226,10 @@ def test_report_of_the_smoke_run(run):
     md, page = build_report(out)
     text = md.read_text()
     for section in ("## Teachers", "## Students by KD method", "## Few-shot students", "## Zero-shot students",
-                    "## Known Bayes posterior", "## Eigen-CAM", "## λ sweep", "## Which claims held"):
+                    "## Known Bayes posterior", "## Eigen-CAM", "## Dose-response", "## Which claims held"):
         assert section in text
     assert "seed_0/figures/04_eigencam/cam_grid.png" in text and page.stat().st_size > md.stat().st_size
+    assert "dose_response.png" in text and "slope (points / nat)" in text
 
 
 def test_broken_parameter_fails_the_run_naming_notebook_and_cell(tmp_path):

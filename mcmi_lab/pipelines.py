@@ -95,32 +95,22 @@ def _kd_method_names() -> Sequence[str]:
     return list(KD_METHODS)
 
 
-def _classes(name, value, params):
-    """A list of class indices of the data set, leaving at least one class kept."""
-    k = dataset_classes(params.get("dataset"))
-    for c in value:
-        if isinstance(c, bool) or not isinstance(c, int) or c < 0 or (k is not None and c >= k):
-            where = f"[0, {k - 1}]" if k is not None else ">= 0"
-            raise ValueError(f"{name}={value!r} is not accepted: expected class indices in {where} "
-                             f"for dataset {params.get('dataset')!r}")
-    if not value or (k is not None and len(set(value)) >= k):
-        raise ValueError(f"{name}={value!r} is not accepted: expected at least one omitted class and at "
-                         f"least one kept class")
-
-
-def _class_list(name, value, params):
-    if not isinstance(value, list):
-        raise ValueError(f"{name}={value!r} is not accepted: expected a list of class indices, e.g. [3]")
-    _classes(name, value, params)
-
-
 def _omit_sets(name, value, params):
     """A list of class sets: each item an index (one class) or a list of indices (several at once)."""
     if not isinstance(value, list) or not value:
         raise ValueError(f"{name}={value!r} is not accepted: expected a non-empty list of classes or class lists, "
                          "e.g. [3, [0, 3, 6]]")
+    k = dataset_classes(params.get("dataset"))
     for i, item in enumerate(value):
-        _classes(f"{name}[{i}]", item if isinstance(item, list) else [item], params)
+        classes = item if isinstance(item, list) else [item]
+        for c in classes:
+            if isinstance(c, bool) or not isinstance(c, int) or c < 0 or (k is not None and c >= k):
+                where = f"[0, {k - 1}]" if k is not None else ">= 0"
+                raise ValueError(f"{name}[{i}]={item!r} is not accepted: expected class indices in {where} "
+                                 f"for dataset {params.get('dataset')!r}")
+        if not classes or (k is not None and len(set(classes)) >= k):
+            raise ValueError(f"{name}[{i}]={item!r} is not accepted: expected at least one omitted class and at "
+                             f"least one kept class")
 
 
 @dataclass(frozen=True)

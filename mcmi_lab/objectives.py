@@ -116,7 +116,8 @@ class MCMIObjective(Objective):
     "running" (the default) — every `refresh_steps` steps (default :data:`REFRESH_STEPS`) and at the end of every
     epoch, the class means of the training outputs since the last refresh: no extra pass, the outputs are the
     training steps' own. "epoch" — a full pass at the start of every epoch (costs that pass). "frozen" — fixed
-    after the first pass, as in the reference code (whose pass is ``centroid_pass="reference"``). "ema" — a moving average of batch class means with `ema_decay`.
+    after the first pass, as in the reference code (whose pass is ``centroid_pass="reference"``). "ema" — a moving
+    average of batch class means with `ema_decay`.
     Why the default: frozen centroids collapsed converged teachers at λ ≥ 0.5; a refresh per epoch was stable on
     70-step epochs but collapsed on 844-step ones, where a running refresh every 100 steps was stable (README,
     "The science, and the defaults we chose").
@@ -211,11 +212,13 @@ class MCMIObjective(Objective):
         self._control_count = 0  # the controller acts at the same steps of every epoch: resume stays exact
         if self.centroids.numel() and self.update != "epoch":
             return
-        stats = measure_cmi(model, data)
-        if self.centroid_pass == "reference":
-            stats["centroids"] = reference_centroids(model, data, epoch)
-        self.centroids = stats["centroids"].to(self.centroids.device)
-        if self.start_acc < 0:
+        first = self.start_acc < 0
+        # the eval pass gives the eval-mode centroids and, before any training, the guard's starting accuracy; the
+        # reference pass (which shifts BatchNorm's running statistics) comes after it and needs no second eval pass
+        stats = measure_cmi(model, data) if first or self.centroid_pass == "eval" else None
+        centroids = reference_centroids(model, data, epoch) if self.centroid_pass == "reference" else stats["centroids"]
+        self.centroids = centroids.to(self.centroids.device)
+        if first:
             self.start_acc.fill_(stats["accuracy"])
             self.recent_acc.fill_(stats["accuracy"])
 

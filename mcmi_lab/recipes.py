@@ -183,11 +183,9 @@ def train_student(teacher: nn.Module | None, data: ImageData, method: str = "kd"
     set_seed(seed)
     student = build_model(model, data.num_classes, data.in_channels, **(model_kwargs or {}))
     cfg = TrainConfig(epochs=epochs, seed=seed, lr=lr)
-    if teacher is None or method == "ce":
-        hist = distill(student, teacher, data, "ce", cfg, **fit_kwargs)
-    else:
-        hist = distill(student, teacher, data, method, cfg, temperature=temperature, **fit_kwargs)
-    return student, hist
+    method = "ce" if teacher is None else method
+    logit_kd = {} if method == "ce" else {"temperature": temperature}  # "ce" reads no teacher, so no temperature
+    return student, distill(student, teacher, data, method, cfg, **logit_kd, **fit_kwargs)
 
 
 def model_metrics(model: nn.Module, train: ImageData, test: ImageData) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from .cmi import (CMIMeter, class_centroids, conditional_mutual_information, kl_
                   probabilities, separation)
 from .data import ImageData, batches, few_shot, from_dataset, from_tensors, omit_classes, stratified_split, subset
 from .datasets import DATASETS, load_dataset
-from .dose import SmoothingSearch, match_label_smoothing, match_temperature, matched
+from .dose import SmoothingSearch, dose_teachers, match_label_smoothing, match_temperature, matched
 from .evaluate import evaluate, measure_cmi, metrics_from_logits, predict
 from .features import capture, feature_shapes
 from .kd import KD_METHODS, build_objective, distill, method_hparams
@@ -38,7 +38,7 @@ from .utils import get_device, set_seed
 __all__ = [
     "__version__", "get_device", "set_seed",
     # data
-    "SmoothingSearch", "match_label_smoothing", "match_temperature", "matched",
+    "SmoothingSearch", "dose_teachers", "match_label_smoothing", "match_temperature", "matched",
     "DATASETS", "ImageData", "load_dataset", "from_tensors", "from_dataset", "few_shot", "omit_classes",
     "subset", "stratified_split", "batches", "SyntheticTask",
     # models

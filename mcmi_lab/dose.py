@@ -25,8 +25,8 @@ from .cmi import conditional_mutual_information, probabilities
 from .data import ImageData
 from .evaluate import measure_cmi, predict
 from .models.wrappers import TemperatureScaled
-from .objectives import check_target_cmi
-from .recipes import DOSE_TOLERANCE, finetune_label_smoothing, matched
+from .objectives import StopTraining, check_target_cmi
+from .recipes import DOSE_TOLERANCE, finetune_control, finetune_label_smoothing, finetune_mcmi, matched
 from .utils import check_float, check_int
 
 # ---- temperature ------------------------------------------------------------------------------------------------
@@ -138,3 +138,39 @@ def _closest(search: SmoothingSearch, target: float) -> tuple[nn.Module, float, 
     model, cmi = search.tries[eps]
     return model, eps, cmi
 
+
+
+# ---- the study's teachers -----------------------------------------------------------------------------------------
+
+def dose_teachers(teacher: nn.Module, data: ImageData, doses: list[float], epochs: int, *, echo=print,
+                  **finetune_kwargs) -> list[tuple[dict, nn.Module]]:
+    """The dose-response study's teachers from one MLL `teacher`: the λ = 0 control (dose 0), then at each dose an
+    MCMI teacher (CMI target), the matched label-smoothing teacher (one search shared by all doses) and the matched
+    temperature-scaled teacher. Returns (row, model) pairs, the row naming method, dose and what was set (λ at the
+    end and the selected epoch, ε, T). A method that misses a dose is still returned (the warning goes to `echo`
+    as one line; the caller checks ``matched``); an MCMI run the collapse guard stops is left out, with a line."""
+    def quietly(make):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = make()
+        for w in caught:
+            echo(f"  note: {str(w.message).splitlines()[0]}")
+        return out
+
+    control, _ = finetune_control(teacher, data, epochs, **finetune_kwargs)
+    out = [({"method": "control", "dose": 0.0}, control)]
+    search = SmoothingSearch()
+    for dose in doses:
+        try:
+            mcmi, hist = quietly(lambda: finetune_mcmi(teacher, data, target_cmi=dose, epochs=epochs,
+                                                       **finetune_kwargs))
+            out.append(({"method": "mcmi", "dose": dose, "lam_final": hist[-1]["lam"],
+                         "selected_epoch": hist[-1]["selected_epoch"]}, mcmi))
+        except StopTraining as stop:
+            echo(f"  MCMI at {dose:g}: collapsed ({stop})")
+        smoothed, eps, _ = quietly(lambda: match_label_smoothing(teacher, data, dose, epochs, search=search,
+                                                                 **finetune_kwargs))
+        out.append(({"method": "label_smoothing", "dose": dose, "epsilon": eps}, smoothed))
+        scaled, _ = quietly(lambda: match_temperature(teacher, data, dose))
+        out.append(({"method": "temperature", "dose": dose, "temperature": float(scaled.temperature)}, scaled))
+    return out

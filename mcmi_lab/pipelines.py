@@ -170,9 +170,12 @@ PARAMETERS: dict[str, Parameter] = {
     "cam_images": Parameter(6, _int(1), "images in the Eigen-CAM grid (04)"),
     "cam_stat_images": Parameter(500, _int(1), "test images behind the Eigen-CAM statistics (04)"),
     # known BCPD
-    "synthetic_separation": Parameter(3.0, _float(0.0), "overlap knob of the synthetic task (08)"),
-    "synthetic_train_size": Parameter(5000, _int(10), "training samples of the synthetic task (08)"),
-    "synthetic_epochs": Parameter(20, _EPOCHS, "epochs of the synthetic task's MLL teacher (08)"),
+    "synthetic_separation": Parameter(3.5, _float(0.0), "overlap knob of the synthetic task (08)"),
+    "synthetic_size": Parameter(8, _int(2), "image side of the synthetic task (08)"),
+    "synthetic_model": Parameter("mlp", _choice(_model_names), "teacher and student architecture of the synthetic "
+                                                                 "task (08; its Bayes classifier is linear)"),
+    "synthetic_train_size": Parameter(4000, _int(10), "training samples of the synthetic task (08)"),
+    "synthetic_epochs": Parameter(40, _EPOCHS, "epochs of the synthetic task's MLL teacher (08)"),
     "synthetic_test_size": Parameter(2000, _int(1), "test samples of the synthetic task (08)"),
 }
 
@@ -198,7 +201,7 @@ PIPELINES: dict[str, Pipeline] = {
         parameters={"train_size": 5000, "teacher_epochs": 40, "finetune_epochs": 8, "student_epochs": 6,
                     "fractions": [0.05, 0.25], "few_shot_schedule": "steps", "omit_classes": [3, [0, 3]],
                     "teachers": list(TEACHERS),
-                    "synthetic_train_size": 4000, "synthetic_epochs": 15, "synthetic_test_size": 2000}),
+                    "synthetic_train_size": 4000, "synthetic_epochs": 40, "synthetic_test_size": 2000}),
     "dose": Pipeline(
         "dose", "the dose-response study on the demo's data and teachers: 01_teachers, then 07_dose_response (MCMI, "
                 "label smoothing and temperature at train-CMI doses 0.05-0.3, each with KD, few-shot and zero-shot "

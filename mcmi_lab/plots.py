@@ -375,7 +375,9 @@ def plot_dose_response(rows: Sequence[Mapping], ys: Sequence[str] = ("test_acc",
                                                                       "zero_shot_omitted_acc"),
                        x: str = "train_cmi", path=None) -> Figure:
     """Each metric in `ys` against the teacher's train CMI, one line per method: the mean per dose with its 95%
-    interval over seeds (bars; none with one seed) and the seeds as faint dots. Shared x axis across panels."""
+    interval over seeds (bars; none with one seed) and the seeds as faint dots. Shared x axis across panels. Rows
+    with ``matched`` false (a dose the method did not reach) are left out."""
+    rows = [r for r in rows if r.get("matched", True)]
     present = [y for y in ys if any(_number(r.get(y)) is not None for r in rows)] or list(ys[:1])
     fig, axes = _panels(len(present), size=(4.6, 3.6), ncols=min(len(present), 2))
     methods = list(dict.fromkeys(str(r["method"]) for r in rows))

@@ -278,6 +278,9 @@ def _dose_response(rep: _Report) -> None:
     if unmatched:
         rep.add("Not matched within ±25% of the dose (left out of slopes and pairs): " + "; ".join(unmatched) + ".",
                 "")
+    reach = {m: max(r["train_cmi"] for rs in rows.values() for r in rs if r["method"] == m) for m in methods}
+    rep.add("Highest train CMI each method reached (nats, any seed): "
+            + ", ".join(f"{m} {c:.3f}" for m, c in reach.items()) + ".", "")
     pairs = []
     for dose in doses:
         for metric, words in DOSE_METRICS.items():

@@ -47,7 +47,7 @@ def n_params(model: nn.Module) -> int:
 
 
 def test_every_model_is_tested():
-    assert set(MODELS) == set(REFERENCE_PARAMS) | set(SMALL) | set(ALIASES)
+    assert set(MODELS) == set(REFERENCE_PARAMS) | set(SMALL) | set(ALIASES) | {"mlp"}
 
 
 @pytest.mark.parametrize("alias,name", ALIASES.items())
@@ -116,6 +116,22 @@ def test_reference_model_counts_logits_and_layers(name):
         assert first_conv.in_channels == 1
         with torch.no_grad():
             assert gray(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_the_mlp_pools_to_its_grid_and_has_no_cam_layer():
+    torch.manual_seed(0)
+    model = build_model("mlp", 10, in_channels=1).eval()
+    assert n_params(model) == (64 * 256 + 256) + (256 * 256 + 256) + (256 * 10 + 10)
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        fc1, fc2, fc = model.fc1, model.fc2, model.fc
+        by_hand = fc(torch.relu(fc2(torch.relu(fc1(x.flatten(1))))))  # at 8x8 the pool is the identity
+        torch.testing.assert_close(model(x), by_hand)
+        assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    assert feature_layers(model) == ["relu1", "relu2"] and feature_layers(model, preact=True) == ["fc1", "fc2"]
+    assert classifier_layer(model) == "fc"
+    with pytest.raises(ValueError, match="no convolutional feature map"):
+        cam_layer(model)
 
 
 def check_preact(model, stages, pre, feats):

@@ -1,4 +1,4 @@
-"""The model zoo: RepDistiller / CRD CIFAR architectures and two small CNNs, built by name.
+"""The model zoo: RepDistiller / CRD CIFAR architectures, two small CNNs and an MLP, built by name.
 
 Every model maps images (B, C, H, W) to logits (B, K) and nothing else; intermediate features come from
 forward hooks (:func:`mcmi_lab.features.capture`) on the module names that :func:`feature_layers`,
@@ -49,6 +49,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "ShuffleV2": shufflenetv2.shuffle_v2,
     "cnn_small": small.cnn_small,
     "cnn_tiny": small.cnn_tiny,
+    "mlp": small.mlp,  # the known-posterior task's model (no feature map: no Eigen-CAM, logit-based KD only)
 }
 
 
@@ -78,7 +79,7 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, **overrides: 
 class _Layout:
     stages: Callable[[nn.Module, bool], list[str]]  # (model, preact) -> stage feature names
     classifier: str  # the final Linear; its input is the pooled feature
-    cam: str  # the last convolutional feature map, the input of the global pool
+    cam: str | None  # the last convolutional feature map, the input of the global pool (None: the model has none)
 
 
 def _last_blocks(model: nn.Module, stem: str, stages: tuple[str, ...], preact: bool) -> list[str]:
@@ -105,6 +106,7 @@ _LAYOUTS: dict[type, _Layout] = {
                                        "linear", "relu2"),
     small.SmallCNN: _Layout(lambda m, pre: [f"stage{i}.4" if pre else f"stage{i}" for i in (1, 2, 3)],
                             "fc", "stage3"),
+    small.MLP: _Layout(lambda m, pre: ["fc1", "fc2"] if pre else ["relu1", "relu2"], "fc", None),
 }
 
 
@@ -134,7 +136,11 @@ def classifier_layer(model: nn.Module) -> str:
 
 def cam_layer(model: nn.Module) -> str:
     """Name of the default Eigen-CAM target: the module whose output is the last conv feature map (B, C, h, w)."""
-    return _layout(model).cam
+    cam = _layout(model).cam
+    if cam is None:
+        raise ValueError(f"model of type {type(model).__name__} is not accepted for Eigen-CAM: it has no "
+                         "convolutional feature map; expected a CNN from build_model")
+    return cam
 
 
 __all__ = ["MODELS", "build_model", "feature_layers", "classifier_layer", "cam_layer"]

@@ -31,7 +31,6 @@ __all__ = [
     "plot_student_vs_teacher_cmi",
     "plot_confusion",
     "plot_history",
-    "plot_lambda_sweep",
     "plot_dose_response",
     "dose_points",
     "plot_fraction_curve",
@@ -403,19 +402,6 @@ def plot_dose_response(rows: Sequence[Mapping], ys: Sequence[str] = ("test_acc",
     if axes:
         axes[0].legend(fontsize=9)
     fig.suptitle("Dose-response: mean and 95% interval over seeds per dose", fontsize=11)
-    return _finish(fig, path)
-
-
-def plot_lambda_sweep(rows: Sequence[Mapping], x: str = "lambda",
-                      ys: Sequence[str] = ("teacher_acc", "teacher_cmi", "student_acc"), group: str | None = None,
-                      path=None) -> Figure:
-    """Teacher accuracy, teacher CMI and student accuracy against λ (mean ± std over seeds), one panel per key in
-    `ys` that the rows hold; `group` names a key that splits rows into lines (e.g. the centroid update)."""
-    present = [y for y in ys if any(_number(r.get(y)) is not None for r in rows)] or list(ys[:1])
-    fig, axes = _panels(len(present))
-    for ax, y in zip(axes, present):
-        _curves(ax, rows, x, y, group)
-        ax.set_title(f"{y} vs {x}")
     return _finish(fig, path)
 
 

@@ -128,17 +128,7 @@ def test_history_panels_follow_the_keys():
     assert list(only_loss.axes[0].lines[0].get_xdata()) == [1, 2]
 
 
-def test_lambda_sweep_and_fraction_curve_average_seeds():
-    rows = [{"lambda": lam, "seed": s, "teacher_acc": 90 - 10 * lam + s, "teacher_cmi": lam / 2,
-             "student_acc": 80 + s} for lam in (0.0, 0.2, 0.5) for s in (0, 1)]
-    fig = plots.plot_lambda_sweep(rows)
-    assert [ax.get_title() for ax in fig.axes] == ["teacher_acc vs lambda", "teacher_cmi vs lambda",
-                                                   "student_acc vs lambda"]
-    mean_line = fig.axes[0].lines[0]
-    assert list(mean_line.get_xdata()) == [0.0, 0.2, 0.5]
-    assert list(mean_line.get_ydata()) == pytest.approx([90.5, 88.5, 85.5])
-    fig = plots.plot_lambda_sweep([{"lambda": 0.1, "student_acc": 1.0}])
-    assert len(fig.axes) == 1
+def test_fraction_curve_averages_seeds():
     rows = [{"teacher": t, "fraction": f, "student_acc": acc + s, "seed": s}
             for t, acc in (("MLL", 70), ("MCMI", 72)) for f in (0.05, 0.25) for s in (0, 2)]
     (ax,) = plots.plot_fraction_curve(rows, logx=True).axes

@@ -139,7 +139,6 @@ def _closest(search: SmoothingSearch, target: float) -> tuple[nn.Module, float, 
     return model, eps, cmi
 
 
-
 # ---- the study's teachers -----------------------------------------------------------------------------------------
 
 def dose_teachers(teacher: nn.Module, data: ImageData, doses: list[float], epochs: int, *, echo=print,

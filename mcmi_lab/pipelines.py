@@ -200,8 +200,7 @@ PIPELINES: dict[str, Pipeline] = {
         notebooks=tuple(n for n in NOTEBOOKS if n != "07_dose_response"),
         parameters={"train_size": 5000, "teacher_epochs": 40, "finetune_epochs": 8, "student_epochs": 6,
                     "fractions": [0.05, 0.25], "few_shot_schedule": "steps", "omit_classes": [3, [0, 3]],
-                    "teachers": list(TEACHERS),
-                    "synthetic_train_size": 4000, "synthetic_epochs": 40, "synthetic_test_size": 2000}),
+                    "teachers": list(TEACHERS)}),
     "dose": Pipeline(
         "dose", "the dose-response study on the demo's data and teachers: 01_teachers, then 07_dose_response (MCMI, "
                 "label smoothing and temperature at train-CMI doses 0.05-0.3, each with KD, few-shot and zero-shot "

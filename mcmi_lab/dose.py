@@ -94,9 +94,11 @@ class SmoothingSearch:
                 return None
             w = (math.log(target) - math.log(c0)) / (math.log(c1) - math.log(c0))
             return round(e0 + w * (e1 - e0), 4)
-        if below:  # every try is below the dose: smooth more
-            e = max(below)[0]
-            return None if e >= 0.95 else round(min(0.95, max(2 * e, e + 0.1)), 4)
+        if below:  # every try is below the dose: smooth more, unless the CMI has already turned down with ε
+            e, c = max(below)
+            if e >= 0.95 or c < max(cmi for _, cmi in below):
+                return None  # CMI rises with ε to a peak, then falls (uniform targets): the dose is above the peak
+            return round(min(0.95, max(2 * e, e + 0.1)), 4)
         e = min(above)[0]  # every try is above: smooth less
         return None if e <= 0.005 else round(e / 2, 4)
 

@@ -195,16 +195,16 @@ class Pipeline:
 
 PIPELINES: dict[str, Pipeline] = {
     "demo": Pipeline(
-        "demo", "Fashion-MNIST on CPU: near-converged cnn_small teachers on a stratified subset, MCMI at λ = 0.5 with "
-                "running centroids, cnn_tiny students; 3 seeds in about 9 minutes on 2 cores",
-        notebooks=tuple(n for n in NOTEBOOKS if n != "07_dose_response"),
-        parameters={"train_size": 5000, "teacher_epochs": 40, "finetune_epochs": 8, "student_epochs": 6,
-                    "fractions": [0.05, 0.25], "few_shot_schedule": "steps", "omit_classes": [3, [0, 3]],
+        "demo", "Fashion-MNIST on CPU: near-converged cnn_small teachers on a stratified subset, the dose-response "
+                "study (MCMI, label smoothing, temperature at train-CMI doses 0.05-0.3, each teacher with KD, "
+                "few-shot and zero-shot cnn_tiny students), concentration, Eigen-CAM and the known posterior; 3 seeds",
+        notebooks=("01_teachers", "02_concentration", "04_eigencam", "07_dose_response", "08_known_bcpd"),
+        parameters={"train_size": 2500, "test_size": 5000, "teacher_epochs": 40, "finetune_epochs": 8,
+                    "student_epochs": 5, "fractions": [0.05], "omit_classes": [3],
                     "teachers": list(TEACHERS)}),
     "dose": Pipeline(
-        "dose", "the dose-response study on the demo's data and teachers: 01_teachers, then 07_dose_response (MCMI, "
-                "label smoothing and temperature at train-CMI doses 0.05-0.3, each with KD, few-shot and zero-shot "
-                "students); 3 seeds",
+        "dose", "the dose-response study alone, on twice the demo's data (4,500 training images, 6-epoch students): "
+                "01_teachers, then 07_dose_response; 3 seeds, about 1 h on 2 cores",
         notebooks=("01_teachers", "07_dose_response"),
         parameters={"train_size": 5000, "teacher_epochs": 40, "finetune_epochs": 8, "student_epochs": 6,
                     "fractions": [0.05, 0.25], "omit_classes": [3, [0, 3]]}),

@@ -339,6 +339,7 @@ DOSE_LABELS = {
     "test_cmi": "teacher test CMI (nats)",
     "test_ece": "teacher test ECE (%)",
     "kl_to_posterior": "KL(P* ‖ teacher) on test (nats)",
+    "kl_to_bayes": "KL(P* ‖ teacher) on test (nats)",
     "student_acc": "KD student test accuracy (%)",
     "few_shot_acc": "few-shot student test accuracy (%)",
     "zero_shot_omitted_acc": "zero-shot student, omitted class (%)",
@@ -372,11 +373,13 @@ def dose_points(rows: Sequence[Mapping], y: str, x: str = "train_cmi") -> dict[s
 
 def plot_dose_response(rows: Sequence[Mapping], ys: Sequence[str] = ("test_acc", "student_acc", "few_shot_acc",
                                                                       "zero_shot_omitted_acc"),
-                       x: str = "train_cmi", path=None) -> Figure:
+                       x: str = "train_cmi", reference: Mapping[str, float] | None = None, path=None) -> Figure:
     """Each metric in `ys` against the teacher's train CMI, one line per method: the mean per dose with its 95%
     interval over seeds (bars; none with one seed) and the seeds as faint dots. Shared x axis across panels. Rows
-    with ``matched`` false (a dose the method did not reach) are left out."""
+    with ``matched`` false (a dose the method did not reach) are left out. `reference`: label -> x of a dashed
+    vertical line in every panel (e.g. the Bayes posterior's own train CMI)."""
     rows = [r for r in rows if r.get("matched", True)]
+    n_seeds = len({r.get("seed") for r in rows})
     present = [y for y in ys if any(_number(r.get(y)) is not None for r in rows)] or list(ys[:1])
     fig, axes = _panels(len(present), size=(4.6, 3.6), ncols=min(len(present), 2))
     methods = list(dict.fromkeys(str(r["method"]) for r in rows))
@@ -396,12 +399,15 @@ def plot_dose_response(rows: Sequence[Mapping], ys: Sequence[str] = ("test_acc",
         for p in control:
             ax.plot(p["xs"], p["ys"], "k.", alpha=0.3)
             ax.plot([p["x"]], [p["y"]], "k*", ms=10, label=METHOD_LABELS["control"], zorder=5)
+        for j, (label, at) in enumerate((reference or {}).items()):
+            ax.axvline(at, color="0.4", ls="--" if j == 0 else ":", lw=1.2, label=label)
         ax.set_xlabel(DOSE_LABELS.get(x, x))
         ax.set_ylabel(DOSE_LABELS.get(y, y))
         ax.grid(alpha=0.3)
     if axes:
         axes[0].legend(fontsize=9)
-    fig.suptitle("Dose-response: mean and 95% interval over seeds per dose", fontsize=11)
+    spread = ("one seed: no intervals" if n_seeds < 2 else f"mean and 95% interval over {n_seeds} seeds per dose")
+    fig.suptitle(f"Dose-response: {spread}", fontsize=11)
     return _finish(fig, path)
 
 

@@ -80,7 +80,7 @@ def finetune_mcmi(teacher: nn.Module, data: ImageData, lam: float | None = None,
     """
     if lam is not None:
         check_float("lam", lam, 0.0)
-    model = copy.deepcopy(teacher)
+    model = copy.deepcopy(teacher).requires_grad_(True)  # a teacher that has taught a student comes back frozen
     objective = mcmi_objective(lam, update=update, ema_decay=ema_decay, guard=guard, refresh_steps=refresh_steps,
                                target_cmi=target_cmi, centroid_pass=centroid_pass, **(control or {}))
     cfg = TrainConfig(epochs=epochs, seed=seed, lr=lr, schedule=schedule)
@@ -135,7 +135,7 @@ def finetune_label_smoothing(teacher: nn.Module, data: ImageData, smoothing: flo
     """The label-smoothing control: the MCMI fine-tune recipe (same epochs, lr, schedule) with cross-entropy on
     labels smoothed by `smoothing` instead of the CMI term. Returns (fine-tuned copy, history)."""
     check_float("smoothing", smoothing, 0.0, 1.0, high_open=True)
-    model = copy.deepcopy(teacher)
+    model = copy.deepcopy(teacher).requires_grad_(True)
     cfg = TrainConfig(epochs=epochs, seed=seed, lr=lr, schedule=schedule)
     hist = fit(model, data, mll_objective(smoothing), cfg, eval_data=eval_data, checkpoint=checkpoint, resume=resume,
                **fit_kwargs)

@@ -113,6 +113,15 @@ def verdict(d: dict | None, sign: int = 1) -> str:
     return "held" if low > 0 else "reversed" if high < 0 else "not shown"
 
 
+def trend(d: dict) -> str:
+    """A slope's verdict: "rises" / "falls" when its 95% interval is above / below 0, else "no trend shown"."""
+    if not d["n"]:
+        return "not measured"
+    if d["n"] < 2 or math.isnan(d["low"]):
+        return "no trend shown (one seed: no interval)"
+    return "rises" if d["low"] > 0 else "falls" if d["high"] < 0 else "no trend shown"
+
+
 # ---- the report -------------------------------------------------------------------------------------------------
 
 class _Report:
@@ -243,35 +252,38 @@ def _zero_shot(rep: _Report) -> None:
 
 
 #: The student metrics of the dose-response study, with the words the report uses for them.
-DOSE_METRICS = {"student_acc": "KD student accuracy", "few_shot_acc": "few-shot student accuracy",
-                "zero_shot_omitted_acc": "zero-shot accuracy on the omitted classes", "test_acc": "teacher test accuracy"}
+#: The dose-response metrics of 07: key -> (words, scale, unit, claimed sign of MCMI − label smoothing).
+DOSE_METRICS = {"student_acc": ("KD student accuracy", 100.0, "points", 1),
+                "few_shot_acc": ("few-shot student accuracy", 100.0, "points", 1),
+                "zero_shot_omitted_acc": ("zero-shot accuracy on the omitted classes", 100.0, "points", 1),
+                "test_acc": ("teacher test accuracy", 100.0, "points", 1)}
+#: The dose-response metrics of 08 (known posterior): closer to P* is a lower KL, so the claimed sign is negative.
+BAYES_DOSE_METRICS = {"kl_to_bayes": ("KL(P* ‖ teacher) on test", 1.0, "nats", -1),
+                      "test_acc": ("teacher test accuracy", 100.0, "points", 1)}
 
 
-def dose_slopes(rows: SeedRows, method: str, metric: str) -> dict:
-    """The slope of `metric` (in points, ×100) against train CMI (nats) for `method`, one least-squares slope per
-    seed over its matched doses and its control (dose 0), then their mean with a 95% t interval over the seeds."""
-    points = {seed: [(r["train_cmi"], 100 * r[metric]) for r in rs
+def dose_slopes(rows: SeedRows, method: str, metric: str, scale: float = 100.0) -> dict:
+    """The slope of `metric` (×`scale`: points for accuracies) against train CMI (nats) for `method`, one
+    least-squares slope per seed over its matched doses and its control (dose 0), then their mean with a 95% t
+    interval over the seeds."""
+    points = {seed: [(r["train_cmi"], scale * r[metric]) for r in rs
                      if ((r["method"] == method and r.get("matched")) or r["method"] == "control")
                      and isinstance(r.get(metric), (int, float))]
               for seed, rs in rows.items()}
     return slope_over_seeds(points)
 
 
-def _dose_response(rep: _Report) -> None:
-    rows = seed_rows(rep.results, "07_dose_response", "dose_response")
-    if not rows:
-        return
+def _dose_tables(rep: _Report, rows: SeedRows, metrics: Mapping[str, tuple], where: str) -> None:
+    """Slopes per method and metric, what was not matched, how high each method reached, and the paired
+    difference MCMI − label smoothing at each matched dose (each one a claim, labelled with `where`)."""
     methods = [m for m in dict.fromkeys(r["method"] for rs in rows.values() for r in rs) if m != "control"]
     doses = sorted({r["dose"] for rs in rows.values() for r in rs if r["method"] != "control"})
-    rep.add("## Dose-response", "", "The dose is the teacher's train CMI in nats. Slopes: points of the metric per "
-            "nat of train CMI, one least-squares line per seed over its matched doses and the λ = 0 control, then "
-            "the mean over seeds with its 95% interval.", "")
     table = []
     for method in methods:
-        for metric, words in DOSE_METRICS.items():
-            d = dose_slopes(rows, method, metric)
-            table.append({"method": method, "metric": words, "slope (points / nat)": format_difference(d),
-                          "verdict": verdict(d) if d["n"] else "not measured"})
+        for metric, (words, scale, unit, _) in metrics.items():
+            d = dose_slopes(rows, method, metric, scale)
+            table.append({"method": method, "metric": words, "slope (per nat)": f"{format_difference(d)} {unit}",
+                          "trend": trend(d)})
     rep.add(markdown_table(table), "")
     unmatched = [f"{r['method']} at {r['dose']:g} (seed {seed}: {r['train_cmi']:.3f})" for seed, rs in rows.items()
                  for r in rs if r["method"] != "control" and not r.get("matched")]
@@ -283,18 +295,29 @@ def _dose_response(rep: _Report) -> None:
             + ", ".join(f"{m} {c:.3f}" for m, c in reach.items()) + ".", "")
     pairs = []
     for dose in doses:
-        for metric, words in DOSE_METRICS.items():
+        for metric, (words, scale, unit, sign) in metrics.items():
             mcmi = values(rows, metric, method="mcmi", dose=dose, matched=True)
             smooth = values(rows, metric, method="label_smoothing", dose=dose, matched=True)
             both = sorted(set(mcmi) & set(smooth))
             if not both:
                 continue
-            d = paired_difference([100 * mcmi[s] for s in both], [100 * smooth[s] for s in both])
-            pairs.append({"dose (nats)": f"{dose:g}", "metric": words, "MCMI − label smoothing (points)":
-                          format_difference(d), "verdict": verdict(d)})
-            rep.claim(f"dose {dose:g}: MCMI − label smoothing, {words} (points)", d)
+            d = paired_difference([scale * mcmi[s] for s in both], [scale * smooth[s] for s in both])
+            digits = 2 if scale > 1 else 3
+            pairs.append({"dose (nats)": f"{dose:g}", "metric": words, "MCMI − label smoothing":
+                          f"{format_difference(d, digits)} {unit}", "verdict": verdict(d, sign)})
+            rep.claim(f"{where}dose {dose:g}: MCMI − label smoothing, {words} ({unit})", d, sign, digits)
     if pairs:
         rep.add("Paired by seed, MCMI against label smoothing at the same dose:", "", markdown_table(pairs), "")
+
+
+def _dose_response(rep: _Report) -> None:
+    rows = seed_rows(rep.results, "07_dose_response", "dose_response")
+    if not rows:
+        return
+    rep.add("## Dose-response", "", "The dose is the teacher's train CMI in nats. Slopes: change of the metric per "
+            "nat of train CMI (accuracies in points), one least-squares line per seed over its matched doses and the "
+            "λ = 0 control, then the mean over seeds with its 95% interval.", "")
+    _dose_tables(rep, rows, DOSE_METRICS, "")
 
 
 def _known_bcpd(rep: _Report) -> None:
@@ -318,6 +341,16 @@ def _known_bcpd(rep: _Report) -> None:
         d = difference(values(rows, "kl_to_bayes", teacher="mcmi"), values(rows, "kl_to_bayes", teacher=other))
         rep.claim(f"known BCPD: MCMI is closer to P* than {TEACHER_LABELS[other]} (KL difference MCMI − {other}, "
                   "nats; negative is closer)", d, sign=-1, digits=3)
+    dosed = seed_rows(rep.results, "08_known_bcpd", "dose_response")
+    if dosed:
+        bayes_cmi = [nb.get("08_known_bcpd", {}).get("bayes_train_cmi") for nb in rep.results["seeds"].values()]
+        bayes_cmi = [c for c in bayes_cmi if c is not None]
+        rep.add("### Dose-response on the known posterior", "",
+                "The same doses and methods as in the dose-response study, from this task's MLL teacher: does raising "
+                "a teacher's train CMI bring it closer to P* (a negative KL slope)?"
+                + (f" The Bayes posterior's own train CMI: {sum(bayes_cmi) / len(bayes_cmi):.3f} nats."
+                   if bayes_cmi else ""), "")
+        _dose_tables(rep, dosed, BAYES_DOSE_METRICS, "known BCPD, ")
 
 
 def _eigencam(rep: _Report) -> None:

@@ -377,15 +377,42 @@ def test_report_dose_response_slopes_and_pairs_by_hand(tmp_path):
     slopes = [_ls_slope([ctrl_cmi[i], mcmi[0.1][0][i], mcmi[0.2][0][i]],
                         [100 * ctrl_kd[i], 100 * mcmi[0.1][1][i], 100 * mcmi[0.2][1][i]]) for i in SEEDS]
     m, low, high = _ci(slopes, [0, 0, 0])
-    assert f"| mcmi | KD student accuracy | {m:+.2f} (95% CI {low:+.2f} .. {high:+.2f}, n=3) | held |" in section
+    assert f"| mcmi | KD student accuracy | {m:+.2f} (95% CI {low:+.2f} .. {high:+.2f}, n=3) points | rises |" in section
     # seed 2's label smoothing at 0.2 reached 0.08: unmatched, said so, and out of its slope and of the 0.2 pair
     assert "label_smoothing at 0.2 (seed 2: 0.080)" in section
     ls = [_ls_slope([ctrl_cmi[i], smooth[0.1][0][i]] + ([smooth[0.2][0][i]] if i < 2 else []),
                     [100 * ctrl_kd[i], 100 * smooth[0.1][1][i]] + ([100 * smooth[0.2][1][i]] if i < 2 else []))
           for i in SEEDS]
     m, low, high = _ci(ls, [0, 0, 0])
-    assert f"| label_smoothing | KD student accuracy | {m:+.2f} (95% CI {low:+.2f} .. {high:+.2f}, n=3) |" in section
+    assert f"| label_smoothing | KD student accuracy | {m:+.2f} (95% CI {low:+.2f} .. {high:+.2f}, n=3) points |" in section
     m, low, high = _ci([100 * a for a in mcmi[0.1][1]], [100 * a for a in smooth[0.1][1]])
-    assert f"| 0.1 | KD student accuracy | {m:+.2f} (95% CI {low:+.2f} .. {high:+.2f}, n=3) | not shown |" in section
+    assert f"| 0.1 | KD student accuracy | {m:+.2f} (95% CI {low:+.2f} .. {high:+.2f}, n=3) points | not shown |" in section
     d = [100 * (mcmi[0.2][1][i] - smooth[0.2][1][i]) for i in (0, 1)]  # two matched pairs at 0.2
-    assert f"| 0.2 | KD student accuracy | {sum(d) / 2:+.2f} (95% CI" in section and "n=2) |" in section
+    assert f"| 0.2 | KD student accuracy | {sum(d) / 2:+.2f} (95% CI" in section and "n=2) points |" in section
+
+
+def test_report_known_posterior_dose_response_by_hand(tmp_path):
+    """08's dose rows: KL to P* per nat of train CMI (no ×100), and MCMI − label smoothing judged on the lower side."""
+    out = tmp_path / "bayes_run"
+    write_run_info(out, {"pipeline": "demo", "description": "doses", "notebooks": ["08_known_bcpd"],
+                         "seeds": [0, 1, 2], "parameters": {}, "device": "cpu (test)", "status": "finished"})
+    ctrl = ([0.010, 0.012, 0.011], [0.080, 0.082, 0.079])  # (train CMI, KL) per seed
+    mcmi = ([0.10, 0.11, 0.09], [0.050, 0.049, 0.056])
+    smooth = ([0.10, 0.09, 0.105], [0.090, 0.095, 0.088])
+    for i in SEEDS:
+        rows = [{"method": "control", "dose": 0.0, "matched": True, "train_cmi": ctrl[0][i], "kl_to_bayes": ctrl[1][i]}]
+        rows += [{"method": name, "dose": 0.1, "matched": True, "train_cmi": c[0][i], "kl_to_bayes": c[1][i]}
+                 for name, c in (("mcmi", mcmi), ("label_smoothing", smooth))]
+        write_results(out / f"seed_{i}", "08_known_bcpd", {"known_bcpd": [{"teacher": "bayes", "kl_to_bayes": 0.0}],
+                                                          "dose_response": rows, "bayes_train_cmi": 0.15})
+    md = build_report(out)[0].read_text()
+    section = md[md.index("### Dose-response on the known posterior"):]
+    assert "The Bayes posterior's own train CMI: 0.150 nats." in section
+    slopes = [_ls_slope([ctrl[0][i], mcmi[0][i]], [ctrl[1][i], mcmi[1][i]]) for i in SEEDS]
+    m, low, high = _ci(slopes, [0, 0, 0])
+    assert high < 0 and (f"| mcmi | KL(P* ‖ teacher) on test | {m:+.2f} (95% CI {low:+.2f} .. {high:+.2f}, n=3) "
+                         "nats | falls |") in section
+    m, low, high = _ci(mcmi[1], smooth[1])
+    assert high < 0 and f"{m:+.3f} (95% CI {low:+.3f} .. {high:+.3f}, n=3) nats | held |" in section
+    claims = md.split("## Which claims held on this data")[1].split("\n## ")[0]
+    assert "- known BCPD, dose 0.1: MCMI − label smoothing, KL(P* ‖ teacher) on test (nats)" in claims

@@ -1,4 +1,5 @@
 """Doses: the CMI-target controller, the dose-matched controls and the dose-response statistics."""
+import copy
 import math
 import warnings
 
@@ -155,6 +156,9 @@ def test_smoothing_search_interpolates_between_bracketing_tries():
     assert SmoothingSearch({0.1: (None, 0.01)}).next_epsilon(0.05, 0.2) == 0.2  # all below: smooth more
     assert SmoothingSearch({0.4: (None, 0.2)}).next_epsilon(0.05, 0.2) == 0.2  # all above: halve ε
     assert SmoothingSearch().next_epsilon(0.05, 0.2) == 0.2
+    # all below and still rising with ε: smooth more; all below and already falling: the dose is above the peak
+    assert SmoothingSearch({0.2: (None, 0.04), 0.4: (None, 0.06)}).next_epsilon(0.1, 0.2) == 0.8
+    assert SmoothingSearch({0.2: (None, 0.04), 0.4: (None, 0.06), 0.8: (None, 0.02)}).next_epsilon(0.1, 0.2) is None
 
 
 # ---- dose-response statistics -----------------------------------------------------------------------------------
@@ -169,3 +173,18 @@ def test_slope_and_its_interval_over_seeds_by_hand():
     assert d["n"] == 3 and d["mean"] == pytest.approx(3.0)
     assert d["low"] == pytest.approx(3 - half) and d["high"] == pytest.approx(3 + half)
     assert slope_over_seeds({0: [(1, 2)]})["n"] == 0
+
+
+def test_a_teacher_that_has_taught_a_student_can_still_be_fine_tuned(converged):
+    """Distilling freezes a teacher in place (requires_grad off); the fine-tune recipes train a copy with all its
+    parameters, and leave the teacher as it was."""
+    from mcmi_lab.recipes import finetune_control, finetune_label_smoothing, train_student
+
+    model, data = converged
+    teacher = copy.deepcopy(model)
+    train_student(teacher, data, "kd", model="cnn_tiny", epochs=1, log=False, progress="off", batch_size=32)
+    assert not any(p.requires_grad for p in teacher.parameters())
+    for tuned, _ in (finetune_control(teacher, data, 1, log=False, progress="off", batch_size=32),
+                     finetune_label_smoothing(teacher, data, 0.1, 1, log=False, progress="off", batch_size=32)):
+        assert any(not torch.equal(a, b) for a, b in zip(tuned.parameters(), teacher.parameters()))
+    assert not any(p.requires_grad for p in teacher.parameters())

@@ -1,6 +1,7 @@
 """The notebooks: their structure (one parameters cell, numbered steps, no stored outputs, kernel metadata), then
 each one executed by papermill with the smoke pipeline's parameters into one run folder, in the pipeline's order,
 with the artifacts it must leave; the report of that folder; a broken parameter failing `mcmi-lab run` by name."""
+import math
 import re
 import subprocess
 import sys
@@ -222,6 +223,14 @@ def test_08_known_bcpd(run):
     assert list(rows) == ["bayes", "mll", "control", "label_smoothing", "temperature", "mcmi"]
     assert rows["bayes"]["kl_to_bayes"] == 0 and all(r["kl_to_bayes"] > 0 for n, r in rows.items() if n != "bayes")
     assert results["bayes_accuracy"] == pytest.approx(bayes_accuracy(params["synthetic_separation"], 10))
+    dosed = results["dose_response"]  # the dose-response on the known posterior
+    assert dosed[0]["method"] == "control" and 0 < results["bayes_train_cmi"] < math.log(10)
+    for method in ("label_smoothing", "temperature"):
+        assert [r["dose"] for r in dosed if r["method"] == method] == params["doses"]
+    for r in dosed:
+        assert r["kl_to_bayes"] > 0 and 0 <= r["test_acc"] <= 1
+        assert r["matched"] == (r["method"] == "control" or abs(r["train_cmi"] - r["dose"]) <= 0.25 * r["dose"])
+    assert _figures(run_dir, "08_known_bcpd") == ["dose_response.png", "kl_ece.png"]
 
 
 def test_report_of_the_smoke_run(run):
@@ -234,7 +243,7 @@ def test_report_of_the_smoke_run(run):
                     "## Known Bayes posterior", "## Eigen-CAM", "## Dose-response", "## Which claims held"):
         assert section in text
     assert "seed_0/figures/04_eigencam/cam_grid.png" in text and page.stat().st_size > md.stat().st_size
-    assert "dose_response.png" in text and "slope (points / nat)" in text
+    assert "dose_response.png" in text and "slope (per nat)" in text
 
 
 def test_broken_parameter_fails_the_run_naming_notebook_and_cell(tmp_path):

@@ -137,6 +137,23 @@ def test_fraction_curve_averages_seeds():
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["MLL", "MCMI"]
 
 
+def test_dose_response_lines_intervals_and_reference():
+    rows = [{"method": "control", "dose": 0.0, "seed": s, "train_cmi": 0.01, "kl_to_bayes": 0.10 + s / 100}
+            for s in (0, 1)]
+    rows += [{"method": "mcmi", "dose": 0.1, "seed": s, "train_cmi": 0.1, "kl_to_bayes": 0.05 + s / 100,
+              "matched": True} for s in (0, 1)]
+    rows += [{"method": "label_smoothing", "dose": 0.1, "seed": 0, "train_cmi": 0.03, "kl_to_bayes": 9.0,
+              "matched": False}]  # not matched: left out
+    fig = plots.plot_dose_response(rows, ("kl_to_bayes",), reference={"P*": 0.2})
+    (ax,) = fig.axes
+    means = [list(line.get_ydata()) for line in ax.lines if line.get_marker() == "o"]
+    assert means == [pytest.approx([0.105, 0.055])]  # control then MCMI, mean over the two seeds
+    assert [list(line.get_xdata()) for line in ax.lines if line.get_linestyle() == "--"] == [[0.2, 0.2]]
+    assert "2 seeds" in fig._suptitle.get_text() and ax.get_ylabel() == "KL(P* ‖ teacher) on test (nats)"
+    one = plots.plot_dose_response([r for r in rows if r["seed"] == 0], ("kl_to_bayes",))
+    assert "one seed: no intervals" in one._suptitle.get_text()
+
+
 def test_nothing_goes_through_pyplot():
     import matplotlib.pyplot as plt
 

@@ -25,7 +25,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 from .datasets import fashion_mnist_root
 from .launch import add_train_command
-from .pipelines import (PARAMETERS, PIPELINES, START_ORDER, get_pipeline, notebook_needs, parse_value,
+from .pipelines import (NOTEBOOKS, PARAMETERS, PIPELINES, START_ORDER, get_pipeline, notebook_needs, parse_value,
                         resolve_parameters)
 from .report import build_report
 from .runs import describe_device, merge_results, now, seed_dir, write_run_info
@@ -147,7 +147,7 @@ def run_pipeline(pipeline: str, out: str | os.PathLike, overrides: Mapping | Non
     """Run `pipeline` for every seed into `out`, then merge the results and write the report; returns report.html.
 
     overrides: parameter values over the pipeline's (checked first, a ValueError names the bad one); seeds: run
-    seeds (default: the pipeline's); notebooks: a subset of the pipeline's notebooks; jobs: notebooks executed at
+    seeds (default: the pipeline's); notebooks: which notebooks (default: the pipeline's; any of pipelines.NOTEBOOKS); jobs: notebooks executed at
     once (default :func:`default_jobs`), each kernel with cores / jobs threads.
     """
     pipe = get_pipeline(pipeline)
@@ -160,11 +160,11 @@ def run_pipeline(pipeline: str, out: str | os.PathLike, overrides: Mapping | Non
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs={jobs!r} is not accepted: expected an integer >= 1")
     names = list(pipe.notebooks)
-    if notebooks:
-        unknown = [n for n in notebooks if n not in names]
+    if notebooks:  # any notebook of a full run, with this pipeline's parameters (the demo leaves 03/05/06 out)
+        unknown = [n for n in notebooks if n not in NOTEBOOKS]
         if unknown:
-            raise ValueError(f"notebook {unknown[0]!r} is not accepted: expected some of {', '.join(names)}")
-        names = [n for n in names if n in notebooks]
+            raise ValueError(f"notebook {unknown[0]!r} is not accepted: expected some of {', '.join(NOTEBOOKS)}")
+        names = [n for n in NOTEBOOKS if n in notebooks]
     for name in names:
         notebook_path(name)  # a missing notebook fails now, not after an hour of training
     out = Path(out).resolve()  # once, before any notebook runs: every path below is absolute
@@ -269,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"),
                      help="override a parameter (repeatable)")
     run.add_argument("--seeds", nargs="+", type=int, help="run seeds (default: the pipeline's)")
-    run.add_argument("--notebooks", nargs="+", help="run only these of the pipeline's notebooks (e.g. 01_teachers)")
+    run.add_argument("--notebooks", nargs="+", help="run these notebooks instead of the pipeline's (any of a full run, e.g. 01_teachers 03_distill)")
     run.add_argument("--jobs", type=int, help="notebooks executed at once (default: one per core, at most 4; "
                      "paper: 1)")
     run.set_defaults(func=_cmd_run)

@@ -278,6 +278,16 @@ def _dose_tables(rep: _Report, rows: SeedRows, metrics: Mapping[str, tuple], whe
     difference MCMI − label smoothing at each matched dose (each one a claim, labelled with `where`)."""
     methods = [m for m in dict.fromkeys(r["method"] for rs in rows.values() for r in rs) if m != "control"]
     doses = sorted({r["dose"] for rs in rows.values() for r in rs if r["method"] != "control"})
+    means = []  # the numbers behind the slopes: every matched (method, dose), mean ± std over its seeds
+    for method, dose in [("control", 0.0)] + [(m, d) for d in doses for m in methods]:
+        match = dict(method=method, dose=dose, matched=True)
+        reached = values(rows, "train_cmi", **match)
+        if reached:
+            means.append({"method": method, "dose (nats)": f"{dose:g}", "train CMI (nats)": cell(reached),
+                          **{f"{words} ({'%' if scale > 1 else unit})": cell(values(rows, metric, **match), scale,
+                                                                             1 if scale > 1 else 3)
+                             for metric, (words, scale, unit, _) in metrics.items()}})
+    rep.add("Matched teachers, mean ± std over the seeds that reached the dose:", "", markdown_table(means), "")
     table = []
     for method in methods:
         for metric, (words, scale, unit, _) in metrics.items():
@@ -409,6 +419,15 @@ def _summary_figures(rep: _Report) -> list[tuple[Path | None, str]]:
         figs.append((_save(rep, "dose_response", lambda p: plot_dose_response(dosed, path=p)),
                      "Student and teacher metrics against the teacher's train CMI, per method (mean and 95% "
                      "interval over seeds)"))
+    bayes = [r for rs in seed_rows(rep.results, "08_known_bcpd", "dose_response").values() for r in rs]
+    if bayes:
+        cmi = [nb["08_known_bcpd"]["bayes_train_cmi"] for nb in rep.results["seeds"].values()
+               if "bayes_train_cmi" in nb.get("08_known_bcpd", {})]
+        ref = {"P* (Bayes posterior)": sum(cmi) / len(cmi)} if cmi else None
+        figs.append((_save(rep, "known_posterior_dose_response",
+                           lambda p: plot_dose_response(bayes, ("kl_to_bayes", "test_acc"), reference=ref, path=p)),
+                     "Known posterior: KL(P* ‖ teacher) and teacher accuracy against the teacher's train CMI, per "
+                     "method; dashed: the Bayes posterior's own train CMI"))
     first = next(iter(seed_dirs(rep.out).values()), None)
     if first is not None:
         for rel, caption in (("04_eigencam/cam_grid.png", "Eigen-CAM of the teachers (first seed)"),

@@ -102,10 +102,10 @@ def check_int(name: str, value: Any, minimum: int | None = None, maximum: int | 
 def check_float(name: str, value: Any, low: float | None = None, high: float | None = None,
                 low_open: bool = False, high_open: bool = False) -> float:
     """Check that `value` is a finite real number in the stated interval; return it as float."""
-    try:
+    try:  # a number, a numpy scalar or a 0-dim tensor; never a string ("0.1" would parse, silently)
         v = float(value)
-        ok = not isinstance(value, bool) and math.isfinite(v)
-    except (TypeError, ValueError):
+        ok = not isinstance(value, (bool, str, bytes)) and math.isfinite(v)
+    except (TypeError, ValueError, RuntimeError):
         ok, v = False, float("nan")
     if ok and low is not None:
         ok = v > low if low_open else v >= low

@@ -126,6 +126,23 @@ def test_run_orchestrates_seeds_notebooks_and_report(tmp_path, monkeypatch, caps
     assert "report written to" in capsys.readouterr().out
 
 
+def test_run_takes_a_notebook_the_pipeline_leaves_out_and_refuses_an_unknown_one(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_execute(name, run_dir, parameters, kernel_name="python3"):
+        calls.append(name)
+        write_results(run_dir, name, {"done": True})
+        return Path(run_dir) / "notebooks" / f"{name}.ipynb"
+
+    monkeypatch.setattr(cli, "execute_notebook", fake_execute)
+    assert "03_distill" not in cli.get_pipeline("demo").notebooks
+    cli.run_pipeline("demo", tmp_path / "r", seeds=[0], notebooks=["03_distill", "01_teachers"], jobs=1,
+                     echo=lambda line: None)
+    assert calls == ["01_teachers", "03_distill"]
+    with pytest.raises(ValueError, match="notebook '09_nothing' is not accepted: expected some of 01_teachers, "):
+        cli.run_pipeline("demo", tmp_path / "r2", seeds=[0], notebooks=["09_nothing"])
+
+
 def _tiny_notebook(path: Path, body: str) -> None:
     import nbformat
 
@@ -408,6 +425,8 @@ def test_report_known_posterior_dose_response_by_hand(tmp_path):
     md = build_report(out)[0].read_text()
     section = md[md.index("### Dose-response on the known posterior"):]
     assert "The Bayes posterior's own train CMI: 0.150 nats." in section
+    (c, cs), (k, ks) = _mean_std(mcmi[0]), _mean_std(mcmi[1])
+    assert f"| mcmi | 0.1 | {c:.3f} ± {cs:.3f} (n=3) | {k:.3f} ± {ks:.3f} (n=3) | — |" in section  # the means table
     slopes = [_ls_slope([ctrl[0][i], mcmi[0][i]], [ctrl[1][i], mcmi[1][i]]) for i in SEEDS]
     m, low, high = _ci(slopes, [0, 0, 0])
     assert high < 0 and (f"| mcmi | KL(P* ‖ teacher) on test | {m:+.2f} (95% CI {low:+.2f} .. {high:+.2f}, n=3) "
@@ -416,3 +435,4 @@ def test_report_known_posterior_dose_response_by_hand(tmp_path):
     assert high < 0 and f"{m:+.3f} (95% CI {low:+.3f} .. {high:+.3f}, n=3) nats | held |" in section
     claims = md.split("## Which claims held on this data")[1].split("\n## ")[0]
     assert "- known BCPD, dose 0.1: MCMI − label smoothing, KL(P* ‖ teacher) on test (nats)" in claims
+    assert (out / "figures" / "known_posterior_dose_response.png").stat().st_size > 10_000

@@ -282,6 +282,7 @@ def test_bad_arguments_of_builders_and_objectives(make, match):
     (dict(momentum=1.0), r"momentum=1.0 is not accepted: .*\[0, 1\)"),
     (dict(weight_decay=-1e-4), r"weight_decay=-0.0001 is not accepted"),
     (dict(lr=NAN), r"lr=nan is not accepted"),
+    (dict(lr="0.1"), r"lr='0.1' is not accepted: expected a finite number"),  # a string, even one that parses
     (dict(check_every=0), r"check_every=0 is not accepted"),
     (dict(eval_every=0), r"eval_every=0 is not accepted"),
     (dict(seed=-1), r"seed=-1 is not accepted"),
@@ -302,7 +303,8 @@ def test_bad_measurement_temperature(call, temperature):
 
 @pytest.mark.parametrize("call", [
     lambda d: stratified_split(d, 0.0), lambda d: stratified_split(d, 1.5), lambda d: few_shot(d, INF),
-    lambda d: few_shot(d, "half")], ids=["split-0", "split-1.5", "few_shot-inf", "few_shot-str"])
+    lambda d: few_shot(d, "half"), lambda d: few_shot(d, "0.5")],
+    ids=["split-0", "split-1.5", "few_shot-inf", "few_shot-str", "few_shot-numeric-str"])
 def test_bad_fraction(call):
     with pytest.raises(ValueError, match=r"fraction=.* is not accepted: expected a finite number in \(0, 1\]"):
         call(random_images(16, k=4))

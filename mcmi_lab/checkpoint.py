@@ -62,8 +62,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
                          f"torch.save): {detail}") from None
 
 
-def load_state(model: nn.Module, state_dict: dict[str, torch.Tensor], what: str = "checkpoint") -> nn.Module:
-    """`model.load_state_dict(state_dict)` with one clear message listing missing/unexpected keys and shape clashes."""
+def load_state(model: nn.Module, state_dict: dict[str, torch.Tensor], what: str = "checkpoint",
+               check_only: bool = False) -> nn.Module:
+    """`model.load_state_dict(state_dict)` with one clear message listing missing/unexpected keys and shape clashes
+    (`check_only`: the message, or nothing; no weights copied, e.g. into a model on the meta device)."""
     own = model.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
@@ -75,7 +77,8 @@ def load_state(model: nn.Module, state_dict: dict[str, torch.Tensor], what: str 
             if items:
                 parts.append(f"{label} ({len(items)}): {', '.join(items[:4])}{' ...' if len(items) > 4 else ''}")
         raise ValueError(f"{what} does not fit this model ({type(model).__name__}): " + "; ".join(parts))
-    model.load_state_dict(state_dict)
+    if not check_only:
+        model.load_state_dict(state_dict)
     return model
 
 
@@ -90,8 +93,12 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> n
     """Rebuild a model saved by :func:`save_model` (or a training checkpoint of a `build_model` model)."""
     state = load_checkpoint(path)
     spec = state.get("spec")
-    if not spec:
-        raise ValueError(f"checkpoint {str(path)!r} has no model spec: it was not saved from a build_model model")
+    if not spec or not isinstance(spec, dict) or not isinstance(state.get("model"), dict):
+        raise ValueError(f"checkpoint {str(path)!r} has no model spec and weights (it holds "
+                         f"{', '.join(map(str, state)) or 'nothing'}): it was not saved from a build_model model")
     spec = dict(spec)
-    model = build_model(spec.pop("name"), spec.pop("num_classes"), spec.pop("in_channels"), **spec)
-    return load_state(model, state["model"], f"checkpoint {str(path)!r}").to(device)
+    args = (spec.pop("name", None), spec.pop("num_classes", None), spec.pop("in_channels", None))
+    what = f"checkpoint {str(path)!r}"
+    with torch.device("meta"):  # the spec is checked against the weights' shapes before any memory is allocated
+        load_state(build_model(*args, **spec), state["model"], what, check_only=True)
+    return load_state(build_model(*args, **spec), state["model"], what).to(device)

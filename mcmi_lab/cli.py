@@ -25,10 +25,13 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 from .datasets import fashion_mnist_root
 from .launch import add_train_command
+from .objectives import StopTraining
 from .pipelines import (NOTEBOOKS, PARAMETERS, PIPELINES, START_ORDER, get_pipeline, notebook_needs, parse_value,
                         resolve_parameters)
 from .report import build_report
-from .runs import describe_device, merge_results, now, seed_dir, write_run_info
+from .runs import (check_run_folder, clear_run_folder, completed, describe_device, merge_results, now, read_run_info,
+                   run_folder_lock, seed_dir, write_run_info)
+from .utils import disk_full
 
 #: Where the notebooks are: $MCMI_LAB_NOTEBOOKS, else ``notebooks/`` next to the package (a source checkout).
 NOTEBOOKS_ENV = "MCMI_LAB_NOTEBOOKS"
@@ -70,20 +73,39 @@ def execute_notebook(name: str, run_dir: str | os.PathLike, parameters: Mapping,
     inject["run_dir"] = str(run_dir)
     executed = run_dir / "notebooks" / f"{name}.ipynb"
     executed.parent.mkdir(parents=True, exist_ok=True)
+    # papermill rewrites its output after every cell: it writes a hidden sibling, renamed over the executed notebook
+    # once it stops (finished or failed), so a kill or a full disk never leaves a cut notebook under the real name
+    partial = executed.with_name(f".{executed.name}.running")
     try:
         # the kernel's working directory through nbclient's resources, not papermill's cwd=, which chdirs this whole
         # process: with notebooks running in threads that moved the others' relative paths
-        papermill.execute_notebook(str(source), str(executed), parameters=inject, kernel_name=kernel_name,
+        papermill.execute_notebook(str(source), str(partial), parameters=inject, kernel_name=kernel_name,
                                    progress_bar=False, resources={"metadata": {"path": str(source.parent)}})
+        os.replace(partial, executed)
     except PapermillExecutionError as err:
+        _keep_partial(partial, executed)
         evalue = str(err.evalue).strip().splitlines()
         raise NotebookError(f"{name}.ipynb failed at cell {err.cell_index} (In [{err.exec_count}]): {err.ename}: "
                             f"{evalue[0] if evalue else ''} (executed notebook: {executed})") from None
     except Exception as err:  # the kernel died (memory), did not start, or timed out: still one line naming it
+        if disk_full(err, executed.parent):
+            partial.unlink(missing_ok=True)  # cut short by the full disk: not valid JSON, and it holds the space
+            raise NotebookError(f"{name}.ipynb stopped: disk full while writing into {run_dir} (free some space and "
+                                "rerun; the same parameters keep the notebooks already finished)") from None
+        _keep_partial(partial, executed)
         first = (str(err).strip().splitlines() or [""])[0]
         raise NotebookError(f"{name}.ipynb did not run to the end: {type(err).__name__}: {first} "
                             f"(executed notebook: {executed})") from err
     return executed
+
+
+def _keep_partial(partial: Path, executed: Path) -> None:
+    """A notebook that failed is kept (its outputs show the error) under its real name, when it was written whole."""
+    try:
+        if partial.is_file():
+            os.replace(partial, executed)
+    except OSError:
+        pass
 
 
 def default_jobs(pipeline: str) -> int:
@@ -143,12 +165,16 @@ def _schedule(tasks: list[tuple[int, str]], jobs: int, run: Callable[[int, str],
 
 def run_pipeline(pipeline: str, out: str | os.PathLike, overrides: Mapping | None = None,
                  seeds: Sequence[int] | None = None, notebooks: Sequence[str] | None = None,
-                 jobs: int | None = None, echo: Callable[[str], None] = print) -> Path:
+                 jobs: int | None = None, echo: Callable[[str], None] = print, force: bool = False) -> Path:
     """Run `pipeline` for every seed into `out`, then merge the results and write the report; returns report.html.
 
     overrides: parameter values over the pipeline's (checked first, a ValueError names the bad one); seeds: run
     seeds (default: the pipeline's); notebooks: which notebooks (default: the pipeline's; any of pipelines.NOTEBOOKS); jobs: notebooks executed at
     once (default :func:`default_jobs`), each kernel with cores / jobs threads.
+
+    A run folder holds one configuration: `out` with a run of other parameters is refused (``force``: that run's
+    results are deleted first); the same parameters resume, keeping every notebook whose results they already made.
+    One run writes a folder at a time (a lock file holding its pid).
     """
     pipe = get_pipeline(pipeline)
     params = resolve_parameters(pipe, {"interactive": False, **dict(overrides or {})})
@@ -169,39 +195,56 @@ def run_pipeline(pipeline: str, out: str | os.PathLike, overrides: Mapping | Non
         notebook_path(name)  # a missing notebook fails now, not after an hour of training
     out = Path(out).resolve()  # once, before any notebook runs: every path below is absolute
     out.mkdir(parents=True, exist_ok=True)
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    info = {"pipeline": pipe.name, "description": pipe.description, "notebooks": names, "seeds": seeds,
-            "parameters": params, "device": describe_device(params["device"]), "jobs": jobs,
-            "threads_per_kernel": int(os.environ.get("OMP_NUM_THREADS", threads)), "started": now(),
-            "command": " ".join(["mcmi-lab"] + sys.argv[1:]), "status": "running", "timings_s": {}}
-    write_run_info(out, info)
-    start = time.perf_counter()
-    echo(f"mcmi-lab: pipeline {pipe.name!r}, seeds {seeds}, {len(names)} notebooks, {jobs} at a time -> {out}")
-
-    def run_one(seed: int, name: str) -> None:
-        t0 = time.perf_counter()
-        execute_notebook(name, seed_dir(out, seed), {**params, "seed": seed})
-        seconds = time.perf_counter() - t0
-        info["timings_s"][f"seed_{seed}/{name}"] = round(seconds, 1)
-        echo(f"  seed {seed}  {name:<18} {seconds:7.1f} s")
-
-    try:
-        with _kernel_environment(threads, out / "kernels.log"):
-            rank = {name: i for i, name in enumerate(START_ORDER)}
-            tasks = sorted(((seed, name) for seed in seeds for name in names),
-                           key=lambda task: (rank.get(task[1], len(rank)), task[0]))
-            _schedule(tasks, jobs, run_one)
-        info["status"] = "finished"
-    except BaseException as err:
-        info["status"] = f"failed: {err}" if isinstance(err, NotebookError) else f"stopped: {type(err).__name__}"
-        raise
-    finally:
-        info["finished"] = now()
-        info["wall_time_s"] = round(time.perf_counter() - start, 1)
+    with run_folder_lock(out):  # one writer per folder; one configuration per folder
+        if force:
+            clear_run_folder(out)
+        check_run_folder(out, pipe.name, params)
+        earlier = read_run_info(out)
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        info = {"pipeline": pipe.name, "description": pipe.description,
+                "notebooks": list(dict.fromkeys(earlier.get("notebooks", []) + names)),
+                "seeds": sorted(set(earlier.get("seeds", [])) | set(seeds)),
+                "parameters": params, "device": describe_device(params["device"]), "jobs": jobs,
+                "threads_per_kernel": int(os.environ.get("OMP_NUM_THREADS", threads)), "started": now(),
+                "command": " ".join(["mcmi-lab"] + sys.argv[1:]), "status": "running",
+                "timings_s": dict(earlier.get("timings_s", {}))}
         write_run_info(out, info)
-        if any((seed_dir(out, s) / "results").is_dir() for s in seeds):
-            merge_results(out)
-    _, page = build_report(out)
+        start = time.perf_counter()
+        echo(f"mcmi-lab: pipeline {pipe.name!r}, seeds {seeds}, {len(names)} notebooks, {jobs} at a time -> {out}")
+
+        def run_one(seed: int, name: str) -> None:
+            t0 = time.perf_counter()
+            execute_notebook(name, seed_dir(out, seed), {**params, "seed": seed})
+            seconds = time.perf_counter() - t0
+            info["timings_s"][f"seed_{seed}/{name}"] = round(seconds, 1)
+            echo(f"  seed {seed}  {name:<18} {seconds:7.1f} s")
+
+        try:
+            done = [(seed, name) for seed in seeds for name in names
+                    if completed(seed_dir(out, seed), name, {**params, "seed": seed})]
+            for seed, name in done:  # the same configuration ran these to the end before: a rerun resumes
+                echo(f"  seed {seed}  {name:<18} done before with these parameters, kept (--force reruns it)")
+            with _kernel_environment(threads, out / "kernels.log"):
+                rank = {name: i for i, name in enumerate(START_ORDER)}
+                tasks = sorted(((seed, name) for seed in seeds for name in names if (seed, name) not in done),
+                               key=lambda task: (rank.get(task[1], len(rank)), task[0]))
+                _schedule(tasks, jobs, run_one)
+            info["status"] = "finished"
+        except BaseException as err:
+            info["status"] = f"failed: {err}" if isinstance(err, NotebookError) else f"stopped: {type(err).__name__}"
+            raise
+        finally:
+            info["finished"] = now()
+            info["wall_time_s"] = round(time.perf_counter() - start, 1)
+            in_flight = sys.exc_info()[1] is not None
+            try:
+                write_run_info(out, info)
+                if any((seed_dir(out, s) / "results").is_dir() for s in seeds):
+                    merge_results(out)
+            except OSError:
+                if not in_flight:
+                    raise  # else the notebook's own error (raised on) is the one to see, not a full disk after it
+        _, page = build_report(out)
     return page
 
 
@@ -218,7 +261,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     overrides = {}
     for name, value in args.param or []:
         overrides[name] = parse_value(value)
-    page = run_pipeline(args.pipeline, args.out, overrides, args.seeds, args.notebooks, args.jobs)
+    page = run_pipeline(args.pipeline, args.out, overrides, args.seeds, args.notebooks, args.jobs, force=args.force)
     print(f"mcmi-lab: report written to {page} (and {page.with_suffix('.md')})")
     return 0
 
@@ -270,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override a parameter (repeatable)")
     run.add_argument("--seeds", nargs="+", type=int, help="run seeds (default: the pipeline's)")
     run.add_argument("--notebooks", nargs="+", help="run these notebooks instead of the pipeline's (any of a full run, e.g. 01_teachers 03_distill)")
+    run.add_argument("--force", action="store_true", help="replace the results of an earlier run with other "
+                     "parameters in --out (without it that is refused; the same parameters resume)")
     run.add_argument("--jobs", type=int, help="notebooks executed at once (default: one per core, at most 4; "
                      "paper: 1)")
     run.set_defaults(func=_cmd_run)
@@ -296,6 +341,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"mcmi-lab: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # disk full, a read-only or missing folder: one line, not a traceback
+        print(f"mcmi-lab: error: {err}", file=sys.stderr)
+        return 1
+    except StopTraining as err:  # the collapse guard or a non-finite term (mcmi-lab train)
+        print(f"mcmi-lab: training stopped: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("mcmi-lab: interrupted", file=sys.stderr)
         return 130

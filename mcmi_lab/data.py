@@ -112,8 +112,9 @@ def _channel_values(values: tuple[float, ...], device: torch.device, dtype: torc
 
 def from_tensors(images: torch.Tensor, labels: torch.Tensor, classes: Sequence[str] | int | None = None,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                 name: str = "custom", pad: int = 0, flip: bool = False) -> ImageData:
-    """Wrap user tensors. images: (N, C, H, W) uint8 or float in [0, 1]; labels: (N,).
+                 name: str = "custom", pad: int = 0, flip: bool = False, unit_range: bool = True) -> ImageData:
+    """Wrap user tensors. images: (N, C, H, W) uint8 or float in [0, 1] (`unit_range=False`: any real values, e.g.
+    the synthetic task's Gaussian inputs); labels: (N,) integer class indices.
 
     `classes` may be names, a count, or None (then max(label)+1 classes named "0", "1", ...);
     `mean`/`std` default to the per-channel statistics of `images`.
@@ -121,7 +122,29 @@ def from_tensors(images: torch.Tensor, labels: torch.Tensor, classes: Sequence[s
     if not isinstance(images, torch.Tensor) or images.dim() != 4:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise ValueError(f"images of shape {shape} are not accepted: expected a tensor (N, C, H, W)")
-    labels = torch.as_tensor(labels).long()
+    if len(images) == 0:
+        raise ValueError("an empty set of images is not accepted: expected at least one image")
+    if images.shape[1] > 4 and images.shape[3] in (1, 3, 4):
+        raise ValueError(f"images of shape {tuple(images.shape)} are not accepted: they look like (N, H, W, C) with "
+                         f"{images.shape[3]} channel(s); expected (N, C, H, W): pass images.permute(0, 3, 1, 2)")
+    if images.is_floating_point():
+        finite = images[torch.isfinite(images)]  # a NaN is the training guard's to name, at its step
+        low, high = (float(finite.min()), float(finite.max())) if len(finite) else (0.0, 0.0)
+        if unit_range and (low < 0 or high > 1):
+            raise ValueError(f"float images in [{low:g}, {high:g}] are not accepted: expected values in [0, 1] "
+                             "(divide 0..255 images by 255, or pass them as uint8; unit_range=False for real-valued "
+                             "inputs that are not pixels)")
+    elif images.dtype != torch.uint8:
+        raise ValueError(f"images of dtype {images.dtype} are not accepted: expected uint8 (0..255) or float in [0, 1]")
+    labels = torch.as_tensor(labels)
+    if labels.is_floating_point() or labels.is_complex():
+        bad = labels[labels != labels.round()] if labels.is_floating_point() else labels
+        if len(bad):
+            raise ValueError(f"labels such as {bad[0].item()!r} are not accepted: expected integer class indices")
+    if labels.dim() != 1 or len(labels) != len(images):
+        raise ValueError(f"labels of shape {tuple(labels.shape)} are not accepted: expected a 1-D tensor of "
+                         f"{len(images)} class indices")
+    labels = labels.long()
     if classes is None:
         classes = int(labels.max()) + 1 if len(labels) else 0
     if isinstance(classes, int):

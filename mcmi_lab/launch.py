@@ -31,7 +31,7 @@ from .datasets import DATASETS, load_dataset
 from .evaluate import evaluate
 from .kd import KD_METHODS, method_hparams
 from .models import MODELS
-from .objectives import REFRESH_STEPS, UPDATES
+from .objectives import REFRESH_STEPS, UPDATES, StopTraining
 from .recipes import finetune_mcmi, train_student, train_teacher
 from .train import COMPILE_MODES, TrainConfig
 from .utils import check_float, check_int, get_device, write_json
@@ -387,6 +387,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"{parser.prog} {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except (OSError, StopTraining) as err:  # disk full, an --out that cannot be written, the collapse guard
+        print(f"{parser.prog} {args.command}: {'training stopped' if isinstance(err, StopTraining) else 'error'}: "
+              f"{err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -200,7 +200,7 @@ PIPELINES: dict[str, Pipeline] = {
                 "few-shot and zero-shot cnn_tiny students), concentration, Eigen-CAM and the known posterior; 3 seeds",
         notebooks=("01_teachers", "02_concentration", "04_eigencam", "07_dose_response", "08_known_bcpd"),
         parameters={"train_size": 2500, "test_size": 5000, "teacher_epochs": 40, "finetune_epochs": 8,
-                    "student_epochs": 5, "fractions": [0.05], "few_shot_schedule": "steps", "omit_classes": [3],
+                    "student_epochs": 5, "fractions": [0.25], "omit_classes": [3],
                     "teachers": list(TEACHERS)}),
     "dose": Pipeline(
         "dose", "the dose-response study alone, on twice the demo's data (4,500 training images, 6-epoch students): "

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from .plots import plot_cmi_bars, plot_dose_response, plot_fraction_curve, plot_student_vs_teacher_cmi
-from .runs import RESULTS, collect_results, seed_dirs
+from .runs import RESULTS, collect_results, parameter_differences, seed_dirs
 from .stats import format_mean_std, mean_std, paired_difference, slope_over_seeds
 from .utils import write_json, write_text
 
@@ -453,6 +453,17 @@ def _header(rep: _Report) -> None:
             f"{run.get('status', '?')}",
             f"- wall time: {f'{wall / 60:.1f} min ({wall:.0f} s)' if wall is not None else '?'}",
             "- parameters: listed at the end", "")
+    mixed = []  # results made with other parameters than run.json records: flagged, never silently mixed
+    for seed, notebooks in rep.results.get("seeds", {}).items():
+        for name, result in notebooks.items():
+            recorded = (result.get("meta") or {}).get("parameters") if isinstance(result, dict) else None
+            diff = parameter_differences(run.get("parameters") or {}, recorded or {})
+            if diff:
+                mixed.append(f"seed_{seed}/{name} ({'; '.join(diff)})")
+    if mixed:
+        rep.add("**Warning: some results were made with other parameters than this run records** (run.json → the "
+                "result's own): " + ", ".join(mixed) + ". Their numbers are in the tables below as if they belonged "
+                "to this run; rerun them, or rerun the whole run into a fresh folder.", "")
 
 
 def _parameters(rep: _Report) -> None:

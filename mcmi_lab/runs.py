@@ -12,12 +12,13 @@ was run), the merged ``results.json`` and the report. Notebooks hand over artifa
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
 import platform
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -133,7 +134,15 @@ def write_run_info(out: str | os.PathLike, info: Mapping[str, Any]) -> Path:
 
 def read_run_info(out: str | os.PathLike) -> dict[str, Any]:
     path = Path(out) / RUN_INFO
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        info = json.loads(path.read_text())
+    except ValueError as err:
+        raise ValueError(f"{str(path)!r} is not valid JSON ({err}): remove it, or run into a fresh --out") from None
+    if not isinstance(info, dict):
+        raise ValueError(f"{str(path)!r} holds a {type(info).__name__}: expected the JSON object mcmi-lab run writes")
+    return info
 
 
 def collect_results(out: str | os.PathLike) -> dict[str, Any]:
@@ -141,10 +150,109 @@ def collect_results(out: str | os.PathLike) -> dict[str, Any]:
     seeds = {}
     for seed, path in seed_dirs(out).items():
         files = sorted((path / "results").glob("*.json"))
-        seeds[str(seed)] = {f.stem: json.loads(f.read_text()) for f in files}
+        seeds[str(seed)] = {f.stem: _read_result_file(f) for f in files}
     return {"run": read_run_info(out), "seeds": seeds}
+
+
+#: The tables of the results files: each a list of row objects (what the report reads).
+RESULT_TABLES = ("teachers", "students", "few_shot", "zero_shot", "known_bcpd", "dose_response", "cam")
+
+
+def _read_result_file(path: Path) -> dict[str, Any]:
+    """One results file, or one line naming it when it is not the JSON a notebook writes."""
+    try:
+        result = json.loads(path.read_text())
+    except ValueError as err:
+        raise ValueError(f"results file {str(path)!r} is not valid JSON ({err}): rerun its notebook, or remove the "
+                         "file") from None
+    if not isinstance(result, dict):
+        raise ValueError(f"results file {str(path)!r} holds a {type(result).__name__}: expected a JSON object as a "
+                         "notebook writes it (write_results)")
+    for key in RESULT_TABLES:
+        rows = result.get(key)
+        if rows is not None and not (isinstance(rows, list) and all(isinstance(r, dict) for r in rows)):
+            raise ValueError(f"results file {str(path)!r}: {key!r} is not accepted: expected a list of row objects, "
+                             f"got {type(rows).__name__}")
+    return result
 
 
 def merge_results(out: str | os.PathLike) -> Path:
     """Write ``results.json`` of a run from its seed folders (see :func:`collect_results`)."""
     return write_json(Path(out) / RESULTS, collect_results(out))
+
+
+# ---- one run folder, one configuration ------------------------------------------------------------------------------
+
+LOCK = ".run.lock"
+#: Parameters that do not change what a run computes (where it writes, whether it shows widgets).
+FREE_PARAMETERS = ("run_dir", "seed", "interactive")
+
+
+def parameter_differences(recorded: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
+    """``"lam 0.5 -> 0.9"`` for every parameter both name with different values (FREE_PARAMETERS aside)."""
+    return [f"{k} {recorded[k]!r} -> {wanted[k]!r}" for k in wanted
+            if k in recorded and k not in FREE_PARAMETERS and recorded[k] != wanted[k]]
+
+
+def check_run_folder(out: str | os.PathLike, pipeline: str, parameters: Mapping[str, Any]) -> None:
+    """A run folder holds one configuration: refuse (one line, naming the differences) to run `pipeline` with
+    `parameters` into a folder whose run.json records another pipeline or other parameters."""
+    info = read_run_info(out)
+    if not info.get("parameters"):
+        return
+    diff = ([f"pipeline {info.get('pipeline')!r} -> {pipeline!r}"] if info.get("pipeline") not in (None, pipeline)
+            else []) + parameter_differences(info["parameters"], parameters)
+    if diff:
+        raise ValueError(f"run folder {str(out)!r} holds a run with other settings ({'; '.join(diff)}): use another "
+                         "--out, or --force to replace that run's results")
+
+
+def clear_run_folder(out: str | os.PathLike) -> None:
+    """What --force replaces: the seed folders, run.json, results.json and the report of an earlier run."""
+    import shutil
+
+    out = Path(out)
+    for path in seed_dirs(out).values():
+        shutil.rmtree(path)
+    for name in (RUN_INFO, RESULTS, "report.md", "report.html"):
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / "figures", ignore_errors=True)
+
+
+def completed(run_dir: str | os.PathLike, notebook: str, parameters: Mapping[str, Any]) -> bool:
+    """True when `notebook` already left its results in `run_dir`, made with `parameters` (what a rerun skips)."""
+    path = results_path(run_dir, notebook)
+    try:
+        recorded = json.loads(path.read_text()).get("meta", {}).get("parameters")
+    except (OSError, ValueError):
+        return False
+    return isinstance(recorded, dict) and recorded.get("seed") == parameters.get("seed") \
+        and not parameter_differences(recorded, parameters)
+
+
+@contextlib.contextmanager
+def run_folder_lock(out: str | os.PathLike) -> Iterator[None]:
+    """Only one `mcmi-lab run` writes a run folder at a time: ``<out>/.run.lock`` holds the writer's pid; a lock left
+    by a process that no longer exists (killed) is taken over."""
+    path = Path(out) / LOCK
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            try:
+                pid = int(path.read_text().split()[0])
+                os.kill(pid, 0)
+            except (OSError, ValueError, IndexError):  # gone, or an unreadable lock: stale
+                path.unlink(missing_ok=True)
+                continue
+            raise ValueError(f"run folder {str(out)!r} is being written by another mcmi-lab run (pid {pid}): wait "
+                             f"for it to finish, or use another --out") from None
+    else:
+        raise ValueError(f"run folder {str(out)!r} could not be locked ({path}): remove that file if no run is using it")
+    try:
+        os.write(fd, f"{os.getpid()} {now()}\n".encode())
+        os.close(fd)
+        yield
+    finally:
+        path.unlink(missing_ok=True)

@@ -45,6 +45,12 @@ def check_model_input(model: nn.Module, data: ImageData, what: str = "this model
     if conv is not None and conv.in_channels != data.in_channels:
         raise ValueError(f"images with {data.in_channels} channel(s) ({data.name}) are not accepted by {what}: "
                          f"its first convolution expects {conv.in_channels}; build it with in_channels={data.in_channels}")
+    spec = getattr(getattr(model, "module", model), "spec", None)
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    outputs = spec.get("num_classes") if isinstance(spec, dict) else linears[-1].out_features if linears else None
+    if outputs is not None and outputs != data.num_classes:
+        raise ValueError(f"data with {data.num_classes} classes ({data.name}) is not accepted by {what}: it has "
+                         f"{outputs} outputs; build it with num_classes={data.num_classes}")
 
 
 def precision_context(precision: str | None, device: torch.device):

@@ -172,7 +172,8 @@ class SyntheticTask:
         labels = labels[torch.randperm(n, generator=gen)]
         eps = torch.randn(n, self.channels, self.size, self.size, generator=gen)
         images = (self._templates.float()[labels] + self.offset).add_(eps, alpha=self.sigma)
-        return from_tensors(images, labels, [f"class {i}" for i in range(k)], name="synthetic", pad=0, flip=False)
+        return from_tensors(images, labels, [f"class {i}" for i in range(k)], name="synthetic", pad=0, flip=False,
+                           unit_range=False)
 
 
 def load_synthetic(split: str = "train", n: int | None = None, **task_kwargs) -> ImageData:

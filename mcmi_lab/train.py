@@ -133,7 +133,7 @@ def fit(model: nn.Module, data: ImageData, objective: Objective | None = None, c
     history: list[dict] = []
     start = 0
     if resume and checkpoint is not None:
-        history, start = _resume(checkpoint, model, optimizer, objective, device, cfg, rank, world)
+        history, start = _resume(checkpoint, model, optimizer, objective, device, cfg, rank, world, data)
 
     # ---- wrappers: SyncBatchNorm, DDP, torch.compile; precision; steps per epoch ---------------------------------
     restore_bn = dist_utils.convert_sync_batchnorm(model) if cfg.sync_bn and world > 1 else None
@@ -185,7 +185,7 @@ def fit(model: nn.Module, data: ImageData, objective: Objective | None = None, c
         if checkpoint is not None and rank == 0:
             save_checkpoint(checkpoint, model=model, optimizer=optimizer.state_dict(),
                             objective=objective.state_dict(), epoch=epoch + 1, history=history,
-                            config=dataclasses.asdict(cfg), rng=_rng_state(device))
+                            config=dataclasses.asdict(cfg), data=data_fingerprint(data), rng=_rng_state(device))
         dist_utils.barrier()
     if restore_bn is not None:
         restore_bn()
@@ -233,15 +233,56 @@ def _train_epoch(train_model: nn.Module, objective: Objective, optimizer, batch_
     return dict(zip(names, (sums[:-1] / sums[-1]).tolist()))
 
 
-def _resume(checkpoint, model, optimizer, objective, device, cfg: TrainConfig, rank: int, world: int
-            ) -> tuple[list[dict], int]:
+#: TrainConfig fields that do not change what a run computes: a resume may change them.
+RESUME_FREE = ("device", "progress", "log", "name", "check_every", "eval_every", "compile")
+
+
+def data_fingerprint(data: ImageData) -> dict:
+    """A cheap identity of a training set, saved in fit's checkpoints: its size, shape, classes and a checksum of its
+    labels and of a strided sample of its pixels (a resume on other data is refused, not continued)."""
+    images, labels = data.images, data.labels.cpu()
+    step = max(1, len(images) // 256)
+    sample = images[::step].detach().cpu().double()
+    return {"n": len(data), "shape": list(images.shape[1:]), "num_classes": int(data.num_classes),
+            "labels": int((labels.long() * torch.arange(1, len(labels) + 1) % 1_000_003).sum()),
+            "pixels": round(float(sample.sum()), 3)}
+
+
+def _check_same_run(checkpoint, state: dict, cfg: TrainConfig, data: ImageData) -> None:
+    """A resume must continue the same run: the same config (but RESUME_FREE fields) and the same data."""
+    saved = state.get("config") or {}
+    now = dataclasses.asdict(cfg)
+    changed = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in now
+               if k not in RESUME_FREE and k in saved and saved[k] != now[k]]
+    if cfg.schedule == "constant" and saved.get("schedule") == "constant" and cfg.epochs > state.get("epoch", 0):
+        # a constant learning rate does not depend on the epoch count: more epochs extend the same run
+        changed = [c for c in changed if not c.startswith("epochs ")]
+    if changed:
+        raise ValueError(f"resume from {str(checkpoint)!r} is not accepted: the run it holds was trained with other "
+                         f"settings ({'; '.join(changed)}); resume with the same settings, or start a new run "
+                         "without resume (another checkpoint path)")
+    if "data" in state and state["data"] != data_fingerprint(data):
+        was, now_fp = state["data"], data_fingerprint(data)
+        diff = [f"{k} {was.get(k)!r} -> {now_fp[k]!r}" for k in now_fp if was.get(k) != now_fp[k]]
+        raise ValueError(f"resume from {str(checkpoint)!r} is not accepted: it was trained on other data "
+                         f"({'; '.join(diff)}); resume on the same samples, or start a new run without resume")
+
+
+def _resume(checkpoint, model, optimizer, objective, device, cfg: TrainConfig, rank: int, world: int,
+            data: ImageData) -> tuple[list[dict], int]:
     """Load a checkpoint written by fit (if there is one); returns (history, first epoch to run)."""
     history, start = [], 0
     if rank == 0:
         _remove_stale_temp_files(checkpoint)
     if Path(checkpoint).is_file():
         state = load_checkpoint(checkpoint)
-        load_state(model, state["model"], f"checkpoint {str(checkpoint)!r}")
+        missing = [k for k in ("model", "optimizer", "objective", "history", "epoch", "rng") if k not in state]
+        if missing:
+            raise ValueError(f"checkpoint {str(checkpoint)!r} cannot be resumed: it lacks {', '.join(missing)} (it "
+                             f"holds {', '.join(map(str, state)) or 'nothing'}); resume needs a checkpoint written "
+                             "by fit(checkpoint=...)")
+        load_state(model, state["model"], f"checkpoint {str(checkpoint)!r}")  # another architecture: say that first
+        _check_same_run(checkpoint, state, cfg, data)
         optimizer.load_state_dict(state["optimizer"])
         _load_objective(objective, state["objective"])
         history, start = list(state["history"]), int(state["epoch"])

@@ -1,10 +1,12 @@
 """Small shared basics: device choice, seeding, atomic file writes, argument checks."""
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import random
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -16,12 +18,31 @@ def get_device(device: str | torch.device | None = None) -> torch.device:
     """The device to compute on: `device` if given, else $MCMI_LAB_DEVICE, else cuda > mps > cpu."""
     device = device or os.environ.get("MCMI_LAB_DEVICE")
     if device:
-        return torch.device(device)
+        return _available(device)
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def _available(device: str | torch.device) -> torch.device:
+    """`device` as a torch.device, or one line saying why it cannot be used here (a typo, no such GPU)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device={device!r} is not accepted: expected cpu, cuda, cuda:<index> or mps") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (dev.index is not None and dev.index >= count):
+            raise ValueError(f"device={str(device)!r} is not available: this machine has {count} CUDA device(s)"
+                             + (f" (cuda:0..cuda:{count - 1})" if count else "; use cpu"))
+    elif dev.type == "mps" and not (getattr(torch.backends, "mps", None) is not None
+                                    and torch.backends.mps.is_available()):
+        raise ValueError(f"device={str(device)!r} is not available: MPS needs an Apple GPU; use cpu")
+    elif dev.type not in ("cpu", "cuda", "mps", "meta"):
+        raise ValueError(f"device={str(device)!r} is not accepted: expected cpu, cuda, cuda:<index> or mps")
+    return dev
 
 
 def set_seed(seed: int) -> None:
@@ -52,11 +73,35 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would have
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(err, (OSError, RuntimeError)) and disk_full(err, path.parent):
+            raise OSError(errno.ENOSPC, f"disk full: {path} could not be written (free space on its file system: "
+                                        f"{_free_mb(path.parent)}); free some space and rerun") from None
         raise
     return path
+
+
+def disk_full(err: BaseException, folder: str | os.PathLike) -> bool:
+    """True when `err` is a write that failed for want of space: ENOSPC itself, or torch.save's own wording of it
+    ("enforce fail at inline_container.cc ... file write failed") on a file system with (almost) no space left."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(err)
+    if "inline_container" in text or "write failed" in text or "No space left" in text:
+        try:
+            return shutil.disk_usage(folder).free < 64 * 2**20 or "No space left" in text
+        except OSError:
+            return False
+    return False
+
+
+def _free_mb(folder: str | os.PathLike) -> str:
+    try:
+        return f"{shutil.disk_usage(folder).free / 2**20:.1f} MB"
+    except OSError:
+        return "unknown"
 
 
 def _umask() -> int:

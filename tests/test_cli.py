@@ -436,3 +436,69 @@ def test_report_known_posterior_dose_response_by_hand(tmp_path):
     claims = md.split("## Which claims held on this data")[1].split("\n## ")[0]
     assert "- known BCPD, dose 0.1: MCMI − label smoothing, KL(P* ‖ teacher) on test (nats)" in claims
     assert (out / "figures" / "known_posterior_dose_response.png").stat().st_size > 10_000
+
+
+# ---- one run folder, one configuration ----------------------------------------------------------------------------
+
+def _recording_execute(calls):
+    """A stand-in for execute_notebook that leaves results recorded with the parameters it was given."""
+    def execute(name, run_dir, parameters, kernel_name="python3"):
+        calls.append((name, parameters["seed"], parameters["lam"]))
+        declared = {k: parameters[k] for k in ("seed", "lam", "train_size", "interactive")}
+        write_results(run_dir, name, {"done": True}, {**declared, "run_dir": str(run_dir)})
+        return Path(run_dir) / "notebooks" / f"{name}.ipynb"
+    return execute
+
+
+def test_a_run_folder_holds_one_configuration(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(cli, "execute_notebook", _recording_execute(calls))
+    out, quiet = tmp_path / "run", dict(seeds=[0], jobs=1, echo=lambda line: None)
+    cli.run_pipeline("smoke", out, {"lam": 0.5}, notebooks=["01_teachers", "03_distill"], **quiet)
+    assert calls == [("01_teachers", 0, 0.5), ("03_distill", 0, 0.5)]
+    # a partial rerun with another λ would put λ 0.9 teachers under λ 0.5 students: refused, nothing run
+    with pytest.raises(ValueError, match=r"run folder .* holds a run with other settings \(lam 0.5 -> 0.9\): use "
+                                         r"another --out, or --force"):
+        cli.run_pipeline("smoke", out, {"lam": 0.9}, notebooks=["01_teachers"], **quiet)
+    with pytest.raises(ValueError, match=r"other settings \(pipeline 'smoke' -> 'demo'"):
+        cli.run_pipeline("demo", out, {"lam": 0.5}, notebooks=["01_teachers"], **quiet)
+    assert len(calls) == 2
+    # the same parameters resume: finished notebooks are kept, a new seed runs
+    lines = []
+    cli.run_pipeline("smoke", out, {"lam": 0.5}, seeds=[0, 1], notebooks=["01_teachers", "03_distill"], jobs=1,
+                     echo=lines.append)
+    assert calls[2:] == [("01_teachers", 1, 0.5), ("03_distill", 1, 0.5)]
+    assert sum("done before with these parameters, kept" in line for line in lines) == 2
+    assert json.loads((out / "run.json").read_text())["seeds"] == [0, 1]
+    # --force replaces the earlier run
+    cli.run_pipeline("smoke", out, {"lam": 0.9}, notebooks=["01_teachers"], force=True, **quiet)
+    assert calls[4:] == [("01_teachers", 0, 0.9)] and not (out / "seed_1").exists()
+
+
+def test_one_writer_per_run_folder(tmp_path, monkeypatch):
+    import os
+    import subprocess
+    import sys
+
+    calls = []
+    monkeypatch.setattr(cli, "execute_notebook", _recording_execute(calls))
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".run.lock").write_text(f"{os.getppid()} 2026-01-01T00:00:00\n")  # a live process holds it
+    with pytest.raises(ValueError, match=rf"run folder .* is being written by another mcmi-lab run \(pid "
+                                         rf"{os.getppid()}\): wait for it"):
+        cli.run_pipeline("smoke", out, notebooks=["01_teachers"], seeds=[0], jobs=1, echo=lambda line: None)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (out / ".run.lock").write_text(f"{int(dead.stdout)} 2026-01-01T00:00:00\n")  # killed: a stale lock is taken over
+    cli.run_pipeline("smoke", out, notebooks=["01_teachers"], seeds=[0], jobs=1, echo=lambda line: None)
+    assert calls == [("01_teachers", 0, 0.5)] and not (out / ".run.lock").exists()
+
+
+def test_the_report_flags_results_made_with_other_parameters(tmp_path):
+    out = tmp_path / "mixed"
+    write_run_info(out, {"pipeline": "demo", "notebooks": ["01_teachers"], "seeds": [0], "parameters": {"lam": 0.5},
+                         "status": "finished"})
+    write_results(out / "seed_0", "01_teachers", {"teachers": []}, {"lam": 0.9, "seed": 0, "run_dir": "x"})
+    md = build_report(out)[0].read_text()
+    assert "**Warning: some results were made with other parameters than this run records**" in md
+    assert "seed_0/01_teachers (lam 0.5 -> 0.9)" in md

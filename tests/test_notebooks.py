@@ -249,12 +249,20 @@ def test_report_of_the_smoke_run(run):
 def test_broken_parameter_fails_the_run_naming_notebook_and_cell(tmp_path):
     exe = Path(sys.executable).with_name("mcmi-lab")
     cmd = [str(exe)] if exe.is_file() else [sys.executable, "-m", "mcmi_lab.cli"]
-    # a device that passes the parameter check but exists nowhere: the first cell that trains fails
-    proc = subprocess.run(cmd + ["run", "smoke", "--out", str(tmp_path / "r"), "-p", "device", "cuda:99"],
+    # a value that passes the parameter check but breaks a notebook: the MLP has no feature map for Eigen-CAM
+    proc = subprocess.run(cmd + ["run", "smoke", "--out", str(tmp_path / "r"), "-p", "teacher_model", "mlp",
+                                 "--notebooks", "01_teachers", "04_eigencam"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
-    match = re.match(r"mcmi-lab: (01_teachers|08_known_bcpd)\.ipynb failed at cell (\d+) \(In \[\d+\]\): \w+: ", last)
+    match = re.match(r"mcmi-lab: (04_eigencam)\.ipynb failed at cell (\d+) \(In \[\d+\]\): ValueError: ", last)
     assert match and int(match.group(2)) > 3, last  # past the parameters and set-up cells
-    assert (tmp_path / "r" / "seed_0" / "notebooks" / f"{match.group(1)}.ipynb").is_file()
-    assert not (tmp_path / "r" / "seed_0" / "results").exists()
+    executed = tmp_path / "r" / "seed_0" / "notebooks" / "04_eigencam.ipynb"
+    assert executed.is_file() and nbformat.read(executed, as_version=4).cells  # whole, under its real name
+    assert not list(executed.parent.glob(".*.running"))
+    assert not (tmp_path / "r" / "seed_0" / "results" / "04_eigencam.json").exists()
+    # a device that is not there stops before any notebook runs, in one line
+    proc = subprocess.run(cmd + ["run", "smoke", "--out", str(tmp_path / "r2"), "-p", "device", "cuda:99"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(
+        "mcmi-lab: error: device='cuda:99' is not available: this machine has ")

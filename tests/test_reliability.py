@@ -123,6 +123,26 @@ def test_load_model_with_a_spec_that_disagrees_names_the_shapes(tmp_path):
         load_model(tmp_path / "bare.pt")
 
 
+def test_a_spec_claiming_millions_of_classes_is_refused_before_anything_is_allocated(tmp_path, monkeypatch):
+    import mcmi_lab.checkpoint as ckpt
+
+    save_model(tmp_path / "m.pt", build_model("cnn_tiny", 10, 1))
+    state = load_checkpoint(tmp_path / "m.pt")
+    state["spec"]["num_classes"] = 3_000_000  # a 377 MB classifier if it were built for real
+    torch.save(state, tmp_path / "huge.pt")
+    built_on = []
+    real = ckpt.build_model
+    monkeypatch.setattr(ckpt, "build_model", lambda *a, **k: built_on.append(torch.empty(0).device.type) or real(*a, **k))
+    with pytest.raises(ValueError, match=r"huge\.pt' does not fit this model .*fc\.weight: \(10, 32\) vs model "
+                                         r"\(3000000, 32\)"):
+        load_model(tmp_path / "huge.pt")
+    assert built_on == ["meta"]  # checked on the meta device; never built with memory
+    torch.save({"spec": state["spec"], "weights": state["model"]}, tmp_path / "nomodel.pt")
+    with pytest.raises(ValueError, match=r"nomodel\.pt' has no model spec and weights \(it holds spec, "
+                                         r"weights\)"):
+        load_model(tmp_path / "nomodel.pt")
+
+
 def test_resume_from_another_architecture_names_keys(tmp_path):
     d = random_images(32, k=4)
     fit(build_model("cnn_tiny", 4, 1), d, epochs=1, checkpoint=tmp_path / "run.pt", **FAST)
@@ -154,7 +174,7 @@ def test_training_checkpoint_holds_only_plain_data(tmp_path):
     assert torch.serialization.get_unsafe_globals_in_checkpoint(path) == []
     state = load_checkpoint(path)
     found = dict(_walk(state))
-    assert set(state) == {"format", "model", "spec", "optimizer", "objective", "epoch", "history", "config", "rng"}
+    assert set(state) == {"format", "model", "spec", "optimizer", "objective", "epoch", "history", "config", "data", "rng"}
     assert state["epoch"] == 2 and state["spec"] == {"name": "cnn_tiny", "num_classes": 4, "in_channels": 1}
     assert state["objective"]["centroids"].shape == (4, 4)
     tensors = [v for v in found.values() if isinstance(v, torch.Tensor)]
@@ -380,6 +400,41 @@ def test_resume_without_a_checkpoint_starts_fresh(tmp_path):
     assert not math.isnan(hist[0]["loss"])
 
 
+@pytest.mark.parametrize("change, match", [
+    (dict(lr=0.1), r"other settings \(lr 0.05 -> 0.1\)"),
+    (dict(epochs=1), r"other settings \(epochs 2 -> 1\)"),
+    (dict(seed=3), r"other settings \(seed 0 -> 3\)"),
+    (dict(batch_size=8), r"other settings \(batch_size 16 -> 8\)"),
+    (dict(data=1), r"trained on other data \(n 32 -> 24"),  # a smaller subset
+    (dict(data=2), r"trained on other data \(labels"),  # the same size, other labels
+])
+def test_resume_refuses_another_run(tmp_path, change, match):
+    """A resume continues the run its checkpoint holds, or is refused in one line naming what differs."""
+    data = random_images(32, k=4)
+    kw = dict(epochs=2, lr=0.05, seed=0, **FAST)
+    fit(tiny_cnn(num_classes=4), data, checkpoint=tmp_path / "run.pt", **kw)
+    other = {1: subset(data, 24, seed=0), 2: from_tensors(data.images, (data.labels + 1) % 4)}.get(change.pop("data", 0),
+                                                                                                 data)
+    with pytest.raises(ValueError, match=r"resume from .*run.pt' is not accepted: .*" + match):
+        fit(tiny_cnn(num_classes=4), other, checkpoint=tmp_path / "run.pt", resume=True, **{**kw, **change})
+    # the same settings and data resume (here: nothing left to train), whatever the RESUME_FREE fields say
+    hist = fit(tiny_cnn(num_classes=4), data, checkpoint=tmp_path / "run.pt", resume=True, **{**kw, "name": "again"})
+    assert [r["epoch"] for r in hist] == [1, 2]
+    # with a constant learning rate more epochs extend the same run (the schedule does not depend on the count)
+    fit(tiny_cnn(num_classes=4), data, checkpoint=tmp_path / "flat.pt", **{**kw, "schedule": "constant"})
+    more = fit(tiny_cnn(num_classes=4), data, checkpoint=tmp_path / "flat.pt", resume=True,
+               **{**kw, "schedule": "constant", "epochs": 3})
+    assert [r["epoch"] for r in more] == [1, 2, 3]
+
+
+def test_resume_from_a_checkpoint_that_is_not_a_training_run(tmp_path):
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match=r"other.pt' cannot be resumed: it lacks model, optimizer, .* \(it holds "
+                                         r"weights\); resume needs a checkpoint written by fit"):
+        fit(tiny_cnn(num_classes=4), random_images(16, k=4), epochs=1, checkpoint=tmp_path / "other.pt",
+            resume=True, **FAST)
+
+
 # ---- bad input on the command line (mcmi_lab.launch) -----------------------------------------------------------
 
 @pytest.mark.parametrize("argv, match", [
@@ -433,6 +488,49 @@ def test_launch_rejects_bad_combinations(argv, match, tmp_path, capsys, monkeypa
     assert re.search(match, err), err
 
 
+@pytest.mark.parametrize("case, code, match", [
+    ("device bogus", 2, r"error: device='bogus' is not accepted: expected cpu, cuda, cuda:<index> or mps"),
+    ("device cuda:7", 2, r"error: device='cuda:7' is not available: this machine has \d+ CUDA device"),
+    ("out is a file", None, r"error: .*/run\b"),  # the OS's words for it vary: the path is named, in one line
+    ("non-finite", 1, r"training stopped: non-finite ce at epoch 1, step \d+: training stopped"),
+    ("hparam", 2, r"--hparam beta 2 is not accepted for --method kd: expected one of kd_weight, ce_weight"),
+])
+def test_launch_failures_are_one_line(case, code, match, tmp_path, capsys):
+    """Errors a user meets through `mcmi-lab train` end in one line and an exit status, never a traceback."""
+    from mcmi_lab import launch
+
+    base = ["train", "--data", "synthetic", "--subset", "40", "--epochs", "1", "--no-eval", "--batch-size", "8"]
+    out = tmp_path / "run"
+    if case == "out is a file":
+        out.write_text("not a folder")
+    argv = {"device bogus": ["--device", "bogus"], "device cuda:7": ["--device", "cuda:7"]}.get(case, [])
+    if case in ("non-finite", "hparam"):
+        save_model(tmp_path / "t.pt", build_model("cnn_tiny", 10, 1))
+        argv = (["--objective", "mcmi", "--lam", "1e30", "--lr", "1e30"] if case == "non-finite"
+                else ["--objective", "kd", "--hparam", "beta", "2"]) + ["--teacher", str(tmp_path / "t.pt")]
+    assert launch.main(base + argv + ["--out", str(out)]) in ((1, 2) if code is None else (code,))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(match, err[0]), err
+    assert "Traceback" not in "\n".join(err)
+
+
+def test_report_on_corrupt_or_misshapen_results_names_the_file(tmp_path):
+    out = tmp_path / "run"
+    (out / "seed_0" / "results").mkdir(parents=True)
+    bad = out / "seed_0" / "results" / "01_teachers.json"
+    bad.write_text('{"teachers": [1,')
+    from mcmi_lab.report import build_report
+    with pytest.raises(ValueError, match=r"results file '.*01_teachers.json' is not valid JSON"):
+        build_report(out)
+    bad.write_text('{"teachers": 5}')
+    with pytest.raises(ValueError, match=r"01_teachers.json': 'teachers' is not accepted: expected a list of row "
+                                         r"objects, got int"):
+        build_report(out)
+    bad.write_text('[1, 2]')
+    with pytest.raises(ValueError, match=r"01_teachers.json' holds a list: expected a JSON object"):
+        build_report(out)
+
+
 def test_launch_refuses_to_overwrite_a_run_without_resume(tmp_path, capsys):
     from mcmi_lab import launch
 
@@ -460,3 +558,46 @@ def test_atomic_writes_get_the_usual_file_mode(tmp_path):
     finally:
         os.umask(mask)
     assert oct(os.stat(path).st_mode & 0o777) == oct(0o644)  # readable by others, as open() would make it
+
+
+# ---- user tensors: what from_tensors and fit refuse ----------------------------------------------------------------
+
+@pytest.mark.parametrize("images, labels, kwargs, match", [
+    (torch.rand(10, 28, 28, 1), torch.arange(10) % 2, {},
+     r"images of shape \(10, 28, 28, 1\) are not accepted: they look like \(N, H, W, C\) with 1 channel\(s\); "
+     r"expected \(N, C, H, W\): pass images.permute\(0, 3, 1, 2\)"),
+    (torch.rand(10, 1, 8, 8), torch.full((10,), 0.5), {},
+     r"labels such as 0.5 are not accepted: expected integer class indices"),
+    (torch.rand(10, 1, 8, 8) * 255, torch.arange(10) % 2, {},
+     r"float images in \[\d.*, 2\d\d.*\] are not accepted: expected values in \[0, 1\] \(divide 0..255 images by 255"),
+    (torch.rand(0, 1, 8, 8), torch.zeros(0, dtype=torch.long), {},
+     r"an empty set of images is not accepted: expected at least one image"),
+    (torch.rand(10, 1, 8, 8), torch.arange(10) % 3, {"classes": ["a", "b"]},
+     r"labels in \[0, 2\] are not accepted: expected class indices in \[0, 1\] for 2 classes"),
+    (torch.randint(0, 9, (10, 1, 8, 8), dtype=torch.int32), torch.arange(10) % 2, {},
+     r"images of dtype torch.int32 are not accepted: expected uint8 \(0..255\) or float in \[0, 1\]"),
+    (torch.rand(10, 1, 8, 8), torch.arange(9) % 2, {},
+     r"labels of shape \(9,\) are not accepted: expected a 1-D tensor of 10 class indices"),
+], ids=["nhwc", "fractional-labels", "float-0-255", "empty", "labels-outside-classes", "int32", "length"])
+def test_from_tensors_refuses_silently_wrong_input(images, labels, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        from_tensors(images, labels, **kwargs)
+
+
+def test_from_tensors_keeps_what_is_right():
+    d = from_tensors(torch.rand(6, 3, 8, 8), torch.tensor([0.0, 1.0, 2.0, 0.0, 1.0, 2.0]))  # integral floats: fine
+    assert d.labels.dtype == torch.long and d.num_classes == 3 and d.in_channels == 3
+    nan = torch.rand(4, 1, 8, 8)
+    nan[0, 0, 0, 0] = NAN  # a NaN is the training guard's to name (test_nan_image_stops_at_its_step_naming_the_term)
+    assert len(from_tensors(nan, torch.arange(4) % 2)) == 4
+    assert len(from_tensors(torch.randn(4, 1, 8, 8) * 9, torch.arange(4) % 2, unit_range=False)) == 4
+
+
+@pytest.mark.parametrize("outputs", [2, 10])
+def test_a_model_whose_outputs_differ_from_the_classes_is_refused(outputs):
+    data = random_images(32, k=4)
+    with pytest.raises(ValueError, match=rf"data with 4 classes \(custom\) is not accepted by this model: it has "
+                                         rf"{outputs} outputs; build it with num_classes=4"):
+        fit(build_model("cnn_tiny", outputs, 1), data, epochs=1, **FAST)
+    with pytest.raises(ValueError, match=rf"it has {outputs} outputs"):
+        fit(tiny_cnn(num_classes=outputs), data, epochs=1, **FAST)  # no spec: its last Linear layer

@@ -52,8 +52,11 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         # torch's message is a page of advice; the offending global (or opcode) is the one fact to show
-        found = re.search(r"Unsupported (global: GLOBAL \S+?|operand \d+)(?= was|\s*$|\n)", str(err))
-        reason = found.group(0) if found else (str(err).strip().splitlines() or [type(err).__name__])[0]
+        text = str(err)
+        found = (re.search(r"Unsupported (global: GLOBAL \S+?|operand \d+)(?= was|\s*$|\n)", text)
+                 or re.search(r"unsupported GLOBAL \S+", text))
+        # never torch's advice to retry with weights_only=False: that is how a hostile file gets to run
+        reason = found.group(0) if found else "it needs objects beyond plain data"
         raise UnsafeCheckpointError(f"checkpoint {str(path)!r} was refused: it is not plain data (tensors, numbers, "
                                     f"strings, lists, dicts) and loading it would run code ({reason})") from None
     except Exception as err:  # truncated, empty or not a torch file at all

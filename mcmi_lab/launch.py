@@ -268,7 +268,14 @@ def check_train_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--nnodes {args.nnodes} needs --master-addr: the address of node 0")
     if args.node_rank >= args.nnodes:
         raise ValueError(f"--node-rank={args.node_rank} is not accepted: expected an integer in [0, {args.nnodes - 1}]")
-    if not args.resume and (Path(args.out) / "checkpoint.pt").exists():
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a file: expected a folder (created if missing) for checkpoint.pt, "
+                         "model.pt and results.json")
+    parent = next((p for p in [out, *out.parents] if p.exists()), None)
+    if parent is not None and not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {str(out)!r} cannot be written: {str(parent)!r} is not writable by this user")
+    if not args.resume and (out / "checkpoint.pt").exists():
         raise ValueError(f"--out {str(args.out)!r} already holds checkpoint.pt: pass --resume to continue it, or "
                          "choose another --out")
 

@@ -352,8 +352,8 @@ METHOD_LABELS = {"control": "control (λ = 0)", "mcmi": "MCMI (CMI target)", "la
 
 
 def dose_points(rows: Sequence[Mapping], y: str, x: str = "train_cmi") -> dict[str, list[dict]]:
-    """Per method, per dose: x and y over the seeds with the mean and a 95% t interval of y (the control, one
-    dose, joins every method's line as its first point). rows: dose-response rows with "method", "dose", "seed"."""
+    """Per method, per dose: x and y over the seeds with the mean and a 95% t interval of y, clipped to the metric's
+    range (the control, one dose, joins every method's line as its first point). rows: dose-response rows with "method", "dose", "seed"."""
     groups: dict[str, dict] = defaultdict(lambda: defaultdict(lambda: {"x": [], "y": []}))
     for r in rows:
         if _number(r.get(x)) is not None and _number(r.get(y)) is not None:
@@ -365,8 +365,10 @@ def dose_points(rows: Sequence[Mapping], y: str, x: str = "train_cmi") -> dict[s
         points = []
         for dose, cell in doses.items():
             d = paired_difference(cell["y"], [0.0] * len(cell["y"]))
-            points.append({"dose": dose, "x": mean_std(cell["x"])[0], "y": d["mean"], "low": d["low"],
-                           "high": d["high"], "xs": cell["x"], "ys": cell["y"]})
+            top = 100.0 if y in PERCENT else math.inf  # every dose metric is >= 0 (and a percentage <= 100): an
+            points.append({"dose": dose, "x": mean_std(cell["x"])[0], "y": d["mean"],  # interval of 2 seeds is
+                           "low": max(d["low"], 0.0), "high": min(d["high"], top),  # clipped to what can happen
+                           "xs": cell["x"], "ys": cell["y"]})
         out[method] = sorted(points, key=lambda p: p["x"])
     return out
 

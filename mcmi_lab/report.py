@@ -142,6 +142,7 @@ class _Report:
 
     def figure(self, path: Path | None, caption: str) -> None:
         if path is not None and path.is_file():
+            caption = caption.replace("*", "∗")  # P* inside the italic caption would end it: the operator sign
             self.add(f"![{caption}]({path.relative_to(self.out).as_posix()})", "", f"*{caption}*", "")
 
 

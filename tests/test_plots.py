@@ -152,6 +152,11 @@ def test_dose_response_lines_intervals_and_reference():
     assert "2 seeds" in fig._suptitle.get_text() and ax.get_ylabel() == "KL(P* ‖ teacher) on test (nats)"
     one = plots.plot_dose_response([r for r in rows if r["seed"] == 0], ("kl_to_bayes",))
     assert "one seed: no intervals" in one._suptitle.get_text()
+    # two seeds at 0% and 90%: the t interval (±572 points) is clipped to what a percentage can be
+    split = [{"method": "mcmi", "dose": 0.2, "seed": s, "train_cmi": 0.2, "zero_shot_omitted_acc": a, "matched": True}
+             for s, a in ((0, 0.0), (1, 0.9))]
+    (point,) = plots.dose_points(split, "zero_shot_omitted_acc")["mcmi"]
+    assert point["y"] == pytest.approx(45.0) and point["low"] == 0.0 and point["high"] == 100.0
 
 
 def test_nothing_goes_through_pyplot():

@@ -79,6 +79,33 @@ def test_unsafe_refusal_names_the_global(tmp_path):
         load_checkpoint(tmp_path / "evil.pt")
 
 
+def test_an_os_system_pickle_is_refused_without_advice_to_load_it_anyway(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+    torch.save({"x": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(UnsafeCheckpointError) as err:
+        load_checkpoint(tmp_path / "evil.pt")
+    assert re.search(r"would run code \(unsupported GLOBAL (posix|os|nt)\.system\)$", str(err.value)), str(err.value)
+    assert "weights_only" not in str(err.value) and not (tmp_path / "pwned").exists()
+
+
+def test_disk_full_is_said_plainly_and_leaves_no_temp_file(tmp_path):
+    import errno
+
+    from mcmi_lab.utils import atomic_write, disk_full
+
+    def full(handle):
+        handle.write(b"x" * 10)
+        raise OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(OSError, match=r"disk full: .*out\.bin could not be written \(free space on its file system: "):
+        atomic_write(tmp_path / "out.bin", full)
+    assert list(tmp_path.iterdir()) == []
+    assert disk_full(RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos"), "/nonexistent") is False
+    assert disk_full(RuntimeError("... file write failed: No space left on device"), tmp_path)
+    assert not disk_full(RuntimeError("[enforce fail at inline_container.cc] write failed"), tmp_path)  # space left
+
+
 @pytest.mark.parametrize("content", [b"", b"hello, not a checkpoint", "half"])
 def test_damaged_file_is_one_value_error(tmp_path, content):
     path = tmp_path / "bad.pt"
@@ -491,7 +518,7 @@ def test_launch_rejects_bad_combinations(argv, match, tmp_path, capsys, monkeypa
 @pytest.mark.parametrize("case, code, match", [
     ("device bogus", 2, r"error: device='bogus' is not accepted: expected cpu, cuda, cuda:<index> or mps"),
     ("device cuda:7", 2, r"error: device='cuda:7' is not available: this machine has \d+ CUDA device"),
-    ("out is a file", None, r"error: .*/run\b"),  # the OS's words for it vary: the path is named, in one line
+    ("out is a file", 2, r"error: --out '.*/run' is a file: expected a folder"),  # before any training
     ("non-finite", 1, r"training stopped: non-finite ce at epoch 1, step \d+: training stopped"),
     ("hparam", 2, r"--hparam beta 2 is not accepted for --method kd: expected one of kd_weight, ce_weight"),
 ])
@@ -508,7 +535,7 @@ def test_launch_failures_are_one_line(case, code, match, tmp_path, capsys):
         save_model(tmp_path / "t.pt", build_model("cnn_tiny", 10, 1))
         argv = (["--objective", "mcmi", "--lam", "1e30", "--lr", "1e30"] if case == "non-finite"
                 else ["--objective", "kd", "--hparam", "beta", "2"]) + ["--teacher", str(tmp_path / "t.pt")]
-    assert launch.main(base + argv + ["--out", str(out)]) in ((1, 2) if code is None else (code,))
+    assert launch.main(base + argv + ["--out", str(out)]) == code
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and re.search(match, err[0]), err
     assert "Traceback" not in "\n".join(err)

@@ -81,6 +81,12 @@ def _class_names(classes, k: int) -> list[str]:
 
 # ---- CMI of teachers --------------------------------------------------------------------------------------------
 
+#: Panel titles and axis units of plot_cmi_bars, in words (a key not listed is shown with spaces for underscores).
+BAR_LABELS = {"cmi": ("CMI", "nats"), "train_cmi": ("train CMI", "nats"), "test_cmi": ("test CMI", "nats"),
+              "ncmi": ("NCMI (CMI / Γ)", "ratio, no unit"), "kl_to_bayes": ("KL(P* ‖ teacher) on test", "nats"),
+              "ece": ("top-label ECE", "fraction of samples")}
+
+
 def plot_cmi_bars(results: Mapping[str, Mapping], keys: Sequence[str] = ("cmi", "ncmi"), path=None) -> Figure:
     """One panel per key (CMI, NCMI), one bar per model. results: name -> {"cmi": v, "ncmi": v}, v a number or
     a list over seeds (bar = mean, error bar = std, dots = seeds)."""
@@ -96,9 +102,11 @@ def plot_cmi_bars(results: Mapping[str, Mapping], keys: Sequence[str] = ("cmi", 
             if len(values) > 1:
                 ax.plot([i] * len(values), values, "k.", ms=4)
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
-        ax.set_title(key.upper())
-        ax.set_ylabel("nats" if key == "cmi" else key)
+        title, unit = BAR_LABELS.get(key, (key.replace("_", " "), ""))
+        ax.set_title(title)
+        ax.set_ylabel(unit or title)
     return _finish(fig, path)
+
 
 
 def plot_per_class_cmi(per_class: Mapping[str, torch.Tensor], classes: Sequence[str] | None = None,
@@ -150,6 +158,7 @@ def plot_kl_distributions(kl_a: torch.Tensor, labels_a: torch.Tensor, kl_b: torc
     ax.set_ylabel("KL(P_x ‖ Q_y) (nats)")
     if log:
         ax.set_yscale("symlog", linthresh=1e-3)
+        ax.set_ylim(bottom=0)  # KL >= 0: no empty negative half
     ax.legend(handles=[Patch(color=c, label=n) for n, c in zip(names, _colors(2))])
     return _finish(fig, path)
 
@@ -353,7 +362,8 @@ METHOD_LABELS = {"control": "control (λ = 0)", "mcmi": "MCMI (CMI target)", "la
 
 def dose_points(rows: Sequence[Mapping], y: str, x: str = "train_cmi") -> dict[str, list[dict]]:
     """Per method, per dose: x and y over the seeds with the mean and a 95% t interval of y, clipped to the metric's
-    range (the control, one dose, joins every method's line as its first point). rows: dose-response rows with "method", "dose", "seed"."""
+    range (the control, one dose, joins every method's line as its first point). rows: dose-response rows with
+    "method", "dose", "seed"."""
     groups: dict[str, dict] = defaultdict(lambda: defaultdict(lambda: {"x": [], "y": []}))
     for r in rows:
         if _number(r.get(x)) is not None and _number(r.get(y)) is not None:

@@ -401,7 +401,8 @@ def _summary_figures(rep: _Report) -> list[tuple[Path | None, str]]:
         by_name: dict[str, dict[str, list[float]]] = {}
         for rs in teachers.values():
             for r in rs:
-                entry = by_name.setdefault(r["teacher"], {"train_cmi": [], "test_cmi": []})
+                label = TEACHER_LABELS.get(r["teacher"], r["teacher"])
+                entry = by_name.setdefault(label, {"train_cmi": [], "test_cmi": []})
                 for k in entry:
                     entry[k].append(r[k])
         figs.append((_save(rep, "teacher_cmi", lambda p: plot_cmi_bars(by_name, ("train_cmi", "test_cmi"), path=p)),

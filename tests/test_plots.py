@@ -35,6 +35,8 @@ def test_cmi_bars_mean_and_std_over_seeds():
     caps = [line for line in cmi_ax.lines if len(line.get_ydata()) == 2 and line.get_xdata()[0] == 0]
     ys = sorted(float(y) for line in caps for y in line.get_ydata())
     assert ys[0] == pytest.approx(0.1) and ys[-1] == pytest.approx(0.3)  # the seed dots
+    assert [ax.get_title() for ax in fig.axes] == ["CMI", "NCMI (CMI / Γ)"]  # words and units, not keys
+    assert cmi_ax.get_ylabel() == "nats" and ncmi_ax.get_ylabel() == "ratio, no unit"
 
 
 def test_per_class_cmi_bars():
@@ -51,6 +53,7 @@ def test_kl_distributions(kind):
     labels_a, labels_b = torch.arange(30) % 3, torch.arange(20) % 2  # teacher B has no sample of class 2
     fig = plots.plot_kl_distributions(kl_a, labels_a, kl_b, labels_b, CLASSES, kind=kind, log=True)
     assert isinstance(fig, Figure) and [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["MLL", "MCMI"]
+    assert fig.axes[0].get_ylim()[0] == 0  # KL is never negative: the symlog axis starts at 0
     with pytest.raises(ValueError, match="MCMI"):
         plots.plot_kl_distributions(kl_a, labels_a, kl_b, labels_a, CLASSES)
     with pytest.raises(ValueError, match="kind='bar'"):

@@ -252,8 +252,12 @@ def run_pipeline(pipeline: str, out: str | os.PathLike, overrides: Mapping | Non
 
 def _parameter_help() -> str:
     lines = ["pipelines:"] + [f"  {p.name:<6} {p.description}" for p in PIPELINES.values()]
-    lines += ["", "parameters (-p NAME VALUE; VALUE is JSON when it parses, else a string):"]
-    lines += [f"  {name:<22} {p.help} (default {p.default!r})" for name, p in PARAMETERS.items()]
+    lines += ["", "parameters (-p NAME VALUE; VALUE is JSON when it parses, else a string; a list in quotes, e.g. "
+              "-p kd_methods '[\"kd\", \"dkd\"]'), with the notebooks' default and each pipeline's own value:"]
+    for name, p in PARAMETERS.items():
+        override = ", ".join(f"{pipe.name} {pipe.parameters[name]!r}" for pipe in PIPELINES.values()
+                             if name in pipe.parameters and pipe.parameters[name] != p.default)
+        lines.append(f"  {name:<22} {p.help} (default {p.default!r}" + (f"; {override}" if override else "") + ")")
     return "\n".join(lines)
 
 

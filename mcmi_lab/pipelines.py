@@ -74,10 +74,11 @@ def _str(name, value, params):
         raise ValueError(f"{name}={value!r} is not accepted: expected a non-empty string")
 
 
-def _list_of(item: Callable) -> Callable:
+def _list_of(item: Callable, example: str = "[0.1, 0.5]") -> Callable:
     def check(name, value, params):
         if not isinstance(value, list) or not value:
-            raise ValueError(f"{name}={value!r} is not accepted: expected a non-empty list, e.g. [0.1, 0.5]")
+            raise ValueError(f"{name}={value!r} is not accepted: expected a non-empty JSON list, e.g. -p {name} "
+                             f"'{example}'")
         for i, v in enumerate(value):
             item(f"{name}[{i}]", v, params)
     return check
@@ -155,10 +156,11 @@ PARAMETERS: dict[str, Parameter] = {
     "student_model": Parameter("cnn_tiny", _choice(_model_names), "student architecture (models.MODELS)"),
     "student_epochs": Parameter(10, _EPOCHS, "epochs of every student"),
     "student_lr": Parameter(0.05, _LR, "learning rate of the students (step schedule)"),
-    "kd_methods": Parameter(["kd"], _list_of(_choice(_kd_method_names)), "KD methods of 03_distill"),
+    "kd_methods": Parameter(["kd"], _list_of(_choice(_kd_method_names), '["kd", "dkd"]'), "KD methods of 03_distill"),
     "kd_temperature": Parameter(4.0, _float(0.0, low_open=True), "KD temperature T"),
-    "teachers": Parameter(list(TEACHERS), _list_of(_choice(lambda: TEACHERS)), "teachers distilled in 03"),
-    "shot_teachers": Parameter(["control", "mcmi"], _list_of(_choice(lambda: TEACHERS)),
+    "teachers": Parameter(list(TEACHERS), _list_of(_choice(lambda: TEACHERS), '["control", "mcmi"]'),
+                          "teachers distilled in 03"),
+    "shot_teachers": Parameter(["control", "mcmi"], _list_of(_choice(lambda: TEACHERS), '["control", "mcmi"]'),
                                "teachers distilled in few-shot (05) and zero-shot (06)"),
     "fractions": Parameter([0.05, 0.1, 0.25, 1.0], _list_of(_float(0.0, 1.0, low_open=True)),
                            "few-shot training fractions (05)"),

@@ -51,6 +51,9 @@ def train_teacher(data: ImageData, model: str | nn.Module = "cnn_small", epochs:
     Returns (model, history).
     """
     net = _model(model, data, seed, **(model_kwargs or {}))
+    label = f"teacher {model if isinstance(model, str) else type(model).__name__}" + (
+        f" ε={label_smoothing:g}" if label_smoothing else "")
+    fit_kwargs.setdefault("name", label)  # prefixes its log lines and bar: which run is which
     hist = fit(net, data, mll_objective(label_smoothing), TrainConfig(epochs=epochs, seed=seed),
                eval_data=eval_data, checkpoint=checkpoint, resume=resume, **fit_kwargs)
     return net, hist
@@ -83,7 +86,9 @@ def finetune_mcmi(teacher: nn.Module, data: ImageData, lam: float | None = None,
     model = copy.deepcopy(teacher).requires_grad_(True)  # a teacher that has taught a student comes back frozen
     objective = mcmi_objective(lam, update=update, ema_decay=ema_decay, guard=guard, refresh_steps=refresh_steps,
                                target_cmi=target_cmi, centroid_pass=centroid_pass, **(control or {}))
-    cfg = TrainConfig(epochs=epochs, seed=seed, lr=lr, schedule=schedule)
+    cfg = TrainConfig(epochs=epochs, seed=seed, lr=lr, schedule=schedule,
+                      name=fit_kwargs.pop("name", f"mcmi CMI→{target_cmi:g}" if target_cmi is not None
+                                          else "control λ=0" if lam == 0 else f"mcmi λ={lam:g}"))
     dosed = _DoseRecorder(target_cmi, data) if target_cmi is not None else None
     callbacks = [*fit_kwargs.pop("callbacks", ()), *([dosed] if dosed else [])]
     hist = fit(model, data, objective, cfg, eval_data=eval_data, checkpoint=checkpoint, resume=resume,
@@ -136,7 +141,8 @@ def finetune_label_smoothing(teacher: nn.Module, data: ImageData, smoothing: flo
     labels smoothed by `smoothing` instead of the CMI term. Returns (fine-tuned copy, history)."""
     check_float("smoothing", smoothing, 0.0, 1.0, high_open=True)
     model = copy.deepcopy(teacher).requires_grad_(True)
-    cfg = TrainConfig(epochs=epochs, seed=seed, lr=lr, schedule=schedule)
+    cfg = TrainConfig(epochs=epochs, seed=seed, lr=lr, schedule=schedule,
+                      name=fit_kwargs.pop("name", f"label smoothing ε={smoothing:g}"))
     hist = fit(model, data, mll_objective(smoothing), cfg, eval_data=eval_data, checkpoint=checkpoint, resume=resume,
                **fit_kwargs)
     return model, hist
@@ -182,8 +188,10 @@ def train_student(teacher: nn.Module | None, data: ImageData, method: str = "kd"
     (eval_data, checkpoint, resume) and the method's hyper-parameters (``beta=...``). Returns (student, history)."""
     set_seed(seed)
     student = build_model(model, data.num_classes, data.in_channels, **(model_kwargs or {}))
-    cfg = TrainConfig(epochs=epochs, seed=seed, lr=lr)
     method = "ce" if teacher is None else method
+    teacher_name = "labels only" if teacher is None else type(getattr(teacher, "model", teacher)).__name__
+    cfg = TrainConfig(epochs=epochs, seed=seed, lr=lr,
+                      name=fit_kwargs.pop("name", f"student {model} {method} ← {teacher_name}"))
     logit_kd = {} if method == "ce" else {"temperature": temperature}  # "ce" reads no teacher, so no temperature
     return student, distill(student, teacher, data, method, cfg, **logit_kd, **fit_kwargs)
 

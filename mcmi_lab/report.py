@@ -445,6 +445,10 @@ def _header(rep: _Report) -> None:
     seeds = list(rep.results.get("seeds", {}))
     wall = run.get("wall_time_s")
     rep.add(f"# mcmi_lab report: {run.get('pipeline', 'run')}", "")
+    if run.get("pipeline") == "smoke":
+        rep.add("**⚠ A smoke run: a plumbing check on a few hundred images and one epoch per model. Every notebook "
+                "ran and wrote its artifacts; the numbers below mean nothing (models near chance, CMI near 0). For "
+                "results run `make demo`.**", "")
     if run.get("description"):
         rep.add(run["description"], "")
     rep.add("## What was run", "",

@@ -64,6 +64,19 @@ def test_bad_values_fail_in_one_line_naming_parameter_and_value(name, value, fra
     assert fragment in str(err.value) and "\n" not in str(err.value)
 
 
+def test_a_list_parameter_error_shows_how_to_write_one():
+    with pytest.raises(ValueError, match=r"""kd_methods='kd' is not accepted: expected a non-empty JSON list, e.g. -p """
+                                         r"""kd_methods '\["kd", "dkd"\]'$"""):
+        resolve_parameters("smoke", {"kd_methods": "kd"})
+
+
+def test_run_help_shows_each_pipelines_own_values(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["run", "--help"])
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.lstrip().startswith("train_size "))
+    assert "(default 10000; demo 2500, dose 5000, smoke 400, paper None)" in line
+
+
 def test_omitted_classes_are_checked_against_the_dataset():
     assert resolve_parameters("paper", {"omit_classes": [99, [0, 50]]})["omit_classes"] == [99, [0, 50]]
     with pytest.raises(ValueError, match=r"\[0, 9\]"):
@@ -502,3 +515,12 @@ def test_the_report_flags_results_made_with_other_parameters(tmp_path):
     md = build_report(out)[0].read_text()
     assert "**Warning: some results were made with other parameters than this run records**" in md
     assert "seed_0/01_teachers (lam 0.5 -> 0.9)" in md
+
+
+def test_a_smoke_report_says_its_numbers_mean_nothing_before_any_number(tmp_path):
+    for pipeline in ("smoke", "demo"):
+        out = tmp_path / pipeline
+        write_run_info(out, {"pipeline": pipeline, "notebooks": ["01_teachers"], "seeds": [0], "parameters": {}})
+        write_results(out / "seed_0", "01_teachers", {"teachers": []})
+        head = build_report(out)[0].read_text().split("## What was run")[0]
+        assert ("**⚠ A smoke run: a plumbing check" in head) == (pipeline == "smoke")

@@ -454,6 +454,7 @@ def _header(rep: _Report) -> None:
     rep.add("## What was run", "",
             f"- pipeline: `{run.get('pipeline', '?')}`; notebooks: {', '.join(run.get('notebooks', [])) or '?'}",
             f"- seeds: {', '.join(seeds) or 'none'} (sub-seeds from stats.derive_seeds)",
+            *_data_line(rep),
             f"- device: {run.get('device', '?')}",
             f"- started: {run.get('started', '?')}; finished: {run.get('finished', '?')}; status: "
             f"{run.get('status', '?')}",
@@ -470,6 +471,20 @@ def _header(rep: _Report) -> None:
         rep.add("**Warning: some results were made with other parameters than this run records** (run.json → the "
                 "result's own): " + ", ".join(mixed) + ". Their numbers are in the tables below as if they belonged "
                 "to this run; rerun them, or rerun the whole run into a fresh folder.", "")
+
+
+def _data_line(rep: _Report) -> list[str]:
+    """"- data: <name>, N training / M test images of C×H×W, K classes (names)", from 01_teachers' results."""
+    data = next((nb["01_teachers"]["data"] for nb in rep.results.get("seeds", {}).values()
+                 if isinstance(nb.get("01_teachers", {}).get("data"), dict)), None)
+    if not data:
+        return []
+    source = rep.results.get("run", {}).get("parameters", {}).get("dataset")
+    classes = [str(c) for c in data.get("classes", [])]
+    shown = ", ".join(classes[:12]) + (f", … ({len(classes) - 12} more)" if len(classes) > 12 else "")
+    return [f"- data: {data.get('name', '?')}" + (f" (`{source}`)" if source and source != data.get("name") else "")
+            + f", {data.get('train_size', '?')} training / {data.get('test_size', '?')} test images of "
+            + "×".join(str(d) for d in data.get("image", [])) + f", {len(classes)} classes: {shown}"]
 
 
 def _parameters(rep: _Report) -> None:

@@ -524,3 +524,15 @@ def test_a_smoke_report_says_its_numbers_mean_nothing_before_any_number(tmp_path
         write_results(out / "seed_0", "01_teachers", {"teachers": []})
         head = build_report(out)[0].read_text().split("## What was run")[0]
         assert ("**⚠ A smoke run: a plumbing check" in head) == (pipeline == "smoke")
+
+
+def test_the_report_names_the_data_set_and_its_classes(tmp_path):
+    out = tmp_path / "own"
+    write_run_info(out, {"pipeline": "demo", "notebooks": ["01_teachers"], "seeds": [0],
+                         "parameters": {"dataset": "/data/digits.npz"}})
+    write_results(out / "seed_0", "01_teachers", {"teachers": [], "data": {
+        "name": "digits", "classes": [str(i) for i in range(10)], "train_size": 1437, "test_size": 360,
+        "image": [1, 8, 8]}})
+    md = build_report(out)[0].read_text()
+    assert ("- data: digits (`/data/digits.npz`), 1437 training / 360 test images of 1×8×8, 10 classes: 0, 1, 2, 3, "
+            "4, 5, 6, 7, 8, 9") in md

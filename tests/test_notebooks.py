@@ -154,6 +154,8 @@ def test_01_teachers(run):
     assert float(scaled.temperature) == pytest.approx(results["temperature"])
     assert _figures(run_dir, "01_teachers") == ["history_mcmi.png", "history_mll.png"]
     assert results["meta"]["parameters"]["lam"] == run[2]["lam"]
+    assert results["data"]["name"] == "fashion-mnist" and results["data"]["classes"][0] == "T-shirt/top"
+    assert results["data"]["image"] == [1, 28, 28] and results["data"]["train_size"] > 0
 
 
 def test_02_concentration(run):

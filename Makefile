@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml
 
 data: $(STAMP)
 	$(VENV)/bin/mcmi-lab data
+	@# notebooks run in place in JupyterLab are stripped of their outputs when staged (tools/strip_notebooks.py)
+	@if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then \
+		git config filter.strip-notebooks.clean "$(PY) tools/strip_notebooks.py --stdin"; fi
 
 demo: data
 	$(VENV)/bin/mcmi-lab run demo --out $(OUT)

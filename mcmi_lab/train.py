@@ -95,9 +95,11 @@ def _progress(cfg: TrainConfig, total: int, desc: str):
     enabled = cfg.progress == "bar" or (cfg.progress == "auto" and (sys.stderr.isatty() or "ipykernel" in sys.modules))
     if not enabled or dist_utils.rank() != 0:
         return None
-    from tqdm.auto import tqdm
+    # the text bar, also in JupyterLab: tqdm's widget bar leaves a saved view of a widget model that is gone, shown
+    # as "Error displaying widget: model not found" when the notebook is reopened
+    from tqdm.std import tqdm
 
-    return tqdm(total=total, desc=desc, leave=False, mininterval=0.5)
+    return tqdm(total=total, desc=desc, leave=False, mininterval=0.5, file=sys.stderr)
 
 
 def fit(model: nn.Module, data: ImageData, objective: Objective | None = None, config: TrainConfig | None = None,

@@ -268,3 +268,34 @@ def test_broken_parameter_fails_the_run_naming_notebook_and_cell(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(
         "mcmi-lab: error: device='cuda:99' is not available: this machine has ")
+
+
+# ---- notebooks stay output-free in git --------------------------------------------------------------------------
+
+def test_the_git_filter_strips_outputs_and_leaves_clean_notebooks_byte_for_byte(tmp_path):
+    import json
+    import shutil
+
+    tool = Path(__file__).resolve().parent.parent / "tools" / "strip_notebooks.py"
+    assert subprocess.run([sys.executable, str(tool), "--check"]).returncode == 0  # the tracked ones are clean
+    repo = tmp_path / "repo"
+    (repo / "notebooks").mkdir(parents=True)
+    git = lambda *a: subprocess.run(["git", "-C", str(repo), *a], capture_output=True, text=True, check=True)  # noqa
+    git("init", "-q")
+    git("config", "filter.strip-notebooks.clean", f"{sys.executable} {tool} --stdin")
+    shutil.copy(Path(__file__).resolve().parent.parent / ".gitattributes", repo)
+    clean = notebooks_dir() / "07_dose_response.ipynb"
+    shutil.copy(clean, repo / "notebooks" / "clean.ipynb")
+    nb = json.loads(clean.read_text())
+    cell = next(c for c in nb["cells"] if c["cell_type"] == "code")
+    cell["outputs"] = [{"output_type": "display_data", "metadata": {}, "data": {
+        "application/vnd.jupyter.widget-view+json": {"model_id": "abc", "version_major": 2, "version_minor": 0}}}]
+    cell["execution_count"] = 3
+    nb["metadata"]["widgets"] = {"application/vnd.jupyter.widget-state+json": {"state": {}}}
+    (repo / "notebooks" / "ran.ipynb").write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
+    git("add", "notebooks")
+    assert git("show", ":notebooks/clean.ipynb").stdout == clean.read_text()  # byte for byte
+    staged = json.loads(git("show", ":notebooks/ran.ipynb").stdout)
+    assert all(not c.get("outputs") and c.get("execution_count") is None for c in staged["cells"]
+               if c["cell_type"] == "code") and "widgets" not in staged["metadata"]
+    assert git("show", ":notebooks/ran.ipynb").stdout == clean.read_text()  # the run leaves no trace in git

@@ -256,3 +256,27 @@ def test_compile_is_refused_where_it_cannot_pay():
     with pytest.raises(ValueError, match=r"compile='fast' is not accepted: expected True, False or a torch.compile "
                                          r"mode \(default, reduce-overhead"):
         TrainConfig(compile="fast").validate()
+
+
+def test_progress_bars_are_text_bars_even_in_a_kernel(monkeypatch):
+    """Widget bars leave saved views of widget models that no longer exist ("Error displaying widget: model not
+    found" when a notebook is reopened); the bar is tqdm's text bar wherever it runs."""
+    import sys
+
+    import tqdm.std
+
+    from mcmi_lab.train import TrainConfig, _progress
+
+    import IPython
+
+    class Kernel:  # what tqdm.auto takes for a Jupyter kernel (it would then give its ipywidgets bar)
+        config = {"IPKernelApp": {}}
+    monkeypatch.setitem(sys.modules, "ipykernel", sys.modules.get("ipykernel") or object())
+    monkeypatch.setattr(IPython, "get_ipython", lambda: Kernel())
+    for name in ("tqdm.auto", "tqdm.autonotebook"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    bar = _progress(TrainConfig(progress="auto"), 3, "x")
+    try:
+        assert type(bar) is tqdm.std.tqdm
+    finally:
+        bar.close()

@@ -23,6 +23,8 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
+import matplotlib.cm
+import matplotlib.colors
 from matplotlib.figure import Figure
 
 from .features import restoring_modes
@@ -315,6 +317,12 @@ def plot_cam_grid(images: torch.Tensor, models: Mapping[str, nn.Module], data=No
             axes[i, j].set_title(f"{head}\n{text}", fontsize=8)
     for ax in axes.flat:
         ax.set_axis_off()
+    if results:  # one scale for every map (each is min-max scaled to [0, 1]), and what the titles' numbers are
+        mappable = matplotlib.cm.ScalarMappable(matplotlib.colors.Normalize(0, 1), cmap)
+        bar = fig.colorbar(mappable, ax=axes[:, 1:], orientation="horizontal", shrink=0.6, aspect=40)
+        bar.set_label("Eigen-CAM, min-max scaled per map · area: share of pixels above half the maximum · "
+                      "H: normalised entropy of the map" + (" · in: CAM mass inside the object" if masks is not None
+                                                             else ""), fontsize=8)
     if path is not None:
         save_figure(fig, path)
     return fig

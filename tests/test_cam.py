@@ -271,7 +271,8 @@ def test_plot_cam_grid_gray_and_colour(tmp_path):
     x = data.normalize(data.images[:3])
     fig = cam.plot_cam_grid(x, models, data=data, labels=data.labels[:3], masks=cam.object_masks(data.images[:3]),
                             path=tmp_path / "grid.png")
-    assert isinstance(fig, Figure) and len(fig.axes) == 3 * 3
+    assert isinstance(fig, Figure) and len(fig.axes) == 3 * 3 + 1  # and the colorbar, which says what H is
+    assert "H: normalised entropy" in fig.axes[-1].get_xlabel() and "in: CAM mass inside" in fig.axes[-1].get_xlabel()
     titles = [ax.get_title() for ax in fig.axes]
     assert titles[0] == "tee" and titles[1].startswith("MLL → ") and "area" in titles[2] and " in " in titles[2]
     assert fig.axes[0].images[0].get_cmap().name == "gray"
@@ -279,7 +280,7 @@ def test_plot_cam_grid_gray_and_colour(tmp_path):
     assert os.listdir(tmp_path) == ["grid.png"]
     rgb = tiny_data(channels=3)
     fig = cam.plot_cam_grid(rgb.images[:2], {"A": tiny_cnn(channels=3)}, data=rgb)  # uint8: normalised with data
-    assert len(fig.axes) == 4 and fig.axes[0].images[0].get_array().shape == (10, 10, 3)
+    assert len(fig.axes) == 4 + 1 and fig.axes[0].images[0].get_array().shape == (10, 10, 3)
     with pytest.raises(ValueError, match="uint8"):
         cam.plot_cam_grid(rgb.images[:2], {"A": tiny_cnn(channels=3)})
 

@@ -169,8 +169,9 @@ def run_pipeline(pipeline: str, out: str | os.PathLike, overrides: Mapping | Non
     """Run `pipeline` for every seed into `out`, then merge the results and write the report; returns report.html.
 
     overrides: parameter values over the pipeline's (checked first, a ValueError names the bad one); seeds: run
-    seeds (default: the pipeline's); notebooks: which notebooks (default: the pipeline's; any of pipelines.NOTEBOOKS); jobs: notebooks executed at
-    once (default :func:`default_jobs`), each kernel with cores / jobs threads.
+    seeds (default: the pipeline's); notebooks: which notebooks (default: the pipeline's; any of
+    pipelines.NOTEBOOKS); jobs: notebooks executed at once (default :func:`default_jobs`), each kernel with
+    cores / jobs threads.
 
     A run folder holds one configuration: `out` with a run of other parameters is refused (``force``: that run's
     results are deleted first); the same parameters resume, keeping every notebook whose results they already made.

@@ -108,7 +108,6 @@ def plot_cmi_bars(results: Mapping[str, Mapping], keys: Sequence[str] = ("cmi", 
     return _finish(fig, path)
 
 
-
 def plot_per_class_cmi(per_class: Mapping[str, torch.Tensor], classes: Sequence[str] | None = None,
                        path=None) -> Figure:
     """Grouped bars: mean KL(P_x ‖ Q_c) inside each class c, one bar per model. per_class: name -> (K,)."""

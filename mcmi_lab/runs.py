@@ -17,6 +17,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
@@ -134,15 +135,8 @@ def write_run_info(out: str | os.PathLike, info: Mapping[str, Any]) -> Path:
 
 def read_run_info(out: str | os.PathLike) -> dict[str, Any]:
     path = Path(out) / RUN_INFO
-    if not path.is_file():
-        return {}
-    try:
-        info = json.loads(path.read_text())
-    except ValueError as err:
-        raise ValueError(f"{str(path)!r} is not valid JSON ({err}): remove it, or run into a fresh --out") from None
-    if not isinstance(info, dict):
-        raise ValueError(f"{str(path)!r} holds a {type(info).__name__}: expected the JSON object mcmi-lab run writes")
-    return info
+    return _read_json_object(path, repr(str(path)), "remove it, or run into a fresh --out",
+                             "the JSON object mcmi-lab run writes") if path.is_file() else {}
 
 
 def collect_results(out: str | os.PathLike) -> dict[str, Any]:
@@ -158,16 +152,21 @@ def collect_results(out: str | os.PathLike) -> dict[str, Any]:
 RESULT_TABLES = ("teachers", "students", "few_shot", "zero_shot", "known_bcpd", "dose_response", "cam")
 
 
+def _read_json_object(path: Path, label: str, remedy: str, expected: str) -> dict[str, Any]:
+    """A JSON object from `path`, or one line naming the file (`label`), what is wrong and what to do."""
+    try:
+        obj = json.loads(path.read_text())
+    except ValueError as err:
+        raise ValueError(f"{label} is not valid JSON ({err}): {remedy}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{label} holds a {type(obj).__name__}: expected {expected}")
+    return obj
+
+
 def _read_result_file(path: Path) -> dict[str, Any]:
     """One results file, or one line naming it when it is not the JSON a notebook writes."""
-    try:
-        result = json.loads(path.read_text())
-    except ValueError as err:
-        raise ValueError(f"results file {str(path)!r} is not valid JSON ({err}): rerun its notebook, or remove the "
-                         "file") from None
-    if not isinstance(result, dict):
-        raise ValueError(f"results file {str(path)!r} holds a {type(result).__name__}: expected a JSON object as a "
-                         "notebook writes it (write_results)")
+    result = _read_json_object(path, f"results file {str(path)!r}", "rerun its notebook, or remove the file",
+                               "a JSON object as a notebook writes it (write_results)")
     for key in RESULT_TABLES:
         rows = result.get(key)
         if rows is not None and not (isinstance(rows, list) and all(isinstance(r, dict) for r in rows)):
@@ -209,8 +208,6 @@ def check_run_folder(out: str | os.PathLike, pipeline: str, parameters: Mapping[
 
 def clear_run_folder(out: str | os.PathLike) -> None:
     """What --force replaces: the seed folders, run.json, results.json and the report of an earlier run."""
-    import shutil
-
     out = Path(out)
     for path in seed_dirs(out).values():
         shutil.rmtree(path)

@@ -134,8 +134,9 @@ def fit(model: nn.Module, data: ImageData, objective: Objective | None = None, c
     # ---- resume: weights, optimizer, objective buffers, history and random state of the last finished epoch -----
     history: list[dict] = []
     start = 0
+    fingerprint = data_fingerprint(data) if checkpoint is not None else None  # once: the data do not change
     if resume and checkpoint is not None:
-        history, start = _resume(checkpoint, model, optimizer, objective, device, cfg, rank, world, data)
+        history, start = _resume(checkpoint, model, optimizer, objective, device, cfg, rank, world, fingerprint)
 
     # ---- wrappers: SyncBatchNorm, DDP, torch.compile; precision; steps per epoch ---------------------------------
     restore_bn = dist_utils.convert_sync_batchnorm(model) if cfg.sync_bn and world > 1 else None
@@ -187,7 +188,7 @@ def fit(model: nn.Module, data: ImageData, objective: Objective | None = None, c
         if checkpoint is not None and rank == 0:
             save_checkpoint(checkpoint, model=model, optimizer=optimizer.state_dict(),
                             objective=objective.state_dict(), epoch=epoch + 1, history=history,
-                            config=dataclasses.asdict(cfg), data=data_fingerprint(data), rng=_rng_state(device))
+                            config=dataclasses.asdict(cfg), data=fingerprint, rng=_rng_state(device))
         dist_utils.barrier()
     if restore_bn is not None:
         restore_bn()
@@ -250,7 +251,7 @@ def data_fingerprint(data: ImageData) -> dict:
             "pixels": round(float(sample.sum()), 3)}
 
 
-def _check_same_run(checkpoint, state: dict, cfg: TrainConfig, data: ImageData) -> None:
+def _check_same_run(checkpoint, state: dict, cfg: TrainConfig, fingerprint: dict) -> None:
     """A resume must continue the same run: the same config (but RESUME_FREE fields) and the same data."""
     saved = state.get("config") or {}
     now = dataclasses.asdict(cfg)
@@ -263,15 +264,15 @@ def _check_same_run(checkpoint, state: dict, cfg: TrainConfig, data: ImageData) 
         raise ValueError(f"resume from {str(checkpoint)!r} is not accepted: the run it holds was trained with other "
                          f"settings ({'; '.join(changed)}); resume with the same settings, or start a new run "
                          "without resume (another checkpoint path)")
-    if "data" in state and state["data"] != data_fingerprint(data):
-        was, now_fp = state["data"], data_fingerprint(data)
-        diff = [f"{k} {was.get(k)!r} -> {now_fp[k]!r}" for k in now_fp if was.get(k) != now_fp[k]]
+    if "data" in state and state["data"] != fingerprint:
+        was = state["data"]
+        diff = [f"{k} {was.get(k)!r} -> {fingerprint[k]!r}" for k in fingerprint if was.get(k) != fingerprint[k]]
         raise ValueError(f"resume from {str(checkpoint)!r} is not accepted: it was trained on other data "
                          f"({'; '.join(diff)}); resume on the same samples, or start a new run without resume")
 
 
 def _resume(checkpoint, model, optimizer, objective, device, cfg: TrainConfig, rank: int, world: int,
-            data: ImageData) -> tuple[list[dict], int]:
+            fingerprint: dict) -> tuple[list[dict], int]:
     """Load a checkpoint written by fit (if there is one); returns (history, first epoch to run)."""
     history, start = [], 0
     if rank == 0:
@@ -284,7 +285,7 @@ def _resume(checkpoint, model, optimizer, objective, device, cfg: TrainConfig, r
                              f"holds {', '.join(map(str, state)) or 'nothing'}); resume needs a checkpoint written "
                              "by fit(checkpoint=...)")
         load_state(model, state["model"], f"checkpoint {str(checkpoint)!r}")  # another architecture: say that first
-        _check_same_run(checkpoint, state, cfg, data)
+        _check_same_run(checkpoint, state, cfg, fingerprint)
         optimizer.load_state_dict(state["optimizer"])
         _load_objective(objective, state["objective"])
         history, start = list(state["history"]), int(state["epoch"])

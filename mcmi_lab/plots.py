@@ -213,15 +213,23 @@ def plot_output_projection(outputs: Mapping[str, torch.Tensor], labels: torch.Te
     k = len(classes) if classes is not None else int(labels.max()) + 1
     colors, names = _colors(k), _class_names(classes, k)
     fig, axes = _panels(len(outputs), size=(4.4, 4.0))
-    for ax, (name, out) in zip(axes, outputs.items()):
-        coords, axis_labels = project_2d(log_probabilities(out, inputs)[keep], method, seed)
+    projected = {name: project_2d(log_probabilities(out, inputs)[keep], method, seed) for name, out in outputs.items()}
+    # One scale for every panel (log-probabilities are in nats for every teacher), so the clusters' spread can be
+    # compared by eye; each panel is centred on its own projection.
+    unit = ", nats" if method == "pca" else ""  # t-SNE coordinates have no unit
+    half = max((float((c.amax(0) - c.amin(0)).max()) for c, _ in projected.values()), default=1.0) / 2 * 1.05 or 1.0
+    for ax, (name, (coords, axis_labels)) in zip(axes, projected.items()):
+        mid = (coords.amax(0) + coords.amin(0)) / 2 if len(coords) else torch.zeros(2)
+        ax.set_xlim(float(mid[0]) - half, float(mid[0]) + half)
+        ax.set_ylim(float(mid[1]) - half, float(mid[1]) + half)
         for c in range(k):
             sel = labels[keep] == c
             if bool(sel.any()):
                 ax.scatter(coords[sel, 0].numpy(), coords[sel, 1].numpy(), s=4, color=colors[c], label=names[c], alpha=0.7)
         ax.set_title(name)
-        ax.set_xlabel(axis_labels[0])
-        ax.set_ylabel(axis_labels[1])
+        ax.set_xlabel(axis_labels[0] + unit)
+        ax.set_ylabel(axis_labels[1] + unit)
+    fig.suptitle(f"{method.upper()} of each teacher's log-probabilities, the same scale in every panel", fontsize=10)
     axes[-1].legend(markerscale=3, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     return _finish(fig, path)
 
@@ -240,11 +248,11 @@ def plot_student_vs_teacher_cmi(points: Sequence[Mapping], path=None) -> Figure:
     for p in points:
         t, m = str(p["teacher"]), str(p.get("method", ""))
         label = f"{t} · {m}" if m else t
-        ax.scatter(float(p["teacher_cmi"]), float(p["student_acc"]), color=color[t], marker=marker[m],
+        ax.scatter(float(p["teacher_cmi"]), 100 * float(p["student_acc"]), color=color[t], marker=marker[m],
                    s=40, label=None if label in seen else label)
         seen.add(label)
     ax.set_xlabel("teacher CMI (nats)")
-    ax.set_ylabel("student accuracy")
+    ax.set_ylabel("student test accuracy (%)")
     if points:
         ax.legend(fontsize=8)
     return _finish(fig, path)
@@ -292,6 +300,10 @@ def _number(v) -> float | None:
     return None
 
 
+HISTORY_UNITS = {"loss": "nats per sample", "accuracy": "%", "CMI": "nats", "learning rate": "learning rate",
+                 "seconds": "seconds per epoch"}
+
+
 def plot_history(history: Sequence[Mapping], path=None) -> Figure:
     """Training curves of a ``fit`` history (one dict per epoch): panels for the loss terms, accuracies, CMI-like
     metrics, learning rate and epoch time, each only where such keys exist. x = "epoch" (else the record number)."""
@@ -309,10 +321,12 @@ def plot_history(history: Sequence[Mapping], path=None) -> Figure:
     fig, axes = _panels(max(1, len(groups)))
     for ax, (group, ks) in zip(axes, groups.items()):
         for k in ks:
-            pts = [(_number(r.get(x_key)) if x_key else i + 1, _number(r[k])) for i, r in enumerate(history)
+            scale = 100.0 if group == "accuracy" else 1.0  # accuracy in %, as in every table
+            pts = [(_number(r.get(x_key)) if x_key else i + 1, scale * _number(r[k])) for i, r in enumerate(history)
                    if _number(r.get(k)) is not None]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=k)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=k.replace("_", " "))
         ax.set_title(group)
+        ax.set_ylabel(HISTORY_UNITS[group])
         ax.set_xlabel(x_key or "record")
         values = [_number(r.get(k)) for r in history for k in ks]
         if group == "learning rate" and min((v for v in values if v is not None), default=0) > 0:
@@ -321,12 +335,13 @@ def plot_history(history: Sequence[Mapping], path=None) -> Figure:
     return _finish(fig, path)
 
 
-def _curves(ax, rows: Sequence[Mapping], x: str, y: str, group: str | None) -> None:
-    """Mean ± std of y over rows sharing (group, x), raw rows as faint dots, one line per group."""
+def _curves(ax, rows: Sequence[Mapping], x: str, y: str, group: str | None, scale: float = 1.0) -> list[float]:
+    """Mean ± std of scale·y over rows sharing (group, x), raw rows as faint dots, one line per group; returns the
+    x values drawn."""
     by_group: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
         if _number(r.get(x)) is not None and _number(r.get(y)) is not None:
-            by_group[str(r.get(group, "")) if group else ""][_number(r[x])].append(_number(r[y]))
+            by_group[str(r.get(group, "")) if group else ""][_number(r[x])].append(scale * _number(r[y]))
     for (name, points), color in zip(by_group.items(), _colors(len(by_group))):
         xs = sorted(points)
         stats = [mean_std(points[v]) for v in xs]
@@ -334,10 +349,9 @@ def _curves(ax, rows: Sequence[Mapping], x: str, y: str, group: str | None) -> N
                     color=color, label=name or None)
         for v in xs:
             ax.plot([v] * len(points[v]), points[v], ".", color=color, alpha=0.35)
-    ax.set_xlabel(x)
-    ax.set_ylabel(y)
     if group and by_group:
         ax.legend(fontsize=8)
+    return sorted({v for points in by_group.values() for v in points})
 
 
 #: Axis labels of the dose-response metrics: words and units, never variable names.
@@ -424,10 +438,19 @@ def plot_dose_response(rows: Sequence[Mapping], ys: Sequence[str] = ("test_acc",
 
 def plot_fraction_curve(rows: Sequence[Mapping], x: str = "fraction", y: str = "student_acc",
                         group: str = "teacher", logx: bool = False, path=None) -> Figure:
-    """Student accuracy against the training fraction it saw (few-shot), one line per teacher, mean ± std over seeds."""
+    """Student accuracy (in %) against the training fraction it saw (few-shot), one line per teacher, mean ± std over
+    seeds; the fractions are the ticks, written as percentages of the training data."""
     fig, (ax,) = _panels(1, size=(5.2, 3.8))
-    _curves(ax, rows, x, y, group)
+    xs = _curves(ax, rows, x, y, group, scale=100.0 if y in PERCENT else 1.0)
     if logx:
         ax.set_xscale("log")
-    ax.set_title(f"{y} vs {x}")
+    if x == "fraction" and xs:
+        ax.set_xticks(xs, [f"{100 * v:g}%" for v in xs])
+        ax.minorticks_off()
+        ax.set_xlabel("share of the training data the student saw")
+    else:
+        ax.set_xlabel(DOSE_LABELS.get(x, x.replace("_", " ")))
+    ax.set_ylabel(DOSE_LABELS.get(y, y.replace("_", " ")))
+    ax.set_title("Few-shot students: accuracy by the data they saw" if x == "fraction" else "")
+    ax.grid(alpha=0.3)
     return _finish(fig, path)

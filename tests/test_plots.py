@@ -91,16 +91,20 @@ def test_output_projection(method):
     fig = plots.plot_output_projection(outputs, labels, CLASSES, method=method, max_points=20)
     assert [ax.get_title() for ax in fig.axes] == ["MLL", "MCMI"]
     assert sum(len(c.get_offsets()) for c in fig.axes[0].collections) == 20
+    widths = {round(float(ax.get_xlim()[1] - ax.get_xlim()[0]), 9) for ax in fig.axes[:2]}
+    heights = {round(float(ax.get_ylim()[1] - ax.get_ylim()[0]), 9) for ax in fig.axes[:2]}
+    assert len(widths) == 1 and widths == heights  # one scale in every panel, so spreads compare by eye
 
 
 def test_student_vs_teacher_cmi():
-    points = [{"teacher": "MLL", "teacher_cmi": 0.1, "student_acc": 80.0, "method": "kd"},
-              {"teacher": "MCMI", "teacher_cmi": 0.3, "student_acc": 82.0, "method": "kd"},
-              {"teacher": "MCMI", "teacher_cmi": 0.3, "student_acc": 81.0, "method": "dkd"},
-              {"teacher": "MCMI", "teacher_cmi": 0.31, "student_acc": 81.5, "method": "kd"}]
+    points = [{"teacher": "MLL", "teacher_cmi": 0.1, "student_acc": 0.8, "method": "kd"},
+              {"teacher": "MCMI", "teacher_cmi": 0.3, "student_acc": 0.82, "method": "kd"},
+              {"teacher": "MCMI", "teacher_cmi": 0.3, "student_acc": 0.81, "method": "dkd"},
+              {"teacher": "MCMI", "teacher_cmi": 0.31, "student_acc": 0.815, "method": "kd"}]
     (ax,) = plots.plot_student_vs_teacher_cmi(points).axes
-    assert [tuple(c.get_offsets()[0]) for c in ax.collections] == [(p["teacher_cmi"], p["student_acc"])
-                                                                    for p in points]
+    assert [tuple(c.get_offsets()[0]) for c in ax.collections] == [
+        pytest.approx((p["teacher_cmi"], 100 * p["student_acc"])) for p in points]  # accuracy in %, as in tables
+    assert ax.get_ylabel() == "student test accuracy (%)"
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["MLL · kd", "MCMI · kd", "MCMI · dkd"]
 
 
@@ -126,17 +130,20 @@ def test_history_panels_follow_the_keys():
     loss_ax, acc_ax = fig.axes[:2]
     assert [line.get_label() for line in loss_ax.lines] == ["loss", "ce", "kl"]
     assert list(acc_ax.lines[1].get_xdata()) == [1]  # eval_acc only in epoch 1
+    assert list(acc_ax.lines[0].get_ydata()) == pytest.approx([80.0, 90.0]) and acc_ax.get_ylabel() == "%"
     assert fig.axes[3].get_yscale() == "log"
     only_loss = plots.plot_history([{"loss": 1.0}, {"loss": 0.5}])
     assert list(only_loss.axes[0].lines[0].get_xdata()) == [1, 2]
 
 
 def test_fraction_curve_averages_seeds():
-    rows = [{"teacher": t, "fraction": f, "student_acc": acc + s, "seed": s}
+    rows = [{"teacher": t, "fraction": f, "student_acc": (acc + s) / 100, "seed": s}
             for t, acc in (("MLL", 70), ("MCMI", 72)) for f in (0.05, 0.25) for s in (0, 2)]
     (ax,) = plots.plot_fraction_curve(rows, logx=True).axes
     means = [list(line.get_ydata()) for line in ax.lines if len(line.get_xdata()) == 2 and line.get_marker() == "o"]
-    assert means == [[71.0, 71.0], [73.0, 73.0]]
+    assert means == [pytest.approx([71.0, 71.0]), pytest.approx([73.0, 73.0])]  # in %, mean over the two seeds
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["5%", "25%"]  # the fractions, not 5×10⁻²
+    assert ax.get_ylabel() == "KD student test accuracy (%)"
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["MLL", "MCMI"]
 
 

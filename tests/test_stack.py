@@ -1,0 +1,193 @@
+"""fit_stack against its brute-force reference, N separate fit runs (MLL, MCMI, KD), exact resume, stack/unstack, and
+one-line refusals of what cannot be stacked.
+
+Tolerance: fp32 on a CPU the grouped convolutions and the batched matmul add in another order than the plain layers,
+so the weights of a member and of its separate fit run differ by rounding that training carries along. Measured on
+these tests (3 epochs of 5-6 steps, lr up to 0.15, largest |weight difference|): 1.1e-6 (MLL, cnn_tiny), 1.5e-8
+(MLP), 5.7e-6 (MCMI: the dose controller's λ carries the rounding on), 4.5e-7 (KD); ATOL = 1e-5 is the bound
+checked. BatchNorm's batch counts and a resumed stack's weights are compared exactly.
+"""
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+from conftest import random_images, tiny_cnn
+from mcmi_lab import TemperatureScaled, build_model, load_model, save_model
+from mcmi_lab.objectives import kd_objective, mcmi_objective, mll_objective
+from mcmi_lab.stack import ModelStack, stack_problem, unstack
+from mcmi_lab.stack_fit import fit_stack
+from mcmi_lab.train import TrainConfig, fit
+
+ATOL = 1e-5
+BASE = TrainConfig(epochs=3, batch_size=16, precision="fp32", log=False, progress="off")
+
+
+def _data(n=80, seed=0):
+    return dataclasses.replace(random_images(n, k=4, seed=seed), pad=2, flip=True)  # augmentation on
+
+
+def _models(name="cnn_tiny", n=3, **kw):
+    out = []
+    for seed in range(n):
+        torch.manual_seed(seed)
+        out.append(build_model(name, 4, 1, **kw))
+    return out
+
+
+def _configs():
+    """Each member its own seed, lr, schedule, momentum, weight decay and augmentation."""
+    return [dataclasses.replace(BASE, seed=0, lr=0.05, schedule="cosine"),
+            dataclasses.replace(BASE, seed=1, lr=0.1, schedule="step", momentum=0.8, augment=False),
+            dataclasses.replace(BASE, seed=2, lr=0.15, schedule="constant", weight_decay=1e-3, nesterov=True)]
+
+
+def _separate(models, datas, objectives, configs):
+    refs = [copy.deepcopy(m) for m in models]
+    hists = [fit(m, d, o, c) for m, d, o, c in zip(refs, datas, objectives, configs)]
+    return refs, hists
+
+
+def _assert_same(refs, ref_hists, models, hists, atol=ATOL):
+    for ref, model, ref_hist, hist in zip(refs, models, ref_hists, hists):
+        a, b = ref.state_dict(), model.state_dict()
+        assert a.keys() == b.keys()
+        for key in a:
+            if a[key].dtype == torch.long:
+                assert torch.equal(a[key], b[key]), key  # BatchNorm's batch counts
+            else:
+                torch.testing.assert_close(b[key], a[key], atol=atol, rtol=0, msg=key)
+        assert [r.keys() for r in hist] == [r.keys() for r in ref_hist]
+        for r, q in zip(hist, ref_hist):
+            assert {k: v for k, v in r.items() if k != "time"} == pytest.approx(
+                {k: v for k, v in q.items() if k != "time"}, abs=atol)
+
+
+def test_mll_members_end_with_the_weights_of_separate_fits():
+    models, configs = _models(), _configs()
+    datas = [_data(seed=s) for s in range(3)]  # each member its own data (of one size)
+    refs, ref_hists = _separate(models, datas, [mll_objective() for _ in models], configs)
+    hists = fit_stack(models, datas, None, configs)
+    _assert_same(refs, ref_hists, models, hists)
+    assert not any(m.training for m in models)
+    ptrs = {p.data_ptr() for m in models for p in m.parameters()}  # members own their storage again
+    assert len(ptrs) == sum(1 for m in models for _ in m.parameters())
+
+
+def test_mlp_members_and_label_smoothing_with_eval_data():
+    models = _models("mlp", 2, width=32, grid=4)
+    data = _data()
+    objectives = [mll_objective(), mll_objective(0.2)]
+    configs = _configs()[:2]
+    refs = [copy.deepcopy(m) for m in models]
+    ref_hists = [fit(m, data, mll_objective(e), c, eval_data=data) for m, e, c in zip(refs, (0.0, 0.2), configs)]
+    hists = fit_stack(models, data, objectives, configs, eval_data=data)
+    assert "eval_cmi" in hists[0][-1]
+    _assert_same(refs, ref_hists, models, hists)
+
+
+def _teacher(data, epochs=2):
+    torch.manual_seed(5)
+    teacher = build_model("cnn_tiny", 4, 1)
+    fit(teacher, data, mll_objective(), dataclasses.replace(BASE, epochs=epochs, lr=0.1))
+    return teacher
+
+
+def test_mcmi_members_with_their_own_dose_and_centroids_equal_separate_fits():
+    data = _data(96)
+    teacher = _teacher(data)
+    models = [copy.deepcopy(teacher) for _ in range(3)]
+    make = [lambda: mcmi_objective(target_cmi=0.2, control_steps=2, probe_size=32),  # the dose controller
+            lambda: mcmi_objective(0.3, update="epoch"),
+            lambda: mcmi_objective(0.2, update="frozen", centroid_pass="reference")]  # a train-mode member pass
+    configs = _configs()
+    refs, ref_hists = _separate(models, [data] * 3, [f() for f in make], configs)
+    hists = fit_stack(models, data, [f() for f in make], configs)
+    assert "lam" in hists[0][-1]
+    _assert_same(refs, ref_hists, models, hists)
+
+
+def test_kd_students_of_stacked_and_of_unstackable_teachers_equal_separate_fits():
+    data = _data()
+    teacher = _teacher(data)
+    torch.manual_seed(9)
+    other = tiny_cnn(num_classes=4)  # an nn.Sequential teacher: the teachers are not of one architecture
+    for teachers in ([teacher, TemperatureScaled(teacher, 2.5), copy.deepcopy(teacher)], [teacher, other, teacher]):
+        models, configs = _models(), _configs()
+        make = [lambda t=t: kd_objective(t, temperature=4.0) for t in teachers]
+        refs, ref_hists = _separate(models, [data] * 3, [f() for f in make], configs)
+        objectives = [f() for f in make]
+        hists = fit_stack(models, data, objectives, configs)
+        _assert_same(refs, ref_hists, models, hists)
+        assert [o.teacher for o in objectives] == teachers  # the stand-ins of the steps are gone
+
+
+def test_resume_of_a_stack_is_exact(tmp_path):
+    data = _data()
+    teacher = _teacher(data)
+
+    def run(epochs, checkpoint=None, resume=False, stop_at=None):
+        models = _models()
+        objectives = [mll_objective(), mcmi_objective(0.2, update="running", refresh_steps=2), kd_objective(teacher)]
+        configs = [dataclasses.replace(c, epochs=4) for c in _configs()]
+
+        def interrupt(record, model):
+            if record["epoch"] == stop_at:
+                raise KeyboardInterrupt
+        try:
+            hists = fit_stack(models, data, objectives, configs, checkpoint=checkpoint, resume=resume,
+                              callbacks=[interrupt])
+        except KeyboardInterrupt:
+            return None, None
+        return models, hists
+    ref_models, ref_hists = run(4)
+    ckpt = tmp_path / "stack.pt"
+    assert run(4, ckpt, stop_at=3) == (None, None)  # killed in epoch 3's callbacks: the checkpoint holds epoch 2
+    models, hists = run(4, ckpt, resume=True)
+    assert [r["epoch"] for r in hists[0]] == [1, 2, 3, 4]
+    for a, b in zip(ref_models, models):
+        for key, value in a.state_dict().items():
+            assert torch.equal(value, b.state_dict()[key]), key
+    for h, q in zip(hists, ref_hists):
+        assert [{k: v for k, v in r.items() if k != "time"} for r in h] == \
+            [{k: v for k, v in r.items() if k != "time"} for r in q]
+
+
+def test_stack_forward_and_unstack_give_plain_models(tmp_path):
+    models = _models()
+    for m in models:
+        m.eval()
+    images = torch.randn(3, 5, 1, 12, 12)
+    expected = torch.stack([m(x) for m, x in zip(models, images)])
+    stack = ModelStack(models, trainable=False).eval()
+    torch.testing.assert_close(stack(images), expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(stack(list(images)), expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(stack(images[0])[1], models[1](images[0]), atol=1e-6, rtol=0)
+    seq = [tiny_cnn(num_classes=4).eval() for _ in range(2)]  # an nn.Sequential of stackable layers stacks too
+    torch.testing.assert_close(ModelStack(seq, trainable=False).eval()(images[:2]),
+                               torch.stack([m(x) for m, x in zip(seq, images)]), atol=1e-6, rtol=0)
+    plain = unstack(stack)
+    assert all(type(p) is type(models[0]) for p in plain)
+    save_model(tmp_path / "m.pt", plain[2])
+    torch.testing.assert_close(load_model(tmp_path / "m.pt").eval()(images[2]), expected[2], atol=1e-6, rtol=0)
+
+
+def test_refusals_are_one_line():
+    data, tiny = _data(), _models(n=2)
+    cases = [
+        (lambda: fit_stack([], data), "non-empty list"),
+        (lambda: fit_stack([tiny[0], build_model("mlp", 4, 1)], data), "model 1 is a MLP and model 0 a SmallCNN"),
+        (lambda: fit_stack([tiny[0], build_model("cnn_tiny", 4, 1, width=4)], data), "model 1 has other layers"),
+        (lambda: fit_stack([build_model("resnet8", 4, 1)] * 2, data), "ResNet cannot be stacked"),
+        (lambda: fit_stack(tiny, [data] * 3), "3 data sets for 2 models"),
+        (lambda: fit_stack(tiny, [data, _data(64)]), "data of different sizes"),
+        (lambda: fit_stack(tiny, data, [mll_objective()] * 2), "one objective object"),
+        (lambda: fit_stack(tiny, data, config=[BASE, dataclasses.replace(BASE, epochs=4)]), "epochs differing"),
+        (lambda: fit_stack([tiny[0], tiny[0]], data), "the same model object"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message) as err:
+            call()
+        assert "\n" not in str(err.value)
+    assert stack_problem(tiny) is None and "frozen" in stack_problem([m.requires_grad_(False) for m in tiny])

@@ -32,6 +32,8 @@ from .report import build_report, markdown_table
 from .runs import figure_path, load_teacher, load_teachers, read_results, save_teacher, write_results
 from .stats import derive_seeds, expected_calibration_error, mean_std, paired_difference
 from .synthetic import SyntheticTask, kl_to_posterior
+from .stack import ModelStack, stack_models, stack_problem, unstack
+from .stack_fit import fit_stack
 from .train import TrainConfig, fit
 from .utils import get_device, set_seed
 
@@ -48,6 +50,7 @@ __all__ = [
     "per_class_cmi", "separation", "ncmi", "mcmi_loss", "kd_loss",
     # training
     "TrainConfig", "fit", "Objective", "MCMIObjective", "StopTraining", "mll_objective", "mcmi_objective",
+    "fit_stack", "ModelStack", "stack_models", "stack_problem", "unstack",
     "kd_objective", "KD_METHODS", "distill", "build_objective", "method_hparams",
     # the paper's steps (recipes)
     "load_run_data", "train_teacher", "finetune_mcmi", "finetune_control", "finetune_label_smoothing",

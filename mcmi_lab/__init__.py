@@ -21,19 +21,20 @@ from .dose import SmoothingSearch, dose_teachers, match_label_smoothing, match_t
 from .evaluate import evaluate, measure_cmi, metrics_from_logits, predict
 from .features import capture, feature_shapes
 from .kd import KD_METHODS, build_objective, distill, method_hparams
-from .losses import kd_loss, mcmi_loss
+from .losses import cmim_loss, kd_loss, mcmi_loss, mse_teacher_loss, ncmi_loss
 from .models import MODELS, build_model, cam_layer, classifier_layer, feature_layers
 from .objectives import MCMIObjective, Objective, StopTraining, kd_objective, mcmi_objective, mll_objective
 from .models.wrappers import TemperatureScaled
 from .pipelines import PARAMETERS, PIPELINES, TEACHERS, omit_sets
-from .recipes import (finetune_control, finetune_label_smoothing, finetune_mcmi, load_run_data, model_metrics,
-                      temperature_scale, train_student, train_teacher)
+from .recipes import (finetune_control, finetune_label_smoothing, finetune_mcmi, finetune_teacher, load_run_data,
+                      model_metrics, temperature_scale, train_student, train_teacher)
 from .report import build_report, markdown_table
 from .runs import figure_path, load_teacher, load_teachers, read_results, save_teacher, write_results
 from .stats import derive_seeds, expected_calibration_error, mean_std, paired_difference
 from .synthetic import SyntheticTask, kl_to_posterior
 from .stack import ModelStack, stack_models, stack_problem, unstack
 from .stack_fit import fit_stack
+from .teacher_objectives import TEACHER_OBJECTIVES, build_teacher_objective, teacher_objective_hparams
 from .train import TrainConfig, fit
 from .utils import get_device, set_seed
 
@@ -47,13 +48,15 @@ __all__ = [
     "MODELS", "build_model", "feature_layers", "classifier_layer", "cam_layer", "capture", "feature_shapes",
     # CMI and losses
     "CMIMeter", "probabilities", "class_centroids", "kl_to_centroids", "conditional_mutual_information",
-    "per_class_cmi", "separation", "ncmi", "mcmi_loss", "kd_loss",
+    "per_class_cmi", "separation", "ncmi", "mcmi_loss", "kd_loss", "mse_teacher_loss", "cmim_loss", "ncmi_loss",
     # training
     "TrainConfig", "fit", "Objective", "MCMIObjective", "StopTraining", "mll_objective", "mcmi_objective",
     "fit_stack", "ModelStack", "stack_models", "stack_problem", "unstack",
     "kd_objective", "KD_METHODS", "distill", "build_objective", "method_hparams",
+    "TEACHER_OBJECTIVES", "build_teacher_objective", "teacher_objective_hparams",
     # the paper's steps (recipes)
-    "load_run_data", "train_teacher", "finetune_mcmi", "finetune_control", "finetune_label_smoothing",
+    "load_run_data", "train_teacher", "finetune_teacher", "finetune_mcmi", "finetune_control",
+    "finetune_label_smoothing",
     "temperature_scale", "TemperatureScaled", "train_student", "model_metrics",
     # evaluation and statistics
     "predict", "evaluate", "metrics_from_logits", "measure_cmi", "kl_to_posterior", "expected_calibration_error",

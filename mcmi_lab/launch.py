@@ -32,11 +32,21 @@ from .evaluate import evaluate
 from .kd import KD_METHODS, method_hparams
 from .models import MODELS
 from .objectives import REFRESH_STEPS, UPDATES, StopTraining
-from .recipes import finetune_mcmi, train_student, train_teacher
+from .pipelines import PARAMETERS
+from .recipes import finetune_mcmi, finetune_teacher, train_student, train_teacher
+from .teacher_objectives import TEACHER_OBJECTIVES, teacher_objective_hparams
 from .train import COMPILE_MODES, TrainConfig
 from .utils import check_float, check_int, get_device, write_json
 
-OBJECTIVES = ("mll", "mcmi", "kd")
+OBJECTIVES = (*TEACHER_OBJECTIVES, "kd")
+#: the objectives weighted by --lam, and its default (the pipelines' λ)
+WEIGHTED = ("mcmi", "cmim", "ncmi")
+DEFAULT_LAM = PARAMETERS["lam"].default
+#: --epochs when not given: the pipelines' defaults (40 teacher epochs, 5 fine-tune epochs, 10 student epochs)
+DEFAULT_EPOCHS = {"teacher": PARAMETERS["teacher_epochs"].default, "finetune": PARAMETERS["finetune_epochs"].default,
+                  "kd": PARAMETERS["student_epochs"].default}
+#: teacher hyper-parameters with their own option (not --hparam)
+_OWN_FLAGS = ("lam", "target_cmi", "update", "refresh_steps", "label_smoothing", "centroids")
 LAUNCHER_OPTIONS = ("nproc", "nnodes", "node_rank", "master_addr", "master_port")
 
 
@@ -153,13 +163,14 @@ def _default(recipe, name: str):
 
 def add_train_command(subparsers) -> argparse.ArgumentParser:
     """Add the ``train`` command to an argparse `subparsers` (``mcmi-lab train``); returns its parser."""
-    p = subparsers.add_parser("train", help="train a teacher (mll), fine-tune it (mcmi) or distil a student (kd); "
-                              "--nproc N for DistributedDataParallel", description=__doc__,
+    p = subparsers.add_parser("train", help="train a teacher (mll, mse, cmim, ...), fine-tune it (--teacher; mcmi) "
+                              "or distil a student (kd); --nproc N for DistributedDataParallel", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     pos_int, pos_float = (lambda n: _typed(check_int, n, 1)), (lambda n: _typed(check_float, n, 0.0, low_open=True))
     g = p.add_argument_group("what to train")
-    g.add_argument("--objective", choices=OBJECTIVES, default="mll", help="mll (teacher), mcmi (fine-tune --teacher), "
-                   "kd (distil --teacher into --model)")
+    g.add_argument("--objective", choices=OBJECTIVES, default="mll", help="a teacher objective "
+                   f"({', '.join(TEACHER_OBJECTIVES)}): trains --model from scratch, or fine-tunes --teacher when "
+                   "given (mcmi needs --teacher); kd: distil --teacher into --model")
     g.add_argument("--data", choices=sorted(DATASETS), default="fashion-mnist")
     g.add_argument("--data-root", help="directory holding the data set files")
     g.add_argument("--model", choices=list(MODELS), help=f"architecture (default {_default(train_teacher, 'model')} "
@@ -167,18 +178,19 @@ def add_train_command(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--width", type=pos_int("--width"), help="width of cnn_small / cnn_tiny")
     g.add_argument("--teacher", type=Path, help="model.pt of the teacher (mcmi: the model fine-tuned; kd: distilled)")
     dose = g.add_mutually_exclusive_group()
-    dose.add_argument("--lam", type=_typed(check_float, "--lam", 0.0), help="mcmi: a fixed λ of CE − λ·KL")
+    dose.add_argument("--lam", type=_typed(check_float, "--lam", 0.0), help="mcmi: a fixed λ of CE − λ·KL; cmim, "
+                      f"ncmi: the weight of their CMI term (default {DEFAULT_LAM}, the pipelines' λ)")
     dose.add_argument("--target-cmi", type=pos_float("--target-cmi"), metavar="NATS", help="mcmi: the dose "
                       "instead of λ: λ is adapted so that the train CMI reaches NATS (in (0, log K))")
-    g.add_argument("--update", choices=UPDATES, default=UPDATES[0], help="mcmi: centroid update")
+    g.add_argument("--update", choices=UPDATES, default=UPDATES[0], help="mcmi, cmim, ncmi: centroid update")
     g.add_argument("--refresh-steps", type=pos_int("--refresh-steps"), default=None,
                    help=f"mcmi, update running: steps between centroid refreshes (default {REFRESH_STEPS})")
     g.add_argument("--method", default="kd", help=f"kd: KD method ({', '.join(KD_METHODS)}; default kd)")
     g.add_argument("--temperature", type=pos_float("--temperature"), help="kd: temperature (default 4)")
-    g.add_argument("--hparam", nargs=2, action="append", metavar=("NAME", "VALUE"), help="kd: a method "
-                   "hyper-parameter (repeatable)")
+    g.add_argument("--hparam", nargs=2, action="append", metavar=("NAME", "VALUE"), help="a hyper-parameter of "
+                   "the KD method or the teacher objective, e.g. --hparam temperatures '[1, 4]' (repeatable)")
     g.add_argument("--label-smoothing", type=_typed(check_float, "--label-smoothing", 0.0, 1.0, high_open=True),
-                   default=0.0, help="mll: label smoothing (a control teacher)")
+                   help="mll, label_smoothing: label smoothing (default 0 and 0.1)")
     g = p.add_argument_group("data views")
     g.add_argument("--subset", type=pos_int("--subset"), help="train on N samples (smoke runs)")
     g.add_argument("--fraction", type=_typed(check_float, "--fraction", 0.0, 1.0, low_open=True), default=1.0,
@@ -188,8 +200,10 @@ def add_train_command(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--no-eval", action="store_true", help="no test-set evaluation")
     g = p.add_argument_group("optimisation")
     # defaults: the recipe's (recipes.train_teacher, finetune_mcmi, train_student), read from their signatures
-    g.add_argument("--epochs", type=pos_int("--epochs"), help=f"default {_default(train_teacher, 'epochs')} (mll), "
-                   f"{_default(finetune_mcmi, 'epochs')} (mcmi), {_default(train_student, 'epochs')} (kd)")
+    g.add_argument("--epochs", type=pos_int("--epochs"), help=f"default: the pipelines' {DEFAULT_EPOCHS['teacher']} "
+                   f"for a teacher from scratch, {DEFAULT_EPOCHS['finetune']} for a fine-tune (mcmi, --teacher), "
+                   f"{DEFAULT_EPOCHS['kd']} for a student (kd): minutes on a CPU with --subset; the paper's recipe "
+                   f"is {_default(train_teacher, 'epochs')} / {_default(finetune_mcmi, 'epochs')} / 240")
     g.add_argument("--batch-size", type=pos_int("--batch-size"), help=f"per process (default {TrainConfig.batch_size})")
     g.add_argument("--lr", type=pos_float("--lr"), help=f"default {TrainConfig.lr}")
     g.add_argument("--schedule", choices=("step", "cosine", "constant"),
@@ -240,14 +254,24 @@ def check_train_args(args: argparse.Namespace) -> None:
     """Cross-option checks: one ValueError line naming the option, the value and what is accepted."""
     if args.objective in ("mcmi", "kd") and args.teacher is None:
         raise ValueError(f"--objective {args.objective} needs --teacher PATH (a model.pt written by train)")
-    if args.objective == "mll" and args.teacher is not None:
-        raise ValueError("--teacher is not accepted with --objective mll: expected --objective mcmi or kd")
-    if args.objective != "mcmi" and (args.lam is not None or args.target_cmi is not None):
-        raise ValueError(f"--lam and --target-cmi are not accepted with --objective {args.objective}: they configure "
+    if args.objective not in WEIGHTED and args.lam is not None:
+        raise ValueError(f"--lam is not accepted with --objective {args.objective}: it weighs the CMI term of "
+                         f"--objective {', '.join(WEIGHTED)}")
+    if args.objective != "mcmi" and args.target_cmi is not None:
+        raise ValueError(f"--target-cmi is not accepted with --objective {args.objective}: it sets the dose of "
                          "--objective mcmi")
-    if args.objective != "kd" and (args.method != "kd" or args.hparam or args.temperature is not None):
-        raise ValueError("--method, --hparam and --temperature are not accepted with --objective "
+    if args.objective != "kd" and (args.method != "kd" or args.temperature is not None):
+        raise ValueError("--method and --temperature are not accepted with --objective "
                          f"{args.objective}: they configure --objective kd")
+    if args.objective not in ("mll", "label_smoothing") and args.label_smoothing is not None:
+        raise ValueError(f"--label-smoothing is not accepted with --objective {args.objective}: expected --objective "
+                         "mll or label_smoothing")
+    if args.objective in TEACHER_OBJECTIVES:
+        accepted = [k for k in teacher_objective_hparams(args.objective) if k not in _OWN_FLAGS]
+        for name, value in args.hparam or []:
+            if name not in accepted:
+                raise ValueError(f"--hparam {name} {value} is not accepted for --objective {args.objective}: expected "
+                                 f"one of {', '.join(accepted) or '(none)'} (λ is --lam, label smoothing --label-smoothing, the centroid update --update)")
     if args.objective == "kd":
         if args.method not in KD_METHODS:
             raise ValueError(f"--method {args.method} is not accepted: expected one of {', '.join(KD_METHODS)}")
@@ -257,13 +281,11 @@ def check_train_args(args: argparse.Namespace) -> None:
                 raise ValueError(f"--hparam {name} {value} is not accepted for --method {args.method}: expected one of "
                                  f"{', '.join(k for k in accepted if k != 'temperature') or '(none)'} "
                                  "(the temperature is --temperature)")
-    if args.refresh_steps is not None and (args.objective != "mcmi" or args.update != "running"):
+    if args.refresh_steps is not None and (args.objective not in WEIGHTED or args.update != "running"):
         raise ValueError(f"--refresh-steps is not accepted with --objective {args.objective} --update {args.update}: "
-                         "it sets how often --objective mcmi --update running refreshes the centroids")
+                         f"it sets how often --objective {'/'.join(WEIGHTED)} --update running refreshes the centroids")
     if args.teacher is not None and not Path(args.teacher).is_file():
         raise FileNotFoundError(f"--teacher {str(args.teacher)!r} does not exist: expected a model.pt written by train")
-    if args.objective == "mcmi" and args.lam is None and args.target_cmi is None:
-        raise ValueError("--objective mcmi needs --lam L (a fixed λ >= 0) or --target-cmi C (a CMI dose in nats)")
     if args.nnodes > 1 and not args.master_addr:
         raise ValueError(f"--nnodes {args.nnodes} needs --master-addr: the address of node 0")
     if args.node_rank >= args.nnodes:
@@ -332,27 +354,37 @@ def _teacher(args, data, device):
     if teacher.spec["num_classes"] != data.num_classes:
         raise ValueError(f"--teacher {str(args.teacher)!r} has {teacher.spec['num_classes']} classes: expected "
                          f"{data.num_classes}, the classes of --data {args.data}")
-    if args.objective == "mcmi" and args.model is not None and args.model != teacher.spec["name"]:
-        raise ValueError(f"--model {args.model} is not accepted with --objective mcmi: the model fine-tuned is the "
-                         f"teacher ({teacher.spec['name']})")
+    if args.objective != "kd" and args.model is not None and args.model != teacher.spec["name"]:
+        raise ValueError(f"--model {args.model} is not accepted with --objective {args.objective} --teacher: the model "
+                         f"fine-tuned is the teacher ({teacher.spec['name']})")
     return teacher
 
 
 def _run_recipe(args, train, test, info: DistInfo):
-    """The recipe of --objective: train_teacher (mll), finetune_mcmi (mcmi) or train_student (kd). -> (model, hist)"""
+    """The recipe of --objective: train_teacher (a teacher objective), finetune_teacher (one with --teacher),
+    finetune_mcmi (mcmi) or train_student (kd). -> (model, hist)"""
     common = {"seed": args.seed, "eval_data": test, "checkpoint": Path(args.out) / "checkpoint.pt",
               "resume": args.resume, **_fit_options(args, info)}
-    if args.epochs is not None:
-        common["epochs"] = args.epochs
+    stage = "kd" if args.objective == "kd" else "finetune" if args.teacher is not None else "teacher"
+    common["epochs"] = args.epochs if args.epochs is not None else DEFAULT_EPOCHS[stage]
     width = {} if args.width is None else {"model_kwargs": {"width": args.width}}
-    if args.objective == "mll":
-        return train_teacher(train, args.model or "cnn_small", label_smoothing=args.label_smoothing, **width,
-                             **common)
-    teacher = _teacher(args, train, info.device)
-    if args.objective == "mcmi":
-        return finetune_mcmi(teacher, train, args.lam, target_cmi=args.target_cmi, update=args.update,
-                             refresh_steps=args.refresh_steps, **common)
     hparams = {name: _value(v) for name, v in (args.hparam or [])}
+    if args.objective in TEACHER_OBJECTIVES:
+        if args.label_smoothing is not None:
+            hparams["label_smoothing"] = args.label_smoothing
+        if args.objective in WEIGHTED and args.target_cmi is None:
+            hparams["lam"] = DEFAULT_LAM if args.lam is None else args.lam
+        if args.objective in WEIGHTED:
+            hparams.update(update=args.update, refresh_steps=args.refresh_steps)
+    if args.objective in TEACHER_OBJECTIVES and args.teacher is None:
+        return train_teacher(train, args.model or "cnn_small", objective=args.objective, **width, **hparams, **common)
+    teacher = _teacher(args, train, info.device)
+    if args.objective == "mcmi":  # the controller's options (--hparam control_gain 0.5) go in `control`
+        own = inspect.signature(finetune_mcmi).parameters
+        control = {k: hparams.pop(k) for k in list(hparams) if k not in own}
+        return finetune_mcmi(teacher, train, target_cmi=args.target_cmi, control=control, **hparams, **common)
+    if args.objective in TEACHER_OBJECTIVES:
+        return finetune_teacher(teacher, train, args.objective, **hparams, **common)
     if args.temperature is not None:
         hparams["temperature"] = args.temperature
     model = {} if args.model is None else {"model": args.model}

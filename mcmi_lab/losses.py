@@ -1,13 +1,19 @@
-"""Loss functions of the teacher side: the MCMI objective and Hinton's KD loss. Pure functions of tensors.
+"""Loss functions of the teacher side — MCMI, the MSE teacher, the CMI minimiser (CMIM), the NCMI-weighted
+objective — and Hinton's KD loss. Pure functions of tensors; the objectives of :mod:`mcmi_lab.teacher_objectives`
+call them.
 
-The feature-based KD losses (FitNet, AT, ... CRD, DKD) live in :mod:`mcmi_lab.kd`.
+The feature-based KD losses (FitNet, AT, ... CRD, DKD) live in :mod:`mcmi_lab.kd_losses`.
 """
 from __future__ import annotations
 
 import math
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
+
+from .cmi import separation
 
 _TINY = 1e-30
 
@@ -46,6 +52,65 @@ def mcmi_loss(logits: torch.Tensor, labels: torch.Tensor, centroids: torch.Tenso
     kl = kl_to_centroids_loss(logits, labels, centroids)
     loss = ce - lam * kl
     return (loss, {"ce": ce.detach(), "kl": kl.detach()}) if return_terms else loss
+
+
+def _check_weight(name: str, lam) -> None:
+    if isinstance(lam, torch.Tensor):
+        return
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
+        raise ValueError(f"{name}={lam!r} is not accepted: expected a finite number >= 0")
+
+
+def mse_teacher_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The MSE teacher (Hamidi et al., ECCV 2024, https://arxiv.org/abs/2407.12676): the batch mean of
+    Σ_k (softmax(z)_k − 1[k = y])², the squared error between the output distribution and the one-hot label.
+
+    logits: (B, K), labels: (B,). Computed in float32 at least."""
+    probs = torch.softmax(_upcast(logits), dim=1)
+    return (probs - F.one_hot(labels, probs.shape[1]).to(probs.dtype)).pow(2).sum(1).mean()
+
+
+def cmim_loss(logits: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, lam: float | torch.Tensor,
+              temperatures: Sequence[float], return_terms: bool = False):
+    """The CMI minimiser (Ye, Hamidi & Yang, "Towards undistillable models by minimizing conditional mutual
+    information", https://arxiv.org/abs/2507.00012): CE(f(x), y) + λ · mean_T KL(softmax(z/T) ‖ Q_y^T).
+
+    The opposite sign of :func:`mcmi_loss`, over the temperature-scaled outputs: Q^T (the class centroids of
+    softmax(z/T)) are constants. The paper averages the CMI of the temperature-scaled clusters over "the entire
+    temperature spectrum"; here over the finite set `temperatures` (a mean, so λ does not scale with its size).
+    logits: (B, K), labels: (B,), centroids: (len(temperatures), K, K). return_terms: also ``{"ce", "kl"}``.
+    """
+    _check_weight("lam", lam)
+    if centroids.dim() != 3 or len(centroids) != len(temperatures):
+        raise ValueError(f"centroids {tuple(centroids.shape)} are not accepted: expected ({len(temperatures)}, K, K), "
+                         "one K x K block per temperature")
+    ce = F.cross_entropy(_upcast(logits), labels)
+    kl = torch.stack([kl_to_centroids_loss(_upcast(logits) / t, labels, q)
+                      for t, q in zip(temperatures, centroids)]).mean()
+    loss = ce + lam * kl
+    return (loss, {"ce": ce.detach(), "kl": kl.detach()}) if return_terms else loss
+
+
+def ncmi_loss(logits: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, lam: float | torch.Tensor,
+              return_terms: bool = False):
+    """CE + λ · KL/Γ: the NCMI-weighted objective after Yang et al. (CMI-constrained deep learning, TNNLS 2025;
+    the NCMI surrogate loss, https://arxiv.org/abs/2601.02543).
+
+    KL = mean_x KL(P_x ‖ Q_y) with the centroids Q constant (the batch estimate of the CMI, as in :func:`mcmi_loss`);
+    Γ = :func:`mcmi_lab.cmi.separation` of the batch's P_x (``pairs="all"``: the mean cross entropy over all ordered
+    pairs, same-label pairs counting 0), differentiable, so minimising the ratio also pushes the clusters apart.
+    Where this differs from the papers: CMIC-DL writes the constrained problem as CE + λ·CMI − β·Γ (two weights) and
+    its reference code estimates Γ over the different-label pairs only; this is the single ratio NCMI = CMI/Γ that
+    the surrogate-loss paper targets, estimated on the batch. logits: (B, K), labels: (B,), centroids: (K, K).
+    """
+    _check_weight("lam", lam)
+    ce = F.cross_entropy(_upcast(logits), labels)
+    kl = kl_to_centroids_loss(logits, labels, centroids)
+    gamma = separation(torch.softmax(_upcast(logits), dim=1), labels, centroids.shape[0]).to(kl.dtype)
+    ratio = kl / gamma.clamp_min(_TINY)
+    loss = ce + lam * ratio
+    return (loss, {"ce": ce.detach(), "kl": kl.detach(), "separation": gamma.detach(),
+                   "ncmi": ratio.detach()}) if return_terms else loss
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -216,11 +216,18 @@ class MCMIObjective(Objective):
         # the eval pass gives the eval-mode centroids and, before any training, the guard's starting accuracy; the
         # reference pass (which shifts BatchNorm's running statistics) comes after it and needs no second eval pass
         stats = measure_cmi(model, data) if first or self.centroid_pass == "eval" else None
-        centroids = reference_centroids(model, data, epoch) if self.centroid_pass == "reference" else stats["centroids"]
-        self.centroids = centroids.to(self.centroids.device)
+        self.centroids = self._full_pass(model, data, epoch, stats).to(self.centroids.device)
         if first:
             self.start_acc.fill_(stats["accuracy"])
             self.recent_acc.fill_(stats["accuracy"])
+
+    def _full_pass(self, model, data, epoch: int, stats: dict | None) -> torch.Tensor:
+        """The centroids of one full pass (`stats`: the eval pass's measure_cmi, when it ran)."""
+        return reference_centroids(model, data, epoch) if self.centroid_pass == "reference" else stats["centroids"]
+
+    def _loss(self, logits, labels, lam):
+        """(loss, terms) of the batch: CE − λ·KL (subclasses: CMIM, NCMI)."""
+        return mcmi_loss(logits, labels, self.centroids, lam, return_terms=True)
 
     def forward(self, model, images, labels, index=None):
         if self.target_cmi is not None:
@@ -229,7 +236,7 @@ class MCMIObjective(Objective):
                 self._control(model)
         logits = model(images)
         lam = self.lam if self.target_cmi is None else self.lam_t
-        loss, terms = mcmi_loss(logits, labels, self.centroids, lam, return_terms=True)
+        loss, terms = self._loss(logits, labels, lam)
         if self.target_cmi is not None:
             terms["lam"] = self.lam_t.detach().clone()
         acc = accuracy(logits, labels)
@@ -261,9 +268,13 @@ class MCMIObjective(Objective):
 
     def _class_sums(self, logits, labels):
         """Per-class sums of the batch's probabilities (K×K, float64) and the class counts (K×1)."""
-        probs = logits.detach().float().softmax(1).double()
+        probs = self._centroid_probs(logits.detach().float()).double()
         sums = torch.zeros_like(self.centroids).index_add_(0, labels, probs)
         return sums, torch.bincount(labels, minlength=sums.shape[0]).to(sums).unsqueeze(1)
+
+    def _centroid_probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """The rows the centroids average: P_x (B, K); CMIM's concatenates its temperatures."""
+        return logits.softmax(1)
 
     def _set_means(self, sums, counts, decay: float):
         """centroids ← decay·centroids + (1 − decay)·class means, for the classes seen; every rank the same."""

@@ -7,13 +7,17 @@ Model selection never looks at the test set: the teacher is the last epoch's wei
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import warnings
-from typing import Any
+from pathlib import Path
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
+from . import distributed as dist_utils
+from .checkpoint import save_checkpoint, save_model
 from .data import ImageData, stratified_split, subset
 from .datasets import load_dataset
 from .evaluate import measure_cmi, metrics_from_logits, predict
@@ -22,6 +26,7 @@ from .models import build_model
 from .models.wrappers import TemperatureScaled
 from .objectives import mcmi_objective, mll_objective
 from .stats import expected_calibration_error
+from .teacher_objectives import build_teacher_objective
 from .train import TrainConfig, fit
 from .utils import check_float, set_seed
 
@@ -41,22 +46,84 @@ def _model(model: str | nn.Module, data: ImageData, seed: int, **model_kwargs) -
     return build_model(model, data.num_classes, data.in_channels, **model_kwargs)
 
 
-def train_teacher(data: ImageData, model: str | nn.Module = "cnn_small", epochs: int = 240, *, seed: int = 0,
-                  label_smoothing: float = 0.0, eval_data: ImageData | None = None,
-                  checkpoint: str | os.PathLike | None = None, resume: bool = False, model_kwargs: dict | None = None,
-                  **fit_kwargs) -> tuple[nn.Module, list[dict]]:
-    """An MLL teacher (cross-entropy; label smoothing > 0 gives the label-smoothing control).
+def _split_fit_kwargs(kwargs: dict) -> tuple[dict, dict]:
+    """(fit's keywords: TrainConfig fields and callbacks, the rest: an objective's hyper-parameters)."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} | {"callbacks"}
+    return ({k: v for k, v in kwargs.items() if k in fields}, {k: v for k, v in kwargs.items() if k not in fields})
 
-    Defaults: the reference schedule (SGD 0.05, ×0.1 at 5/8, 3/4, 7/8 of the epochs, wd 5e-4, batch 64).
-    Returns (model, history).
+
+class _EpochKeeper:
+    """A fit callback that saves the weights after each epoch of `epochs` (1-based) as ``<folder>/model_epoch<N>.pt``
+    (:func:`mcmi_lab.checkpoint.save_model`, loadable by load_model; save_checkpoint for a model without a spec) and
+    names the file in that epoch's history record ("kept"). Rank 0 writes."""
+
+    def __init__(self, epochs: Sequence[int], folder: str | os.PathLike, total: int):
+        if isinstance(epochs, (int, str)) or any(isinstance(e, bool) or not isinstance(e, int) or not 1 <= e <= total
+                                                 for e in epochs):
+            raise ValueError(f"keep_epochs={epochs!r} is not accepted: expected a list of epoch numbers in "
+                             f"[1, {total}]")
+        self.epochs, self.folder = set(epochs), Path(folder)
+
+    def __call__(self, record: dict, model: nn.Module) -> None:
+        if record["epoch"] not in self.epochs:
+            return
+        net = getattr(model, "module", model)
+        path = self.folder / f"model_epoch{record['epoch']}.pt"
+        if dist_utils.rank() == 0:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            save_model(path, net) if getattr(net, "spec", None) is not None else save_checkpoint(path, model=net)
+        record["kept"] = str(path)
+
+
+def train_teacher(data: ImageData, model: str | nn.Module = "cnn_small", epochs: int = 240, *,
+                  objective: str = "mll", seed: int = 0, eval_data: ImageData | None = None,
+                  checkpoint: str | os.PathLike | None = None, resume: bool = False, model_kwargs: dict | None = None,
+                  keep_epochs: Sequence[int] = (), keep_dir: str | os.PathLike | None = None,
+                  **fit_kwargs_and_hparams) -> tuple[nn.Module, list[dict]]:
+    """A teacher trained from scratch with `objective`, a name of
+    :data:`mcmi_lab.teacher_objectives.TEACHER_OBJECTIVES` ("mll", "label_smoothing", "mse", "cmim", "ncmi", "mcmi").
+
+    Keywords naming :class:`TrainConfig` fields (or ``callbacks``) go to fit; the others are the objective's
+    hyper-parameters (``label_smoothing=0.1`` for mll, ``lam=0.5, temperatures=[1, 4]`` for cmim). Defaults: the
+    reference schedule (SGD 0.05, ×0.1 at 5/8, 3/4, 7/8 of the epochs, wd 5e-4, batch 64).
+    keep_epochs: early-stopped teachers of the same run (Cho & Hariharan, ICCV 2019, https://arxiv.org/abs/1910.01348):
+    after each of these epochs (1-based) the weights are saved as ``model_epoch<N>.pt`` in `keep_dir` (default: the
+    checkpoint's folder) and the record of that epoch names the file ("kept"). Returns (model, history).
     """
+    fit_kwargs, hparams = _split_fit_kwargs(fit_kwargs_and_hparams)
+    obj = build_teacher_objective(objective, **hparams)
+    callbacks = list(fit_kwargs.pop("callbacks", ()))
+    if keep_epochs:
+        if keep_dir is None and checkpoint is None:
+            raise ValueError(f"keep_epochs={list(keep_epochs)!r} needs keep_dir= or checkpoint=: the folder where the "
+                             "early-stopped teachers are saved")
+        callbacks.append(_EpochKeeper(keep_epochs, keep_dir if keep_dir is not None else Path(checkpoint).parent,
+                                      epochs))
     net = _model(model, data, seed, **(model_kwargs or {}))
+    smoothing = hparams.get("label_smoothing", 0.0)
     label = f"teacher {model if isinstance(model, str) else type(model).__name__}" + (
-        f" ε={label_smoothing:g}" if label_smoothing else "")
+        "" if objective == "mll" else f" {objective}") + (f" ε={smoothing:g}" if smoothing else "")
     fit_kwargs.setdefault("name", label)  # prefixes its log lines and bar: which run is which
-    hist = fit(net, data, mll_objective(label_smoothing), TrainConfig(epochs=epochs, seed=seed),
-               eval_data=eval_data, checkpoint=checkpoint, resume=resume, **fit_kwargs)
+    hist = fit(net, data, obj, TrainConfig(epochs=epochs, seed=seed), eval_data=eval_data, checkpoint=checkpoint,
+               resume=resume, callbacks=callbacks, **fit_kwargs)
     return net, hist
+
+
+def finetune_teacher(teacher: nn.Module, data: ImageData, objective: str, epochs: int = 20, *, seed: int = 0,
+                     lr: float = 0.05, schedule: str = "cosine", eval_data: ImageData | None = None,
+                     checkpoint: str | os.PathLike | None = None, resume: bool = False,
+                     **fit_kwargs_and_hparams) -> tuple[nn.Module, list[dict]]:
+    """A copy of a trained teacher fine-tuned with any teacher objective (``"cmim"``, ``"ncmi"``, ``"mse"`` ...) on
+    the MCMI fine-tune recipe (SGD 0.05 cosine, wd 5e-4, batch 64, `epochs`), so that every objective gets the
+    same extra epochs. Keywords: TrainConfig fields go to fit, the others are the objective's hyper-parameters.
+    Returns (fine-tuned copy, history); `teacher` is not modified. (The dose-targeted MCMI is finetune_mcmi.)"""
+    fit_kwargs, hparams = _split_fit_kwargs(fit_kwargs_and_hparams)
+    obj = build_teacher_objective(objective, **hparams)
+    model = copy.deepcopy(teacher).requires_grad_(True)
+    cfg = TrainConfig(epochs=epochs, seed=seed, lr=lr, schedule=schedule,
+                      name=fit_kwargs.pop("name", f"fine-tune {objective}"))
+    hist = fit(model, data, obj, cfg, eval_data=eval_data, checkpoint=checkpoint, resume=resume, **fit_kwargs)
+    return model, hist
 
 
 def finetune_mcmi(teacher: nn.Module, data: ImageData, lam: float | None = None, epochs: int = 20, *,

@@ -62,8 +62,10 @@ def test_target_cmi_trains_mcmi_by_dose_and_logs_lambda(teacher, tmp_path, capsy
 
 
 @pytest.mark.parametrize("extra, match", [
-    (["--objective", "mcmi"], r"--objective mcmi needs --lam L \(a fixed λ >= 0\) or --target-cmi C"),
-    (["--target-cmi", "0.1"], r"--lam and --target-cmi are not accepted with --objective mll"),
+    (["--objective", "mcmi", "--hparam", "temperatures", "[1]"], r"--hparam temperatures \[1\] is not accepted for "
+                                                                 r"--objective mcmi: expected one of ema_decay"),
+    (["--target-cmi", "0.1"], r"--target-cmi is not accepted with --objective mll: it sets the dose of --objective "
+                              r"mcmi"),
     (["--objective", "mcmi", "--target-cmi", "3"], r"target_cmi=3.0 is not accepted: expected a number in \(0, log K\)"),
 ])
 def test_bad_doses_are_one_line(extra, match, teacher, tmp_path, capsys):

@@ -4,7 +4,8 @@ Where things live: ``data`` (data sets as tensors, views, batches), ``models`` (
 ``cmi`` (centroids, CMI, separation, NCMI, streaming meter), ``losses`` (MCMI and KD losses),
 ``train`` (``fit`` and its objectives), ``evaluate`` (``predict`` and metrics), ``recipes`` (teacher, MCMI
 fine-tune, controls), ``kd`` (the KD methods and ``distill``), ``cam`` (Eigen-CAM), ``plots``, ``stats``,
-``synthetic`` (known-posterior task), ``runs``/``report`` (artifacts), ``cli`` (``mcmi-lab``).
+``synthetic`` (known-posterior task), ``runs``/``report`` (artifacts), ``explore``/``explore_results`` (the
+explorers' figures: what a teacher knows, a finished run's results), ``cli`` (``mcmi-lab``).
 
 The public surface is ``__all__`` below plus the ``__all__`` of the three figure modules, ``mcmi_lab.cam``,
 ``mcmi_lab.plots`` and ``mcmi_lab.widgets``, which are imported on use (they pull in grad-cam, matplotlib and
@@ -19,6 +20,8 @@ from .data import ImageData, batches, few_shot, from_dataset, from_tensors, omit
 from .datasets import DATASETS, load_dataset
 from .dose import SmoothingSearch, dose_teachers, match_label_smoothing, match_temperature, matched
 from .evaluate import evaluate, measure_cmi, metrics_from_logits, predict
+from .explore import ExploreData, concentration_figure, prepare_explore, select_images, teacher_figure
+from .explore_results import load_run_results, results_figure, results_table
 from .features import capture, feature_shapes
 from .kd import KD_METHODS, build_objective, distill, method_hparams
 from .losses import cmim_loss, kd_loss, mcmi_loss, mse_teacher_loss, ncmi_loss
@@ -66,6 +69,9 @@ __all__ = [
     # run folders and reports (what the notebooks hand each other)
     "save_teacher", "load_teacher", "load_teachers", "write_results", "read_results", "figure_path",
     "markdown_table", "build_report",
+    # exploring: what the teachers know and a finished run's results (the explorers of mcmi_lab.widgets draw these)
+    "ExploreData", "prepare_explore", "select_images", "teacher_figure", "concentration_figure", "load_run_results",
+    "results_table", "results_figure",
     # headless runs (papermill): the notebooks' parameters and the named pipelines (mcmi_lab.cli.run_pipeline)
     "PARAMETERS", "PIPELINES", "TEACHERS", "omit_sets",
 ]

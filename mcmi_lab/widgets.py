@@ -109,9 +109,10 @@ def _show(box, out, draw: Callable) -> None:
         display(Image(png.getvalue()))
 
 
-def _once(draw: Callable[[], None]) -> Callable:
-    """An observer that runs `draw` once per user change (changing one control's options fires more events)."""
-    busy = [False]
+def _once(draw: Callable[[], None], busy: list | None = None) -> Callable:
+    """An observer that runs `draw` once per user change (changing one control's options fires more events);
+    observers given the same `busy` flag do not run inside one another."""
+    busy = busy if busy is not None else [False]
 
     def observer(_=None) -> None:
         if busy[0]:
@@ -179,23 +180,22 @@ def teacher_explorer(teachers: Mapping[str, nn.Module] | ExploreData, data=None,
         where.value = f"image {pick.value + 1} of {len(candidates)}"
         _show(box, out, lambda: teacher_figure(ex, chosen, list(shown.value), log.value, cam.value))
 
+    def jump() -> None:  # a data index: show that image among all images
+        label.value, among.value = -1, "all"
+        pick.max = len(ex.labels) - 1
+        pick.value = index.value
+        draw()
+
+    def refilter() -> None:  # another class or selection: start at its first image
+        pick.value = 0
+        draw()
+
     observer = _once(draw)
-
-    def jump(_=None) -> None:  # a data index: show that image among all images
-        if observer.busy[0]:
-            return
-        observer.busy[0] = True
-        try:
-            label.value, among.value = -1, "all"
-            pick.max = len(ex.labels) - 1
-            pick.value = index.value
-            draw()
-        finally:
-            observer.busy[0] = False
-
-    for control in (label, among, pick, shown, log, cam):
+    for control in (pick, shown, log, cam):
         control.observe(observer, names="value")
-    index.observe(jump, names="value")
+    for control in (label, among):
+        control.observe(_once(refilter, observer.busy), names="value")
+    index.observe(_once(jump, observer.busy), names="value")
     observer()
     return box
 
@@ -228,9 +228,15 @@ def concentration_explorer(teachers: Mapping[str, nn.Module] | ExploreData, data
         where.value = f"data index {point}" if point is not None else ""
         _show(box, out, lambda: concentration_figure(ex, label.value, list(shown.value), point, log.value))
 
+    def reorder() -> None:  # another class or order: start at its first image
+        pick.value = 0
+        draw()
+
     observer = _once(draw)
-    for control in (label, order, pick, picked, shown, log):
+    for control in (pick, picked, shown, log):
         control.observe(observer, names="value")
+    for control in (label, order):
+        control.observe(_once(reorder, observer.busy), names="value")
     observer()
     return box
 

@@ -124,3 +124,84 @@ def test_quickstart_runs_in_jupyterlab(lab):
     keep = os.environ.get("MCMI_LAB_SCREENSHOT_DIR")  # e.g. to look at it after a CI run
     if keep:
         shutil.copy(shot, Path(keep) / shot.name)
+
+
+EXPLORERS = [
+    """import torch
+from torch import nn
+from IPython.display import display
+from mcmi_lab import from_tensors
+from mcmi_lab.widgets import concentration_explorer, results_explorer, teacher_explorer
+
+g = torch.Generator().manual_seed(0)
+labels = torch.arange(60) % 4
+images = torch.randint(0, 255, (60, 1, 12, 12), generator=g, dtype=torch.uint8)
+data = from_tensors(images, labels, ["a", "b", "c", "d"])
+teachers = {}
+for i, name in enumerate(("mll", "control", "mcmi")):
+    torch.manual_seed(i)
+    teachers[name] = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(),
+                                   nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()""",
+    "display(teacher_explorer(teachers, data))",
+    "display(concentration_explorer(teachers, data))",
+    "display(results_explorer(RUN))",
+]
+
+
+def test_each_explorer_redraws_when_a_control_changes_in_jupyterlab(lab):
+    """One notebook with the three explorers of issue 19 on tiny teachers and a two-seed results folder: for each,
+    pick another option of its first dropdown (class, class, view) and wait for its figure to change."""
+    import nbformat
+    from playwright.sync_api import sync_playwright
+
+    from mcmi_lab.runs import write_results
+
+    base, token, folder, run_dir = lab
+    results = folder / "results_run"
+    for seed in (0, 1):
+        write_results(results / f"seed_{seed}", "01_teachers", {"teachers": [
+            {"teacher": t, "test_acc": 0.8 + 0.01 * i + 0.02 * seed, "train_cmi": 0.1 * i, "test_cmi": 0.2,
+             "test_ncmi": 0.05, "test_ece": 0.03} for i, t in enumerate(("mll", "control", "mcmi"))]}, {"seed": seed})
+    nb = nbformat.v4.new_notebook()
+    nb.metadata.kernelspec = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.metadata.language_info = {"name": "python"}
+    nb.cells = [nbformat.v4.new_code_cell(src.replace("RUN", repr(str(results)))) for src in EXPLORERS]
+    nbformat.write(nb, folder / "explorers.ipynb")
+    changed = {}
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(f"{base}/lab/tree/explorers.ipynb?token={token}")
+            page.wait_for_selector(".jp-Notebook", timeout=90_000)
+            cells = page.locator(".jp-CodeCell")
+            figure = lambda i: cells.nth(i).locator(".widget-output img").first  # noqa: E731
+            for attempt in range(3):  # a first start can swallow the click (a dialog, a kernel still starting)
+                page.keyboard.press("Escape")
+                page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
+                page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
+                try:
+                    figure(3).wait_for(timeout=150_000)
+                    break
+                except Exception:
+                    page.screenshot(path=str(folder / f"explorers_attempt{attempt}.png"))
+                    if attempt == 2:
+                        raise
+            for i, option in ((1, 2), (2, 1), (3, 1)):  # teacher: class b; concentration: class b; results: a view
+                figure(i).wait_for(timeout=60_000)
+                before = figure(i).get_attribute("src")
+                cells.nth(i).locator(".widget-dropdown select").first.select_option(index=option)
+                deadline = time.monotonic() + 60
+                while figure(i).get_attribute("src") == before and time.monotonic() < deadline:
+                    page.wait_for_timeout(250)
+                changed[i] = figure(i).get_attribute("src") != before
+            errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.error']").count()
+            shot = run_dir.parent / "explorers_jupyterlab.png"
+            page.screenshot(path=str(shot), full_page=True)
+        finally:
+            browser.close()
+    assert errors == 0
+    assert changed == {1: True, 2: True, 3: True}
+    keep = os.environ.get("MCMI_LAB_SCREENSHOT_DIR")
+    if keep:
+        shutil.copy(shot, Path(keep) / shot.name)

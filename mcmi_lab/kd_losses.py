@@ -3,7 +3,8 @@
 Features are stage outputs ``(B, C, H, W)`` or pooled vectors ``(B, D)``; logits ``(B, K)``. Every loss upcasts to
 float32 and runs with autocast off (matrix products of bf16 features lose the small differences these losses
 measure). Where a pair of feature maps differs in spatial size, the larger one is average-pooled to the smaller
-(:func:`match_spatial`), as RepDistiller does. Hinton's KD loss is :func:`mcmi_lab.losses.kd_loss`.
+(:func:`match_spatial`), as RepDistiller does. Hinton's KD loss is :func:`mcmi_lab.losses.kd_loss`; the losses on
+logits (DKD, DIST, MLKD, logit standardisation, CTKD's temperature) are in :mod:`mcmi_lab.logit_losses`.
 Tian et al., Contrastive Representation Distillation (the benchmark these forms come from),
 https://arxiv.org/abs/1910.10699.
 """
@@ -221,27 +222,68 @@ def crd_nce_loss(probs: torch.Tensor, n_data: int, eps: float = _EPS) -> torch.T
     return -(log_pos.sum() + log_neg.sum()) / b
 
 
-# ---- logits -------------------------------------------------------------------------------------------------
+# ---- KDSVD and ReviewKD ----------------------------------------------------------------------------------------
+
+def _finite(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
+
+
+def _right_singular(feats: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `n` right singular vectors (unit columns, (B, W, n)) and L2-normalised singular values ((B, n)) of a
+    (B, C, H, W) map read as (B, C·H, W) matrices, mdistiller's ``svd``."""
+    b, c, h, w = feats.shape
+    _, s, vh = torch.linalg.svd(feats.reshape(b, c * h, w), full_matrices=False)
+    v = _finite(vh.transpose(1, 2))[:, :, :n]
+    return F.normalize(v, dim=1), F.normalize(_finite(s)[:, :n], dim=1)
+
+
+def _align(v_s: torch.Tensor, v_t: torch.Tensor) -> torch.Tensor:
+    """For each teacher vector, the student vector of largest |cosine|, sign-corrected: (B, W, m), (B, W, k) ->
+    (B, W, k) (mdistiller's ``align_rsv``)."""
+    cosine = v_s.transpose(1, 2) @ v_t
+    best = cosine.abs() == cosine.abs().max(dim=1, keepdim=True).values
+    return v_s @ torch.where(best, torch.sign(cosine), torch.zeros_like(cosine))
+
 
 @_float32
-def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-             alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0) -> torch.Tensor:
-    """Decoupled KD (Zhao et al., 2022, https://arxiv.org/abs/2203.08679): α·TCKD + β·NCKD, both × T², batch mean.
+def kdsvd_loss(student_feats: Sequence[torch.Tensor], teacher_feats: Sequence[torch.Tensor],
+               k: int = 1) -> torch.Tensor:
+    """KD-SVD (Lee et al., "Self-supervised knowledge distillation using singular value decomposition", ECCV 2018,
+    https://arxiv.org/abs/1807.06819) in mdistiller's form (``KDSVD.py``): per layer, the teacher's first k right
+    singular vectors V_t scaled by its normalised singular values σ_t, the student's of the k+3 best aligned to
+    them (sign-corrected) scaled by the same σ_t; between consecutive layers i−1, i the RBF maps
+    G[b, p, q, j] = exp(−(V_i[b, p, j] − V_{i−1}[b, q, j])² / 8), and the loss Σ_i Σ (G_s − G_t)² / B (non-finite
+    entries dropped). Maps (B, C, H, W) are read as (B, C·H, W) as in mdistiller, so the singular vectors live on
+    the width axis: student and teacher need equal widths per layer, not equal channels (the TensorFlow original
+    reads NHWC maps as (B, H·W, C), the channel axis)."""
+    total, prev = student_feats[0].new_zeros(()), None
+    for f_s, f_t in zip(student_feats, teacher_feats):
+        v_t, s_t = _right_singular(f_t, k)
+        v_s, _ = _right_singular(f_s, k + 3)
+        scale = s_t.unsqueeze(1)
+        v_s, v_t = _align(v_s, v_t) * scale, v_t * scale
+        if prev is not None:
+            g_s = torch.exp(-(v_s.unsqueeze(2) - prev[0].unsqueeze(1)).pow(2) / 8)
+            g_t = torch.exp(-(v_t.unsqueeze(2) - prev[1].unsqueeze(1)).pow(2) / 8)
+            total = total + _finite((g_s - g_t.detach()).pow(2)).sum() / f_s.shape[0]
+        prev = (v_s, v_t)
+    return total
 
-    TCKD = KL(b_t ‖ b_s) over the binary (target, rest) probabilities of softmax(z/T); NCKD = KL(p̂_t ‖ p̂_s) over
-    softmax(z/T) restricted to the non-target classes. Computed in log space (stable where p → 0)."""
-    b, k = student_logits.shape
-    gt = F.one_hot(labels, k).bool()
 
-    def binary(z):
-        logp = torch.log_softmax(z / temperature, dim=1)
-        log_target = logp[gt]
-        log_rest = torch.logsumexp(logp.masked_fill(gt, float("-inf")), dim=1)
-        return torch.stack([log_target, log_rest], dim=1)
-
-    def non_target(z):
-        return torch.log_softmax((z / temperature)[~gt].view(b, k - 1), dim=1)
-
-    tckd = F.kl_div(binary(student_logits), binary(teacher_logits), reduction="batchmean", log_target=True)
-    nckd = F.kl_div(non_target(student_logits), non_target(teacher_logits), reduction="batchmean", log_target=True)
-    return (alpha * tckd + beta * nckd) * temperature**2
+@_float32
+def hcl_loss(student_feats: Sequence[torch.Tensor], teacher_feats: Sequence[torch.Tensor]) -> torch.Tensor:
+    """ReviewKD's hierarchical context loss (Chen et al., "Distilling knowledge via knowledge review", CVPR 2021,
+    https://arxiv.org/abs/2104.09044; mdistiller's ``hcl_loss``): per pair of equal-shape maps (B, C, H, W), the MSE
+    and the MSEs of their average pools to 4x4, 2x2, 1x1 (the sizes below H), weighted 1, 1/2, 1/4, ... and
+    divided by the weights' sum; summed over the pairs."""
+    total = student_feats[0].new_zeros(())
+    for fs, ft in zip(student_feats, teacher_feats):
+        loss, weight, weights = F.mse_loss(fs, ft), 1.0, 1.0
+        for size in (4, 2, 1):
+            if size >= fs.shape[2]:
+                continue
+            weight /= 2.0
+            loss = loss + weight * F.mse_loss(F.adaptive_avg_pool2d(fs, size), F.adaptive_avg_pool2d(ft, size))
+            weights += weight
+        total = total + loss / weights
+    return total

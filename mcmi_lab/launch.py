@@ -276,6 +276,8 @@ def check_train_args(args: argparse.Namespace) -> None:
         if args.method not in KD_METHODS:
             raise ValueError(f"--method {args.method} is not accepted: expected one of {', '.join(KD_METHODS)}")
         accepted = method_hparams(args.method)
+        if args.temperature is not None and "temperature" not in accepted:
+            raise ValueError(f"--temperature is not accepted for --method {args.method}: it has no fixed temperature")
         for name, value in args.hparam or []:
             if name not in accepted or name == "temperature":
                 raise ValueError(f"--hparam {name} {value} is not accepted for --method {args.method}: expected one of "

@@ -21,7 +21,7 @@ from .checkpoint import save_checkpoint, save_model
 from .data import ImageData, stratified_split, subset
 from .datasets import load_dataset
 from .evaluate import measure_cmi, metrics_from_logits, predict
-from .kd import distill
+from .kd import distill, method_hparams
 from .models import build_model
 from .models.wrappers import TemperatureScaled
 from .objectives import mcmi_objective, mll_objective
@@ -259,7 +259,8 @@ def train_student(teacher: nn.Module | None, data: ImageData, method: str = "kd"
     teacher_name = "labels only" if teacher is None else type(getattr(teacher, "model", teacher)).__name__
     cfg = TrainConfig(epochs=epochs, seed=seed, lr=lr,
                       name=fit_kwargs.pop("name", f"student {model} {method} ← {teacher_name}"))
-    logit_kd = {} if method == "ce" else {"temperature": temperature}  # "ce" reads no teacher, so no temperature
+    # "ce" reads no teacher and "ctkd" learns its temperature: only the methods that take one get `temperature`
+    logit_kd = {"temperature": temperature} if "temperature" in method_hparams(method) else {}
     return student, distill(student, teacher, data, method, cfg, **logit_kd, **fit_kwargs)
 
 

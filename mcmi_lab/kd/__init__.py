@@ -11,7 +11,10 @@ Where things live:
 - :mod:`mcmi_lab.kd.base`: the feature capture (hooks on the zoo's ``feature_layers`` / ``classifier_layer`` or on
   ``student_layers`` / ``teacher_layers``), the connectors :class:`ConvRegressor` and :class:`Embed` (and FT's conv
   stacks), and :class:`DistillObjective`, the base of every feature method, with the shape checks they share;
-- :mod:`mcmi_lab.kd.methods`: FitNet, AT, SP, CC, VID, RKD, PKT, AB, FT, FSP, NST and the logit method DKD;
+- :mod:`mcmi_lab.kd.methods`: FitNet, AT, SP, CC, VID, RKD, PKT, AB, FT, FSP, NST and KDSVD;
+- :mod:`mcmi_lab.kd.review`: ReviewKD (attention-based fusion of the student's levels, hierarchical context loss);
+- :mod:`mcmi_lab.kd.logit`: the logit methods DKD, DIST, CTKD (learnable temperature) and MLKD, and the
+  ``logit_standardization`` option (also of Hinton KD);
 - :mod:`mcmi_lab.kd.contrastive`: CRD (embeddings, memory banks, negatives, NCE);
 - :mod:`mcmi_lab.kd.registry`: :data:`KD_METHODS` (with Hinton KD, :func:`mcmi_lab.objectives.kd_objective`, and
   the no-KD baseline ``ce``), :func:`method_hparams`, :func:`build_objective` and :func:`distill`.
@@ -21,8 +24,10 @@ Tian et al., Contrastive Representation Distillation, https://arxiv.org/abs/1910
 """
 from .base import ConvRegressor, DistillObjective, Embed
 from .contrastive import CRDObjective
-from .methods import (ABObjective, ATObjective, CCObjective, DKDObjective, FitNetObjective, FSPObjective, FTObjective,
+from .logit import CTKDObjective, DISTObjective, DKDObjective, LogitObjective, MLKDObjective
+from .methods import (ABObjective, ATObjective, CCObjective, FitNetObjective, FSPObjective, FTObjective, KDSVDObjective,
                       NSTObjective, PKTObjective, RKDObjective, SPObjective, VIDObjective)
+from .review import ReviewKDObjective
 from .registry import KD_METHODS, build_objective, ce_objective, distill, method_hparams
 
 __all__ = [
@@ -30,4 +35,5 @@ __all__ = [
     "DistillObjective", "ConvRegressor", "Embed",
     "FitNetObjective", "ATObjective", "SPObjective", "CCObjective", "VIDObjective", "RKDObjective", "PKTObjective",
     "ABObjective", "FTObjective", "FSPObjective", "NSTObjective", "CRDObjective", "DKDObjective",
+    "KDSVDObjective", "ReviewKDObjective", "LogitObjective", "DISTObjective", "CTKDObjective", "MLKDObjective",
 ]

@@ -231,13 +231,17 @@ class DistillObjective(Objective):
                 loss = loss + self.kd_weight * kd
                 terms["kd"] = kd.detach()
             method = self.distill_loss(s, t, labels, index)
-            loss = loss + self.beta * method
+            loss = loss + self.method_weight() * method
             terms[self.name] = method.detach()
             for key, extra in self.auxiliary_losses(s, t).items():
                 loss = loss + extra
                 terms[key] = extra.detach()
         terms["acc"] = accuracy(logits, labels)
         return loss, terms
+
+    def method_weight(self) -> float:
+        """The weight of the method's term this epoch: beta (ReviewKD ramps it up over its warm-up)."""
+        return self.beta
 
     def auxiliary_losses(self, s: list, t: list) -> dict[str, torch.Tensor]:
         """Unweighted losses of the connectors themselves, added in the main stage (FT's joint paraphraser)."""

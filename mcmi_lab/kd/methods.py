@@ -1,7 +1,8 @@
-"""The KD methods of the CRD benchmark but CRD (:mod:`mcmi_lab.kd.contrastive`): the feature methods FitNet, AT,
-SP, CC, VID, RKD, PKT, AB, FT, FSP and NST as :class:`~mcmi_lab.kd.base.DistillObjective` subclasses, and the logit
-method DKD. Each picks its features, builds its connectors and calls the pure loss of :mod:`mcmi_lab.kd_losses`;
-the defaults are RepDistiller's (mdistiller's for DKD).
+"""The feature KD methods of the CRD benchmark but CRD (:mod:`mcmi_lab.kd.contrastive`): FitNet, AT, SP, CC, VID,
+RKD, PKT, AB, FT, FSP and NST, and mdistiller's KDSVD, as :class:`~mcmi_lab.kd.base.DistillObjective` subclasses
+(ReviewKD is in :mod:`mcmi_lab.kd.review`, the logit methods in :mod:`mcmi_lab.kd.logit`). Each picks its features,
+builds its connectors and calls the pure loss of :mod:`mcmi_lab.kd_losses`; the defaults are RepDistiller's
+(mdistiller's for KDSVD).
 """
 from __future__ import annotations
 
@@ -11,10 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kd_losses import (ab_loss, at_loss, correlation_loss, dkd_loss, factor_loss, fsp_loss, hint_loss, match_spatial,
+from ..kd_losses import (ab_loss, at_loss, correlation_loss, factor_loss, fsp_loss, hint_loss, kdsvd_loss, match_spatial,
                          nst_loss, pkt_loss, rkd_loss, similarity_loss, vid_loss)
-from ..objectives import Objective, accuracy
-from ..runtime import freeze_teacher, memory_format
 from ..utils import check_float, check_int
 from .base import ConvRegressor, DistillObjective, Embed, _check_same, _conv_stack, _flat_dim, _maps
 
@@ -267,33 +266,23 @@ class NSTObjective(DistillObjective):
         return sum(nst_loss(a, b) for a, b in zip(s, t))
 
 
-class DKDObjective(Objective):
-    """Decoupled KD (Zhao et al., 2022; mdistiller): ce_weight · CE + min(epoch/warmup, 1) · (α·TCKD + β·NCKD),
-    CIFAR defaults α 1, β 8, T 4, warmup 20 epochs (epochs counted from 1, as mdistiller). Term "dkd" is unwarmed."""
+class KDSVDObjective(DistillObjective):
+    """KD-SVD (Lee et al., ECCV 2018) on the stage maps, mdistiller's form (:func:`mcmi_lab.kd_losses.kdsvd_loss`,
+    mdistiller's ``KDSVD.py``; the RepDistiller suite has no KDSVD): the RBF relations between the leading
+    singular vectors of consecutive stages. k 1, beta 1, CE weight 1. Student and teacher need equal map widths
+    per stage (the singular vectors live on the width axis, as in mdistiller)."""
 
-    def __init__(self, teacher: nn.Module, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0,
-                 warmup: int = 20, ce_weight: float = 1.0):
-        super().__init__()
-        self.__dict__["teacher"] = teacher
-        self.alpha = check_float("alpha", alpha, 0.0)
-        self.beta = check_float("beta", beta, 0.0)
-        self.temperature = check_float("temperature", temperature, 0.0, low_open=True)
-        self.warmup = check_int("warmup", warmup, minimum=0)
-        self.ce_weight = check_float("ce_weight", ce_weight, 0.0)
-        self.epoch = 0
+    name, takes = "kdsvd", "stages"
 
-    def prepare(self, model, data):
-        freeze_teacher(self.teacher, data.device, memory_format(model))
+    def __init__(self, teacher: nn.Module, beta: float = 1.0, k: int = 1, **common):
+        super().__init__(teacher, beta, **common)
+        self.k = check_int("k", k, minimum=1)
 
-    def on_epoch_start(self, model, data, epoch):
-        self.epoch = epoch
+    def build(self, s, t):
+        _maps("KDSVD", s, t)
+        if len(s) < 2:
+            raise ValueError(f"KDSVD relates consecutive layers, so it needs at least two: student {[n for n, _ in s]}")
+        _check_same("KDSVD", "equal map widths", s, t, key=lambda shape: shape[3])
 
-    def forward(self, model, images, labels, index=None):
-        with torch.no_grad():
-            teacher_logits = self.teacher(images)
-        logits = model(images)
-        ce = F.cross_entropy(logits.float(), labels)
-        dkd = dkd_loss(logits, teacher_logits, labels, self.alpha, self.beta, self.temperature)
-        ramp = min((self.epoch + 1) / self.warmup, 1.0) if self.warmup else 1.0
-        return self.ce_weight * ce + ramp * dkd, {"ce": ce.detach(), "dkd": dkd.detach(),
-                                                  "acc": accuracy(logits, labels)}
+    def distill_loss(self, s, t, labels, index):
+        return kdsvd_loss(s, t, self.k)

@@ -16,8 +16,10 @@ from ..objectives import MLLObjective, Objective, kd_objective
 from ..train import TrainConfig, fit
 from .base import DistillObjective
 from .contrastive import CRDObjective
-from .methods import (ABObjective, ATObjective, CCObjective, DKDObjective, FitNetObjective, FSPObjective, FTObjective,
+from .logit import CTKDObjective, DISTObjective, DKDObjective, MLKDObjective
+from .methods import (ABObjective, ATObjective, CCObjective, FitNetObjective, FSPObjective, FTObjective, KDSVDObjective,
                       NSTObjective, PKTObjective, RKDObjective, SPObjective, VIDObjective)
+from .review import ReviewKDObjective
 
 
 def ce_objective(teacher: nn.Module | None = None, label_smoothing: float = 0.0) -> MLLObjective:
@@ -25,7 +27,7 @@ def ce_objective(teacher: nn.Module | None = None, label_smoothing: float = 0.0)
     return MLLObjective(label_smoothing)
 
 
-#: method name -> factory(teacher, **hparams) -> Objective, defaults from RepDistiller / mdistiller.
+#: method name -> factory(teacher, **hparams) -> Objective, defaults from RepDistiller / mdistiller / the authors' code.
 KD_METHODS: dict[str, Callable[..., Objective]] = {
     "ce": ce_objective,
     "kd": kd_objective,
@@ -42,6 +44,11 @@ KD_METHODS: dict[str, Callable[..., Objective]] = {
     "nst": NSTObjective,
     "crd": CRDObjective,
     "dkd": DKDObjective,
+    "kdsvd": KDSVDObjective,
+    "dist": DISTObjective,
+    "reviewkd": ReviewKDObjective,
+    "ctkd": CTKDObjective,
+    "mlkd": MLKDObjective,
 }
 
 

@@ -302,6 +302,7 @@ def concentration_figure(explore: ExploreData, label: int, names: Sequence[str] 
     if log:
         low = _log_floor(list(kls.values()))
         edges = torch.logspace(math.log10(low), math.log10(max(top, 10 * low)), 31, dtype=torch.float64)
+        edges[0], edges[-1] = low, max(top, 10 * low)  # exactly: 10 ** log10(x) can fall short of x
     else:
         edges = torch.linspace(0, max(top, 1e-6), 31, dtype=torch.float64)
     shown = [explore.centroids[n][label] for n in names] + [explore.probs[n][point] for n in names if point is not None]
@@ -319,7 +320,7 @@ def concentration_figure(explore: ExploreData, label: int, names: Sequence[str] 
     for j, name in enumerate(names, start=1):
         color = colors[name]
         ax = axes[0, j]
-        ax.hist(kls[name].numpy(), bins=edges.numpy(), color=color, alpha=0.85)
+        ax.hist(kls[name].clamp_min(float(edges[0])).numpy(), bins=edges.numpy(), color=color, alpha=0.85)
         mean = float(kls[name].mean())
         ax.axvline(mean, color="black", ls="--", lw=1.2, label=f"class CMI {mean:.3g} nats")
         if point is not None:

@@ -211,7 +211,7 @@ def concentration_explorer(teachers: Mapping[str, nn.Module] | ExploreData, data
     ex = _explore_data(teachers, data, 4.0, outputs)
     label = w.Dropdown(options=[(c, i) for i, c in enumerate(ex.classes)], value=0, description="class")
     orders = [("data order", None)] + [(f"KL of {TEACHER_LABELS.get(n, n)}, largest first", n) for n in ex.names]
-    order = w.Dropdown(options=orders, value=ex.names[-1], description="order")
+    order = w.Dropdown(options=orders, value="mcmi" if "mcmi" in ex.names else ex.names[-1], description="order")
     pick = w.IntSlider(value=0, min=0, max=0, description="image", continuous_update=False)
     picked = w.Checkbox(value=True, description="show the picked image")
     shown = _teacher_picker(w, ex.names)
@@ -243,18 +243,21 @@ def concentration_explorer(teachers: Mapping[str, nn.Module] | ExploreData, data
 
 # ---- results_explorer -------------------------------------------------------------------------------------------------
 
-def results_explorer(run_dir):
+def results_explorer(run_dir, view: str | None = None):
     """Browse a finished run's results without training anything: pick a view (student accuracy, few-shot, zero-shot,
     teacher CMI, ECE, the dose-response, the zero-shot confusion matrices ...), the teachers or methods, and see
     :func:`~mcmi_lab.explore_results.results_figure` with the per-seed points and 95% intervals.
 
-    run_dir: a run folder of ``mcmi-lab run`` or one notebook's run_dir."""
+    run_dir: a run folder of ``mcmi-lab run`` or one notebook's run_dir; view: the one shown first (default: the
+    first the run has)."""
     import ipywidgets as w
 
     results = load_run_results(run_dir)
     views = available_views(results)
+    if view is not None and view not in views:
+        raise ValueError(f"view={view!r} is not accepted for this run: expected one of {', '.join(views)}")
     words = {**{k: m.label for k, m in METRICS.items()}, **{k: v[2] for k, v in SPECIAL_VIEWS.items()}}
-    view = w.Dropdown(options=[(words[v], v) for v in views], value=views[0], description="view",
+    view = w.Dropdown(options=[(words[v], v) for v in views], value=view or views[0], description="view",
                       layout=w.Layout(width="32em"))
     teachers = w.SelectMultiple(description="teachers", rows=5)
     methods = w.SelectMultiple(description="methods", rows=5)

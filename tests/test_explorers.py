@@ -345,3 +345,6 @@ def test_explorers_redraw_through_the_plain_functions(explore, run):
     assert [t.get_text() for t in box.figure.axes[0].get_xticklabels()] == ["dkd"]
     view.value = "zero_shot_confusion"
     assert omitted.value == (3,) and methods.disabled
+    assert results_explorer(run, view="dose_response").children[0].value == "dose_response"
+    with pytest.raises(ValueError, match="^view='few_shot_acc' is not accepted for this run: expected one of "):
+        results_explorer(run, view="few_shot_acc")

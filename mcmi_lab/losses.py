@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .cmi import separation
+from .cmi import _separation_from_sums
 
 _TINY = 1e-30
 
@@ -91,6 +91,16 @@ def cmim_loss(logits: torch.Tensor, labels: torch.Tensor, centroids: torch.Tenso
     return (loss, {"ce": ce.detach(), "kl": kl.detach()}) if return_terms else loss
 
 
+def _batch_separation(probs: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Γ of :func:`mcmi_lab.cmi.separation` (pairs="all", the same O(N·K) sums) without its label checks, which
+    sync with the host: once per training step would stall the device."""
+    p = probs.double()
+    sum_p = torch.zeros(num_classes, p.shape[1], dtype=p.dtype, device=p.device).index_add(0, labels, p)
+    sum_logp = torch.zeros_like(sum_p).index_add(0, labels, torch.log(p.clamp_min(torch.finfo(p.dtype).tiny)))
+    counts = torch.bincount(labels, minlength=num_classes).to(p.dtype)
+    return _separation_from_sums(sum_p, sum_logp, counts, "all")
+
+
 def ncmi_loss(logits: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, lam: float | torch.Tensor,
               return_terms: bool = False):
     """CE + λ · KL/Γ: the NCMI-weighted objective after Yang et al. (CMI-constrained deep learning, TNNLS 2025;
@@ -106,7 +116,7 @@ def ncmi_loss(logits: torch.Tensor, labels: torch.Tensor, centroids: torch.Tenso
     _check_weight("lam", lam)
     ce = F.cross_entropy(_upcast(logits), labels)
     kl = kl_to_centroids_loss(logits, labels, centroids)
-    gamma = separation(torch.softmax(_upcast(logits), dim=1), labels, centroids.shape[0]).to(kl.dtype)
+    gamma = _batch_separation(torch.softmax(_upcast(logits), dim=1), labels, centroids.shape[0]).to(kl.dtype)
     ratio = kl / gamma.clamp_min(_TINY)
     loss = ce + lam * ratio
     return (loss, {"ce": ce.detach(), "kl": kl.detach(), "separation": gamma.detach(),

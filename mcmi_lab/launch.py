@@ -191,6 +191,9 @@ def add_train_command(subparsers) -> argparse.ArgumentParser:
                    "the KD method or the teacher objective, e.g. --hparam temperatures '[1, 4]' (repeatable)")
     g.add_argument("--label-smoothing", type=_typed(check_float, "--label-smoothing", 0.0, 1.0, high_open=True),
                    help="mll, label_smoothing: label smoothing (default 0 and 0.1)")
+    g.add_argument("--keep-epochs", nargs="+", type=pos_int("--keep-epochs"), default=[], metavar="N",
+                   help="a teacher from scratch: also save the weights after these epochs as <out>/model_epoch<N>.pt "
+                   "(early-stopped teachers of the same run, Cho & Hariharan 2019)")
     g = p.add_argument_group("data views")
     g.add_argument("--subset", type=pos_int("--subset"), help="train on N samples (smoke runs)")
     g.add_argument("--fraction", type=_typed(check_float, "--fraction", 0.0, 1.0, low_open=True), default=1.0,
@@ -286,6 +289,10 @@ def check_train_args(args: argparse.Namespace) -> None:
     if args.refresh_steps is not None and (args.objective not in WEIGHTED or args.update != "running"):
         raise ValueError(f"--refresh-steps is not accepted with --objective {args.objective} --update {args.update}: "
                          f"it sets how often --objective {'/'.join(WEIGHTED)} --update running refreshes the centroids")
+    if args.keep_epochs and (args.objective not in TEACHER_OBJECTIVES or args.teacher is not None):
+        raise ValueError(f"--keep-epochs is not accepted with --objective {args.objective}"
+                         f"{' --teacher' if args.teacher is not None else ''}: it keeps epochs of a teacher trained "
+                         "from scratch")
     if args.teacher is not None and not Path(args.teacher).is_file():
         raise FileNotFoundError(f"--teacher {str(args.teacher)!r} does not exist: expected a model.pt written by train")
     if args.nnodes > 1 and not args.master_addr:
@@ -379,7 +386,8 @@ def _run_recipe(args, train, test, info: DistInfo):
         if args.objective in WEIGHTED:
             hparams.update(update=args.update, refresh_steps=args.refresh_steps)
     if args.objective in TEACHER_OBJECTIVES and args.teacher is None:
-        return train_teacher(train, args.model or "cnn_small", objective=args.objective, **width, **hparams, **common)
+        return train_teacher(train, args.model or "cnn_small", objective=args.objective, keep_epochs=args.keep_epochs,
+                             keep_dir=Path(args.out), **width, **hparams, **common)
     teacher = _teacher(args, train, info.device)
     if args.objective == "mcmi":  # the controller's options (--hparam control_gain 0.5) go in `control`
         own = inspect.signature(finetune_mcmi).parameters

@@ -143,6 +143,8 @@ class MCMIObjective(Objective):
     is logged as "lam", and never goes below 0.
     """
 
+    label = "MCMI"  # names the objective in the collapse message (CMIM and NCMI subclass it)
+
     def __init__(self, lam: float | None = None, centroids: torch.Tensor | None = None, update: str = UPDATES[0],
                  ema_decay: float = 0.999, guard: bool = True, refresh_steps: int | None = None, *,
                  target_cmi: float | None = None, control_steps: int = 25, control_gain: float = 0.2,
@@ -295,7 +297,7 @@ class MCMIObjective(Objective):
         recent = float(self.recent_acc)
         if floor > 1.5 / k and recent < floor:  # only a teacher well above chance can collapse
             raise StopTraining(
-                f"MCMI fine-tune collapsed with {self._knob()} (update={self.update!r}): running train accuracy fell "
+                f"{self.label} training collapsed with {self._knob()} (update={self.update!r}): running train accuracy fell "
                 f"to {recent:.1%} from {float(self.start_acc):.1%}. KL(P_x ‖ Q_y) is unbounded, so a large λ pushes mass "
                 f"onto classes the centroids barely cover; use a smaller lam, fresher centroids "
                 f"(update='running' with fewer refresh_steps than {self.refresh_steps or REFRESH_STEPS}), or guard=False "

@@ -54,6 +54,8 @@ class CMIMObjective(MCMIObjective):
     The centroids are kept as one (K, n_T·K) block (row y: Q_y^{T_1}, ..., Q_y^{T_n}) so that MCMI's running, EMA and
     distributed updates apply unchanged."""
 
+    label = "CMIM"
+
     def __init__(self, lam: float = 0.5, temperatures: Sequence[float] = CMIM_TEMPERATURES,
                  update: str = UPDATES[0], ema_decay: float = 0.999, guard: bool = True,
                  refresh_steps: int | None = None):
@@ -82,6 +84,8 @@ class NCMIObjective(MCMIObjective):
     as MCMI's, Γ the batch's separation (differentiable). After Yang et al., CMI-constrained deep learning (TNNLS
     2025) and the NCMI surrogate loss (https://arxiv.org/abs/2601.02543); the differences are in ncmi_loss's
     docstring. λ = 0.5 by default (the pipelines' λ, not the papers'). Terms add "separation" and "ncmi"."""
+
+    label = "NCMI"
 
     def __init__(self, lam: float = 0.5, update: str = UPDATES[0], ema_decay: float = 0.999, guard: bool = True,
                  refresh_steps: int | None = None):

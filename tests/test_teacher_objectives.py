@@ -229,3 +229,18 @@ def test_command_line_trains_cmim_with_the_default_lambda_and_a_temperature_hpar
                      "--out", str(tmp_path / "bad2")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--hparam temperatures [1] is not accepted for --objective ncmi" in err
+
+
+def test_command_line_keeps_early_stopped_teachers(tmp_path, capsys):
+    out = tmp_path / "mse"
+    argv = ["train", "--objective", "mse", "--keep-epochs", "1", "--model", "cnn_tiny", "--width", "4", *TINY,
+            "--epochs", "2", "--out", str(out)]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    history = json.loads((out / "results.json").read_text())["history"]
+    assert history[0]["kept"] == str(out / "model_epoch1.pt") and "kept" not in history[1]
+    assert load_model(out / "model_epoch1.pt").spec["name"] == "cnn_tiny"
+    capsys.readouterr()
+    assert cli.main(["train", "--objective", "mse", "--teacher", str(out / "model.pt"), "--keep-epochs", "1", *TINY,
+                     "--out", str(tmp_path / "x")]) == 2
+    assert capsys.readouterr().err.strip() == ("mcmi-lab: error: --keep-epochs is not accepted with --objective mse "
+                                               "--teacher: it keeps epochs of a teacher trained from scratch")

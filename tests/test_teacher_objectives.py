@@ -1,6 +1,5 @@
 """Teacher objectives: each loss against its formula written plainly, the signs, the registry, train_teacher
 (objective=, keep_epochs=) and `mcmi-lab train --objective NAME`."""
-import copy
 import json
 import math
 
@@ -14,7 +13,6 @@ from mcmi_lab.cmi import class_centroids, conditional_mutual_information, separa
 from mcmi_lab.data import from_tensors
 from mcmi_lab.evaluate import measure_cmi
 from mcmi_lab.losses import cmim_loss, kl_to_centroids_loss, mcmi_loss, mse_teacher_loss, ncmi_loss
-from mcmi_lab.models import build_model
 from mcmi_lab.recipes import finetune_teacher, train_teacher
 from mcmi_lab.teacher_objectives import (TEACHER_OBJECTIVES, CMIMObjective, NCMIObjective, build_teacher_objective,
                                          teacher_objective_hparams)

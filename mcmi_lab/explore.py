@@ -171,7 +171,8 @@ def _label(name: str) -> str:
     return TEACHER_LABELS.get(name, name)
 
 
-def _colors(names: Sequence[str]) -> dict[str, tuple]:
+def teacher_colors(names: Sequence[str]) -> dict[str, tuple]:
+    """One tab10 colour per teacher, in the order given (the same teacher keeps its colour across panels)."""
     cmap = colormaps["tab10"]
     return {n: cmap(i % cmap.N) for i, n in enumerate(names)}
 
@@ -206,7 +207,7 @@ def teacher_figure(explore: ExploreData, index: int, names: Sequence[str] | None
     index, names = explore.check_index(index), explore.check_names(names)
     classes, k = explore.classes, len(explore.classes)
     true = int(explore.labels[index])
-    colors = _colors(explore.names)
+    colors = teacher_colors(explore.names)
     fig = Figure(figsize=(1.8 + 3.1 * len(names), 2.9 + 2 * (0.9 + 0.2 * k)), layout="constrained")
     axes = fig.subplots(3, 1 + len(names), squeeze=False, height_ratios=[1.2] + [0.4 + 0.1 * k] * 2,
                         width_ratios=[0.8] + [1] * len(names))
@@ -289,7 +290,7 @@ def concentration_figure(explore: ExploreData, label: int, names: Sequence[str] 
             raise ValueError(f"point={point} is not accepted: image {point} is of class "
                              f"{explore.classes[int(explore.labels[point])]!r}, expected one of class "
                              f"{explore.classes[label]!r}")
-    classes, k, colors = explore.classes, len(explore.classes), _colors(explore.names)
+    classes, k, colors = explore.classes, len(explore.classes), teacher_colors(explore.names)
     fig = Figure(figsize=(2.0 + 3.6 * len(names), 10.0), layout="constrained")
     axes = fig.subplots(3, 1 + len(names), squeeze=False, width_ratios=[0.55] + [1] * len(names))
     for r in range(3):  # one pair of axes per row for every teacher

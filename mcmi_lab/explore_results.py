@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
-from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from .explore import teacher_colors
 from .plots import dose_points, plot_dose_response, save_figure
 from .report import TEACHER_LABELS, _omitted_mean, seed_rows, values
 from .runs import collect_results, read_results, seed_dirs
@@ -246,17 +246,12 @@ def zero_shot_confusions(source: Results | str | os.PathLike, omitted: Sequence[
 
 # ---- figures ------------------------------------------------------------------------------------------------------
 
-def _teacher_colors(names: Sequence[str]) -> dict[str, tuple]:
-    cmap = colormaps["tab10"]
-    return {n: cmap(i % cmap.N) for i, n in enumerate(names)}
-
-
 def _metric_figure(results: Results, view: str, table: list[dict]) -> Figure:
     metric = METRICS[view]
     names = list(dict.fromkeys(r["teacher"] for r in table))
     groups = list(dict.fromkeys(None if metric.group is None else (
         tuple(r[metric.group]) if isinstance(r[metric.group], list) else r[metric.group]) for r in table))
-    colors = _teacher_colors(names)
+    colors = teacher_colors(names)
     width = 0.8 / max(1, len(names)) if metric.group else 0.8
     fig = Figure(figsize=(max(5.0, 1.0 + 0.55 * len(table)), 4.0), layout="constrained")
     ax = fig.subplots()

@@ -18,7 +18,7 @@ from .cmi import (CMIMeter, class_centroids, conditional_mutual_information, kl_
                   probabilities, separation)
 from .data import ImageData, batches, few_shot, from_dataset, from_tensors, omit_classes, stratified_split, subset
 from .datasets import DATASETS, load_dataset
-from .dose import SmoothingSearch, dose_teachers, match_label_smoothing, match_temperature, matched
+from .dose import SmoothingSearch, dose_students, dose_teachers, match_label_smoothing, match_temperature, matched
 from .evaluate import evaluate, measure_cmi, metrics_from_logits, predict
 from .explore import ExploreData, concentration_figure, prepare_explore, select_images, teacher_figure
 from .explore_results import load_run_results, results_figure, results_table
@@ -30,7 +30,7 @@ from .objectives import MCMIObjective, Objective, StopTraining, kd_objective, mc
 from .models.wrappers import TemperatureScaled
 from .pipelines import PARAMETERS, PIPELINES, TEACHERS, omit_sets
 from .recipes import (finetune_control, finetune_label_smoothing, finetune_mcmi, finetune_teacher, load_run_data,
-                      model_metrics, temperature_scale, train_student, train_teacher)
+                      model_metrics, temperature_scale, train_student, train_students, train_teacher)
 from .report import build_report, markdown_table
 from .runs import figure_path, load_teacher, load_teachers, read_results, save_teacher, write_results
 from .stats import derive_seeds, expected_calibration_error, mean_std, paired_difference
@@ -44,7 +44,7 @@ from .utils import get_device, set_seed
 __all__ = [
     "__version__", "get_device", "set_seed",
     # data
-    "SmoothingSearch", "dose_teachers", "match_label_smoothing", "match_temperature", "matched",
+    "SmoothingSearch", "dose_students", "dose_teachers", "match_label_smoothing", "match_temperature", "matched",
     "DATASETS", "ImageData", "load_dataset", "from_tensors", "from_dataset", "few_shot", "omit_classes",
     "subset", "stratified_split", "batches", "SyntheticTask",
     # models
@@ -60,7 +60,7 @@ __all__ = [
     # the paper's steps (recipes)
     "load_run_data", "train_teacher", "finetune_teacher", "finetune_mcmi", "finetune_control",
     "finetune_label_smoothing",
-    "temperature_scale", "TemperatureScaled", "train_student", "model_metrics",
+    "temperature_scale", "TemperatureScaled", "train_student", "train_students", "model_metrics",
     # evaluation and statistics
     "predict", "evaluate", "metrics_from_logits", "measure_cmi", "kl_to_posterior", "expected_calibration_error",
     "mean_std", "paired_difference", "derive_seeds",

@@ -22,11 +22,12 @@ import torch
 from torch import nn
 
 from .cmi import conditional_mutual_information, probabilities
-from .data import ImageData
-from .evaluate import measure_cmi, predict
+from .data import ImageData, few_shot, omit_classes
+from .evaluate import evaluate, measure_cmi, predict
 from .models.wrappers import TemperatureScaled
 from .objectives import StopTraining, check_target_cmi
-from .recipes import DOSE_TOLERANCE, finetune_control, finetune_label_smoothing, finetune_mcmi, matched
+from .recipes import (DOSE_TOLERANCE, finetune_control, finetune_label_smoothing, finetune_mcmi, matched,
+                      train_students)
 from .utils import check_float, check_int
 
 # ---- temperature ------------------------------------------------------------------------------------------------
@@ -174,4 +175,25 @@ def dose_teachers(teacher: nn.Module, data: ImageData, doses: list[float], epoch
         out.append(({"method": "label_smoothing", "dose": dose, "epsilon": eps}, smoothed))
         scaled, _ = quietly(lambda: match_temperature(teacher, data, dose))
         out.append(({"method": "temperature", "dose": dose, "temperature": float(scaled.temperature)}, scaled))
+    return out
+
+
+def dose_students(teachers: list[nn.Module], train: ImageData, test: ImageData, few: float, omitted: list[int],
+                  shot_epochs: int, **student_kw) -> list[dict]:
+    """The study's three students of every teacher, one dict of test accuracies per teacher: KD on `train`
+    ("student_acc"), KD on the stratified fraction `few` of it for `shot_epochs` ("few_shot_acc") and KD without the
+    classes `omitted` (mean accuracy on them, "zero_shot_omitted_acc"). `student_kw`: :func:`recipes.train_student`'s
+    keywords (model, epochs, seed, temperature, lr, TrainConfig fields); the few-shot subset is seeded by its seed.
+    Each kind of student is trained for all teachers as one stack where the student architecture allows
+    (:func:`recipes.train_students`), one at a time otherwise."""
+    seed = student_kw.get("seed", 0)
+    full = train_students(teachers, train, "kd", **student_kw)
+    shot = train_students(teachers, few_shot(train, few, seed), "kd", **{**student_kw, "epochs": shot_epochs})
+    zero = train_students(teachers, omit_classes(train, omitted), "kd", **student_kw)
+    out = []
+    for (student, _), (shot_student, _), (zero_student, _) in zip(full, shot, zero):
+        per_class = evaluate(zero_student, test)["per_class_accuracy"]
+        out.append({"student_acc": evaluate(student, test)["accuracy"],
+                    "few_shot_acc": evaluate(shot_student, test)["accuracy"],
+                    "zero_shot_omitted_acc": sum(per_class[c] for c in omitted) / len(omitted)})
     return out

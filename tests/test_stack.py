@@ -16,6 +16,7 @@ import torch
 from conftest import random_images, tiny_cnn
 from mcmi_lab import TemperatureScaled, build_model, load_model, save_model
 from mcmi_lab.objectives import kd_objective, mcmi_objective, mll_objective
+from mcmi_lab.recipes import train_student, train_students
 from mcmi_lab.stack import ModelStack, stack_problem, unstack
 from mcmi_lab.stack_fit import fit_stack
 from mcmi_lab.train import TrainConfig, fit
@@ -191,3 +192,20 @@ def test_refusals_are_one_line():
             call()
         assert "\n" not in str(err.value)
     assert stack_problem(tiny) is None and "frozen" in stack_problem([m.requires_grad_(False) for m in tiny])
+
+
+def test_train_students_stacks_the_students_that_train_student_trains_one_at_a_time():
+    data = _data()
+    teacher = _teacher(data)
+    teachers = [teacher, TemperatureScaled(teacher, 2.0), _teacher(data, epochs=1)]
+    kw = dict(epochs=2, seed=3, lr=0.1, temperature=3.0, batch_size=16, precision="fp32", log=False, progress="off")
+    pairs = [train_student(t, data, "kd", "cnn_tiny", **kw) for t in teachers]
+    stacked = train_students(teachers, data, "kd", "cnn_tiny", **kw)
+    _assert_same([s for s, _ in pairs], [h for _, h in pairs], [s for s, _ in stacked], [h for _, h in stacked])
+    assert len({h[0]["time"] for _, h in stacked}) == 1  # one stack: its members share the epoch's time
+    # what does not stack is trained one at a time: the same students as train_student's
+    resnets = train_students(teachers[:2], data, "kd", "resnet8", epochs=1, **{k: v for k, v in kw.items()
+                                                                             if k != "epochs"})
+    alone = train_student(teachers[1], data, "kd", "resnet8", epochs=1, **{k: v for k, v in kw.items() if k != "epochs"})
+    for key, value in alone[0].state_dict().items():
+        assert torch.equal(value, resnets[1][0].state_dict()[key]), key

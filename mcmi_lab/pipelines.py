@@ -129,6 +129,7 @@ PARAMETERS: dict[str, Parameter] = {
     "seed": Parameter(0, _int(0), "run seed; teacher/fine-tune/student seeds derive from it (stats.derive_seeds)"),
     "device": Parameter(None, _optional(_str), "torch device (None: cuda > mps > cpu)"),
     "interactive": Parameter(True, _bool, "show widgets and progress bars (mcmi-lab run sets false)"),
+    "tensorboard": Parameter(False, _bool, "every training's epochs as TensorBoard scalars under run_dir/tensorboard (tensorboard extra)"),
     # data
     "dataset": Parameter("fashion-mnist", lambda name, value, params: check_dataset(value, name),
                          "data set name (data.DATASETS)"),

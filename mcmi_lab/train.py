@@ -28,6 +28,7 @@ from .data import ImageData, batches
 from .evaluate import measure_cmi
 from .objectives import Objective, StopTraining, mll_objective
 from .runtime import autocast_dtype, check_model_input
+from .tracking import TensorBoardLogger
 from .utils import check_choice, check_float, check_int, get_device
 
 
@@ -57,6 +58,8 @@ class TrainConfig:
     name: str = ""                    # what is trained ("mcmi λ=0.5", "student kd ← mcmi"): prefixes log lines and bars
     compile: bool | str = False       # torch.compile the training forward: True, or a mode ("reduce-overhead": CUDA
                                       # graphs). Off: 0.85-1.20x on this CPU (benchmarks.loop --compile)
+    tensorboard: str = ""             # a folder: each epoch's record as TensorBoard scalars, one run per `name`
+                                      # (tracking.TensorBoardLogger; needs the tensorboard extra). "": off
 
     def validate(self) -> "TrainConfig":
         check_int("epochs", self.epochs, minimum=1)
@@ -135,6 +138,8 @@ def fit(model: nn.Module, data: ImageData, objective: Objective | None = None, c
     history: list[dict] = []
     start = 0
     fingerprint = data_fingerprint(data) if checkpoint is not None else None  # once: the data do not change
+    tracker = TensorBoardLogger(cfg.tensorboard, cfg.name) if cfg.tensorboard and rank == 0 else None
+    callbacks = [*callbacks, tracker] if tracker is not None else list(callbacks)
     if resume and checkpoint is not None:
         history, start = _resume(checkpoint, model, optimizer, objective, device, cfg, rank, world, fingerprint)
 
@@ -192,6 +197,8 @@ def fit(model: nn.Module, data: ImageData, objective: Objective | None = None, c
         dist_utils.barrier()
     if restore_bn is not None:
         restore_bn()
+    if tracker is not None:
+        tracker.close()
     model.eval()
     return history
 
@@ -237,7 +244,7 @@ def _train_epoch(train_model: nn.Module, objective: Objective, optimizer, batch_
 
 
 #: TrainConfig fields that do not change what a run computes: a resume may change them.
-RESUME_FREE = ("device", "progress", "log", "name", "check_every", "eval_every", "compile")
+RESUME_FREE = ("device", "progress", "log", "name", "check_every", "eval_every", "compile", "tensorboard")
 
 
 def data_fingerprint(data: ImageData) -> dict:

@@ -132,9 +132,13 @@ def _figures(run_dir, name):
 
 
 def test_00_quickstart(tmp_path):
-    params = {**resolve_parameters("smoke"), "seed": 0, "interactive": True}  # the widget too, headless
+    params = {**resolve_parameters("smoke"), "seed": 0, "interactive": True,  # the widget too, headless
+              "tensorboard": True}
     run_dir = tmp_path / "quick"
     executed = execute_notebook("00_quickstart", run_dir, params)
+    runs = sorted(p.name for p in (run_dir / "tensorboard").iterdir())  # one TensorBoard run per training
+    assert runs == ["control_λ=0", "mcmi_λ=0.5", "student_kd_control", "student_kd_mcmi", "student_kd_mll",
+                    "teacher_cnn_small"]
     results = read_results(run_dir, "00_quickstart")
     assert [r["teacher"] for r in results["teachers"]] == ["mll", "control", "mcmi"]
     assert all(0 <= r["student_acc"] <= 1 for r in results["students"])

@@ -31,6 +31,7 @@ __all__ = [
     "plot_student_vs_teacher_cmi",
     "plot_confusion",
     "plot_history",
+    "plot_training_curves",
     "plot_dose_response",
     "dose_points",
     "plot_fraction_curve",
@@ -332,6 +333,45 @@ def plot_history(history: Sequence[Mapping], path=None) -> Figure:
         if group == "learning rate" and min((v for v in values if v is not None), default=0) > 0:
             ax.set_yscale("log")  # schedules decay by factors
         ax.legend(fontsize=8)
+    return _finish(fig, path)
+
+
+#: Panels of plot_training_curves: record key -> (title, y label, scale).
+CURVE_PANELS = {"ce": ("cross-entropy on the training batches", "nats", 1.0),
+                "train_acc": ("training-batch accuracy", "%", 100.0),
+                "kl": ("mean KL(P_x ‖ Q_y) on the training batches", "nats", 1.0)}
+
+
+def plot_training_curves(histories: Mapping[str, Sequence[Sequence[Mapping]]], starts: Mapping[str, int] | None = None,
+                         keys: Sequence[str] = ("ce", "train_acc", "kl"), path=None) -> Figure:
+    """Training curves of several runs over seeds: histories[name] is one ``fit`` history per seed; one panel per
+    key of `keys` that some history has, one colour per name (mean over seeds, each seed faint). starts[name]: the
+    epoch the run continues from (a fine-tune after the MLL teacher's epochs), so the curves join up."""
+    starts = starts or {}
+    keys = [k for k in keys if any(k in r for runs in histories.values() for h in runs for r in h)]
+    fig, axes = _panels(max(1, len(keys)))
+    for ax, key in zip(axes, keys):
+        title, unit, scale = CURVE_PANELS.get(key, (key.replace("_", " "), "", 1.0))
+        for (name, runs), color in zip(histories.items(), _colors(len(histories))):
+            by_epoch: dict[float, list[float]] = defaultdict(list)
+            for h in runs:
+                pts = [(starts.get(name, 0) + _number(r["epoch"]), scale * _number(r[key])) for r in h
+                       if _number(r.get(key)) is not None and _number(r.get("epoch")) is not None]
+                for x, y in pts:
+                    by_epoch[x].append(y)
+                if len(runs) > 1:
+                    ax.plot([x for x, _ in pts], [y for _, y in pts], color=color, alpha=0.25, lw=0.8)
+            xs = sorted(by_epoch)
+            if xs:
+                ax.plot(xs, [sum(by_epoch[x]) / len(by_epoch[x]) for x in xs], color=color, lw=1.8, label=name)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(unit or title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    n_seeds = max((len(runs) for runs in histories.values()), default=0)
+    fig.suptitle("Training curves: " + ("one seed" if n_seeds < 2 else f"mean over {n_seeds} seeds (faint: each seed)"),
+                 fontsize=11)
     return _finish(fig, path)
 
 

@@ -17,7 +17,8 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from .plots import plot_cmi_bars, plot_dose_response, plot_fraction_curve, plot_student_vs_teacher_cmi
+from .plots import (plot_cmi_bars, plot_dose_response, plot_fraction_curve, plot_student_vs_teacher_cmi,
+                    plot_training_curves)
 from .runs import RESULTS, collect_results, parameter_differences, seed_dirs
 from .stats import format_mean_std, mean_std, paired_difference, slope_over_seeds
 from .utils import write_json, write_text
@@ -407,6 +408,16 @@ def _summary_figures(rep: _Report) -> list[tuple[Path | None, str]]:
                     entry[k].append(r[k])
         figs.append((_save(rep, "teacher_cmi", lambda p: plot_cmi_bars(by_name, ("train_cmi", "test_cmi"), path=p)),
                      "Teacher CMI on train and test data (bars: mean, dots: seeds)"))
+    histories: dict[str, list[list[dict]]] = {}
+    for nb in rep.results.get("seeds", {}).values():
+        for name, history in (nb.get("01_teachers", {}).get("histories") or {}).items():
+            histories.setdefault(TEACHER_LABELS.get(name, name), []).append(history)
+    if histories:
+        mll = TEACHER_LABELS.get("mll", "mll")
+        start = round(sum(len(h) for h in histories.get(mll, [])) / max(1, len(histories.get(mll, []))))
+        starts = {name: start for name in histories if name != mll}  # the fine-tunes continue the MLL teacher
+        figs.append((_save(rep, "training_curves", lambda p: plot_training_curves(histories, starts, path=p)),
+                     "Training curves of the MLL teacher and of its MCMI and λ = 0 fine-tunes (01_teachers)"))
     students = seed_rows(rep.results, "03_distill", "students")
     points = [r for rs in students.values() for r in rs if r.get("teacher_cmi") is not None]
     if points:

@@ -250,6 +250,7 @@ def test_report_of_the_smoke_run(run):
         assert section in text
     assert "seed_0/figures/04_eigencam/cam_grid.png" in text and page.stat().st_size > md.stat().st_size
     assert "dose_response.png" in text and "slope (per nat)" in text
+    assert "figures/training_curves.png" in text and (out / "figures" / "training_curves.png").is_file()
 
 
 def test_broken_parameter_fails_the_run_naming_notebook_and_cell(tmp_path):

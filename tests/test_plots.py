@@ -204,3 +204,15 @@ def test_cam_explorer_builds_and_redraws():
     assert [ax.get_title().split(" → ")[0] for ax in panels()[1:]] == ["MLL", "control"]
     first.value = "control"  # the same teacher twice is drawn once
     assert len(panels()) == 2
+
+
+def test_training_curves_join_fine_tunes_to_the_teacher_and_average_seeds():
+    mll = [[{"epoch": e, "ce": 1.0 / e + s, "train_acc": 0.5 + 0.1 * e} for e in (1, 2)] for s in (0, 1)]
+    mcmi = [[{"epoch": 1, "ce": 0.2 + s, "kl": 0.3, "train_acc": 0.8}] for s in (0, 1)]
+    fig = plots.plot_training_curves({"MLL": mll, "MCMI": mcmi}, starts={"MCMI": 2})
+    ce_ax, acc_ax, kl_ax = [ax for ax in fig.axes if ax.get_visible()]
+    means = [(list(line.get_xdata()), list(line.get_ydata())) for line in ce_ax.lines if line.get_lw() > 1]
+    assert means == [([1, 2], [pytest.approx(1.5), pytest.approx(1.0)]), ([3], [pytest.approx(0.7)])]
+    assert acc_ax.get_ylabel() == "%" and list(acc_ax.lines[-1].get_ydata()) == [pytest.approx(80.0)]
+    assert [line.get_label() for line in kl_ax.lines if line.get_lw() > 1] == ["MCMI"]  # only MCMI has kl
+    assert "2 seeds" in fig._suptitle.get_text()

@@ -26,6 +26,7 @@ from .evaluate import measure_cmi
 from .objectives import KDObjective, MCMIObjective, MLLObjective, Objective, mll_objective
 from .runtime import autocast_dtype, check_model_input
 from .stack import STACKABLE, ModelStack, stack_problem, teacher_parts
+from .tracking import TensorBoardLogger
 from .train import (TrainConfig, _check_finite, _check_same_run, _load_objective, _progress, _remove_stale_temp_files,
                     _rng_state, data_fingerprint, format_record)
 from .utils import get_device
@@ -110,7 +111,8 @@ def fit_stack(models: Sequence[nn.Module], data: ImageData | Sequence[ImageData]
     or one per model (data of one size, image shape and classes); objectives: None (MLL for all) or one object per
     model, of :data:`STACK_OBJECTIVES`; seeds: each model's TrainConfig.seed; overrides: fields set in every config.
     The members share the :data:`SHARED` config fields. checkpoint: one file for the stack, written atomically after
-    every epoch; ``resume=True`` continues it exactly. callbacks: ``cb(record, model)`` per model and epoch.
+    every epoch; ``resume=True`` continues it exactly. callbacks: ``cb(record, model)`` per model and epoch;
+    a config's ``tensorboard`` folder logs its model's records as fit does (one run per name).
     """
     # ---- set-up: per-model inputs, checks, device -------------------------------------------------------------
     models = list(models) if isinstance(models, (list, tuple)) else models
@@ -150,6 +152,7 @@ def fit_stack(models: Sequence[nn.Module], data: ImageData | Sequence[ImageData]
         histories, start = _resume(checkpoint, models, optimizer, objectives, configs, prints, device)
 
     # ---- the stack, the fused teachers, the steps --------------------------------------------------------------
+    trackers = [TensorBoardLogger(c.tensorboard, c.name) if c.tensorboard else None for c in configs]
     stack = ModelStack(models)
     teachers = _teacher_stack(objectives)
     amp = autocast_dtype(cfg.precision, device)
@@ -196,7 +199,7 @@ def fit_stack(models: Sequence[nn.Module], data: ImageData | Sequence[ImageData]
                 histories[i].append(record)
                 if c.log:
                     print(format_record(record, c.epochs, c.name), flush=True)
-                for callback in callbacks:
+                for callback in [*callbacks, *([trackers[i]] if trackers[i] else [])]:
                     callback(record, model)
             if checkpoint is not None:
                 save_checkpoint(checkpoint, models=[{k: v.clone() for k, v in m.state_dict().items()} for m in models],
@@ -205,6 +208,8 @@ def fit_stack(models: Sequence[nn.Module], data: ImageData | Sequence[ImageData]
                                 data=prints, rng=_rng_state(device), stack=n)
     finally:
         stack.untie()
+        for tracker in filter(None, trackers):
+            tracker.close()
         for objective, teacher in zip(objectives, teachers[1] if teachers else ()):
             objective.__dict__["teacher"] = teacher  # the stand-ins of the steps go
     for model in models:

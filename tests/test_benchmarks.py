@@ -223,3 +223,16 @@ def test_dose_controller_reports_every_target(capsys, fashion_train):
     assert all(abs(r["relative_error"] - (r["reached"] / r["target"] - 1)) < 2e-3 for r in rows)
     assert capsys.readouterr().out.splitlines()[-1] == \
         f"within ±25%: {sum(abs(r['relative_error']) <= 0.25 for r in rows)}/2"
+
+
+def test_stack_benchmark_ends_with_its_ratio_line(capsys, fashion_train):
+    from benchmarks import stack
+
+    threads = torch.get_num_threads()
+    try:
+        ratios = stack.main(["--quick", "--threads", "1", "--reps", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(r"ratios: stack/sequential=\d+\.\d\d cnn_tiny_x2=\d+\.\d\d", last), last
+    assert ratios["stack/sequential"] == ratios["cnn_tiny_x2"] > 0

@@ -209,3 +209,11 @@ def test_train_students_stacks_the_students_that_train_student_trains_one_at_a_t
     alone = train_student(teachers[1], data, "kd", "resnet8", epochs=1, **{k: v for k, v in kw.items() if k != "epochs"})
     for key, value in alone[0].state_dict().items():
         assert torch.equal(value, resnets[1][0].state_dict()[key]), key
+
+
+def test_each_member_logs_to_tensorboard_under_its_name(tmp_path):
+    pytest.importorskip("torch.utils.tensorboard")
+    configs = [dataclasses.replace(BASE, epochs=1, name=name, tensorboard=str(tmp_path)) for name in ("a", "b")]
+    fit_stack(_models(n=2), _data(), None, configs)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
+    assert all(any(p.iterdir()) for p in tmp_path.iterdir())  # an event file in each

@@ -32,8 +32,9 @@ from .pipelines import PARAMETERS, PIPELINES, TEACHERS, omit_sets
 from .recipes import (finetune_control, finetune_label_smoothing, finetune_mcmi, finetune_teacher, load_run_data,
                       model_metrics, temperature_scale, train_student, train_students, train_teacher)
 from .report import build_report, markdown_table
+from .report_card import format_card, inspect_checkpoint, metric_correlations, report_card
 from .runs import figure_path, load_teacher, load_teachers, read_results, save_teacher, write_results
-from .stats import derive_seeds, expected_calibration_error, mean_std, paired_difference
+from .stats import brier_score, derive_seeds, expected_calibration_error, mean_std, paired_difference, spearman
 from .synthetic import SyntheticTask, kl_to_posterior
 from .stack import ModelStack, stack_models, stack_problem, unstack
 from .stack_fit import fit_stack
@@ -63,7 +64,8 @@ __all__ = [
     "temperature_scale", "TemperatureScaled", "train_student", "train_students", "model_metrics",
     # evaluation and statistics
     "predict", "evaluate", "metrics_from_logits", "measure_cmi", "kl_to_posterior", "expected_calibration_error",
-    "mean_std", "paired_difference", "derive_seeds",
+    "mean_std", "paired_difference", "derive_seeds", "brier_score", "spearman",
+    "report_card", "format_card", "inspect_checkpoint", "metric_correlations",
     # artifacts
     "save_checkpoint", "load_checkpoint", "save_model", "load_model", "UnsafeCheckpointError",
     # run folders and reports (what the notebooks hand each other)

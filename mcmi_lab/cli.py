@@ -3,6 +3,7 @@
     mcmi-lab run demo --out runs/demo [-p lam 0.25 -p fractions "[0.05, 1.0]"] [--seeds 0 1 2]
     mcmi-lab data
     mcmi-lab report runs/demo
+    mcmi-lab inspect runs/train/model.pt --data fashion-mnist [--json card.json]
 
 `run` checks every parameter before any notebook starts, runs the pipeline's notebooks for each seed (each seed in
 its own folder ``<out>/seed_<n>``, the executed notebooks kept there; several notebooks at once, each as soon as the
@@ -23,15 +24,16 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
 
-from .datasets import fashion_mnist_root
+from .datasets import DATASETS, fashion_mnist_root
 from .launch import add_train_command
 from .objectives import StopTraining
 from .pipelines import (NOTEBOOKS, PARAMETERS, PIPELINES, START_ORDER, get_pipeline, notebook_needs, parse_value,
                         resolve_parameters)
 from .report import build_report
+from .report_card import format_card, inspect_checkpoint
 from .runs import (check_run_folder, clear_run_folder, completed, describe_device, merge_results, now, read_run_info,
                    run_folder_lock, seed_dir, write_run_info)
-from .utils import disk_full
+from .utils import disk_full, write_json
 
 #: Where the notebooks are: $MCMI_LAB_NOTEBOOKS, else ``notebooks/`` next to the package (a source checkout).
 NOTEBOOKS_ENV = "MCMI_LAB_NOTEBOOKS"
@@ -305,6 +307,15 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    """Print the report card of a checkpoint (report_card.inspect_checkpoint); --json writes it atomically."""
+    card = inspect_checkpoint(args.model, args.data, args.train_size, args.test_size, args.data_root)
+    print(format_card(card))
+    if args.json is not None:
+        print(f"mcmi-lab: card written to {write_json(args.json, card)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mcmi-lab", description="Knowledge distillation with MCMI teachers: "
                                      "headless runs of the notebooks, data, reports.")
@@ -330,6 +341,17 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="rebuild results.json, report.md and report.html of a run folder")
     report.add_argument("dir", type=Path, help="run folder written by `mcmi-lab run`")
     report.set_defaults(func=_cmd_report)
+
+    inspect = sub.add_parser("inspect", help="print a checkpoint's teacher report card: accuracy, NLL, ECE, Brier, "
+                             "CMI, NCMI, Γ (train and test), per-class CMI; KL(P* ‖ P) on --data synthetic")
+    inspect.add_argument("model", type=Path, help="model.pt of `mcmi-lab train`, or a run's checkpoints/teacher_*.pt")
+    inspect.add_argument("--data", required=True, help=f"a data set name ({', '.join(sorted(DATASETS))}) or a "
+                         "path to an .npz or ImageFolder folder")
+    inspect.add_argument("--train-size", type=int, help="N training samples (a seeded subset; default: all)")
+    inspect.add_argument("--test-size", type=int, help="N test samples (a seeded subset; default: all)")
+    inspect.add_argument("--data-root", help="directory holding the data set files")
+    inspect.add_argument("--json", type=Path, metavar="FILE", help="also write the card as JSON (atomically)")
+    inspect.set_defaults(func=_cmd_inspect)
 
     add_train_command(sub)  # `mcmi-lab train` (torchrun, resumable training): mcmi_lab/launch.py
     return parser

@@ -27,7 +27,7 @@ from .models.wrappers import TemperatureScaled
 from .objectives import mcmi_objective, mll_objective
 from .stack import stack_problem
 from .stack_fit import fit_stack
-from .stats import expected_calibration_error
+from .stats import brier_score, expected_calibration_error
 from .teacher_objectives import build_teacher_objective
 from .train import TrainConfig, fit
 from .utils import check_float, set_seed
@@ -293,16 +293,21 @@ def train_students(teachers: Sequence[nn.Module], data: ImageData, method: str =
 
 
 def model_metrics(model: nn.Module, train: ImageData, test: ImageData) -> dict[str, Any]:
-    """Accuracy, CMI and NCMI on train and test, test NLL and top-label ECE: a flat, JSON-ready dict.
+    """Accuracy, CMI, NCMI and the separation Γ on train and test, test NLL, top-label ECE and Brier score: a flat,
+    JSON-ready dict (the study rows; ``mcmi_lab.report_card`` gives the full card of one model).
 
     Test-set values come from one `predict` pass; train-set values from one streaming `measure_cmi` pass.
     """
     on_train = measure_cmi(model, train)
     logits, labels = predict(model, test)
     on_test = metrics_from_logits(logits, labels, test.num_classes)
+    probs = torch.softmax(logits.double(), 1)
     return {
         "train_acc": on_train["accuracy"], "train_cmi": float(on_train["cmi"]), "train_ncmi": float(on_train["ncmi"]),
+        "train_separation": float(on_train["separation"]),
         "test_acc": on_test["accuracy"], "test_cmi": on_test["cmi"], "test_ncmi": on_test["ncmi"],
-        "test_nll": on_test["nll"], "test_ece": expected_calibration_error(torch.softmax(logits.double(), 1), labels),
+        "test_separation": on_test["separation"],
+        "test_nll": on_test["nll"], "test_ece": expected_calibration_error(probs, labels),
+        "test_brier": brier_score(probs, labels),
         "train_per_class_cmi": on_train["per_class_cmi"].tolist(),
     }

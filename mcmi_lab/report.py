@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from .plots import (plot_cmi_bars, plot_dose_response, plot_fraction_curve, plot_student_vs_teacher_cmi,
                     plot_training_curves)
+from .report_card import STUDENT_METRICS, TEACHER_METRICS, metric_correlations
 from .runs import RESULTS, collect_results, parameter_differences, seed_dirs
 from .stats import format_mean_std, mean_std, paired_difference, slope_over_seeds
 from .utils import write_json, write_text
@@ -365,6 +366,46 @@ def _known_bcpd(rep: _Report) -> None:
         _dose_tables(rep, dosed, BAYES_DOSE_METRICS, "known BCPD, ")
 
 
+def _rho(c: Mapping[str, Any]) -> str:
+    if not c["n"]:
+        return "—"
+    if c["n"] < 2:
+        return f"{c['mean']:+.2f} (n=1)"
+    return f"{c['mean']:+.2f} [{c['low']:+.2f}, {c['high']:+.2f}]"
+
+
+def _teacher_predictors(rep: _Report) -> None:
+    """Spearman ρ of each teacher metric with each student metric across the teachers of a seed, mean over seeds
+    (report_card.metric_correlations), for 07's dose-response teachers and 08's known-posterior teachers."""
+    sources = [("dose-response teachers (07)", seed_rows(rep.results, "07_dose_response", "dose_response")),
+               ("known-posterior teachers (08)", seed_rows(rep.results, "08_known_bcpd", "known_bcpd"))]
+    sections = [(where, metric_correlations(rows)) for where, rows in sources if rows]
+    sections = [(where, cs) for where, cs in sections if any(c["n"] for c in cs)]
+    if not sections:
+        return
+    rep.add("## Which teacher metric predicts a good student?", "",
+            "Spearman rank correlation ρ of each teacher metric with each student metric across the teachers of one "
+            "seed, then the mean over seeds [95% t interval over seeds, clipped to ±1]. ρ > 0: a higher metric went with a better student; "
+            "ρ < 0: a lower one did (NLL, ECE, Brier, KL). A teacher recorded at two doses counts once.", "")
+    for where, cs in sections:
+        students = list(dict.fromkeys(c["student"] for c in cs))
+        table = [{"teacher metric": TEACHER_METRICS[t], **{STUDENT_METRICS[s]: _rho(c) for c in cs
+                                                           if c["teacher"] == t for s in [c["student"]]}}
+                 for t in dict.fromkeys(c["teacher"] for c in cs)]
+        low = min(c["teachers"][0] for c in cs if c["n"])
+        high = max(c["teachers"][1] for c in cs if c["n"])
+        seeds = max(c["n"] for c in cs)
+        rep.add(f"### {where[0].upper()}{where[1:]}: n = {low if low == high else f'{low}–{high}'} teachers per seed, "
+                f"{seeds} seed(s)", "", markdown_table(table), "")
+        for s in students:
+            best = max((c for c in cs if c["student"] == s and c["n"]), key=lambda c: abs(c["mean"]), default=None)
+            if best is not None:
+                shown = best["n"] > 1 and (best["low"] > 0 or best["high"] < 0)
+                rep.add(f"- {STUDENT_METRICS[s]}: largest |ρ| {TEACHER_METRICS[best['teacher']]} "
+                        f"(ρ = {_rho(best)}; {'interval excludes 0' if shown else 'interval includes 0'})")
+        rep.add("")
+
+
 def _eigencam(rep: _Report) -> None:
     rows = seed_rows(rep.results, "04_eigencam", "cam")
     if not rows:
@@ -516,7 +557,8 @@ def build_report(out: str | os.PathLike) -> tuple[Path, Path]:
         raise FileNotFoundError(f"run folder {str(out)!r} holds no results (expected seed_<n>/results/*.json)")
     write_json(out / RESULTS, results)
     rep = _Report(results, out)
-    for section in (_teachers, _students, _few_shot, _zero_shot, _known_bcpd, _eigencam, _dose_response):
+    for section in (_teachers, _students, _few_shot, _zero_shot, _known_bcpd, _eigencam, _dose_response,
+                    _teacher_predictors):
         section(rep)  # the tables, collecting the claims
     figures = _summary_figures(rep)
     tables, rep.lines = rep.lines, []

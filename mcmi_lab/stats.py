@@ -160,3 +160,49 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: 
     gap = torch.bincount(index, weights=correct - confidence, minlength=bins)  # Σ (correct - conf) per bin
     # Σ_b (n_b/N)|acc_b - conf_b| = Σ_b |Σ_{i in b}(correct_i - conf_i)| / N
     return float(gap.abs().sum() / count.sum())
+
+
+def brier_score(probs: torch.Tensor, targets: torch.Tensor) -> float:
+    """Multi-class Brier score (Brier 1950): mean over samples of Σ_k (p_k − t_k)², in float64, between 0 and 2.
+
+    probs: (N, K) probabilities; targets: (N,) labels (t = one-hot) or (N, K) target probabilities — with the
+    Bayes posterior P* as targets this is the mean squared error to P*.
+    """
+    if not isinstance(probs, torch.Tensor) or probs.dim() != 2 or len(probs) == 0:
+        shape = tuple(probs.shape) if isinstance(probs, torch.Tensor) else type(probs).__name__
+        raise ValueError(f"probs of shape {shape} is not accepted: expected a non-empty (N, K) tensor")
+    targets = torch.as_tensor(targets, device=probs.device)
+    if targets.shape == probs.shape[:1] and not targets.is_floating_point():
+        targets = torch.nn.functional.one_hot(targets.long(), probs.shape[1])
+    elif targets.shape != probs.shape:
+        raise ValueError(f"targets of shape {tuple(targets.shape)} are not accepted: expected labels "
+                         f"({len(probs)},) or probabilities {tuple(probs.shape)}")
+    return float(((probs.double() - targets.double()) ** 2).sum(1).mean())
+
+
+def _ranks(values: Sequence[float]) -> list[float]:
+    """1-based ranks, ties sharing their average rank."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in order[i:j + 1]:
+            ranks[k] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def spearman(xs: Iterable[float], ys: Iterable[float]) -> float:
+    """Spearman's rank correlation ρ: the Pearson correlation of the ranks (ties get their average rank, as
+    scipy.stats.spearmanr does); nan when fewer than two pairs or either side is constant."""
+    x, y = _floats("xs", xs), _floats("ys", ys)
+    if len(x) != len(y):
+        raise ValueError(f"ys of length {len(y)} is not accepted: expected as many values as xs ({len(x)})")
+    rx, ry = _ranks(x), _ranks(y)
+    mx, my = math.fsum(rx) / len(rx), math.fsum(ry) / len(ry)
+    sxy = math.fsum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    sxx, syy = math.fsum((a - mx) ** 2 for a in rx), math.fsum((b - my) ** 2 for b in ry)
+    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else math.nan

@@ -344,12 +344,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     inspect = sub.add_parser("inspect", help="print a checkpoint's teacher report card: accuracy, NLL, ECE, Brier, "
                              "CMI, NCMI, Γ (train and test), per-class CMI; KL(P* ‖ P) on --data synthetic")
-    inspect.add_argument("model", type=Path, help="model.pt of `mcmi-lab train`, or a run's checkpoints/teacher_*.pt")
-    inspect.add_argument("--data", required=True, help=f"a data set name ({', '.join(sorted(DATASETS))}) or a "
-                         "path to an .npz or ImageFolder folder")
-    inspect.add_argument("--train-size", type=int, help="N training samples (a seeded subset; default: all)")
-    inspect.add_argument("--test-size", type=int, help="N test samples (a seeded subset; default: all)")
-    inspect.add_argument("--data-root", help="directory holding the data set files")
+    inspect.add_argument("model", type=Path, metavar="MODEL.pt",
+                         help="model.pt of `mcmi-lab train`, or a run's checkpoints/teacher_*.pt")
+    inspect.add_argument("--data", required=True, metavar="NAME|PATH", help="a data set name "
+                         f"({', '.join(sorted(DATASETS))}) or a path to an .npz or ImageFolder folder")
+    inspect.add_argument("--train-size", type=int, metavar="N", help="N training samples (a seeded subset; "
+                         "default: all)")
+    inspect.add_argument("--test-size", type=int, metavar="N", help="N test samples (a seeded subset; default: all)")
+    inspect.add_argument("--data-root", metavar="DIR", help="directory holding the data set files")
     inspect.add_argument("--json", type=Path, metavar="FILE", help="also write the card as JSON (atomically)")
     inspect.set_defaults(func=_cmd_inspect)
 

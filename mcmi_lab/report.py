@@ -366,43 +366,44 @@ def _known_bcpd(rep: _Report) -> None:
         _dose_tables(rep, dosed, BAYES_DOSE_METRICS, "known BCPD, ")
 
 
-def _rho(c: Mapping[str, Any]) -> str:
+def _rho(c: Mapping[str, Any], seeds: int) -> str:
+    """"+0.52 [-0.10, +1.00]": mean ρ over seeds and its interval; the n of seeds when fewer than `seeds` had one."""
     if not c["n"]:
         return "—"
-    if c["n"] < 2:
-        return f"{c['mean']:+.2f} (n=1)"
-    return f"{c['mean']:+.2f} [{c['low']:+.2f}, {c['high']:+.2f}]"
+    text = f"{c['mean']:+.2f}" + (f" [{c['low']:+.2f}, {c['high']:+.2f}]" if c["n"] > 1 else "")
+    return text + (f" (n={c['n']})" if c["n"] < seeds else "")
 
 
 def _teacher_predictors(rep: _Report) -> None:
     """Spearman ρ of each teacher metric with each student metric across the teachers of a seed, mean over seeds
     (report_card.metric_correlations), for 07's dose-response teachers and 08's known-posterior teachers."""
-    sources = [("dose-response teachers (07)", seed_rows(rep.results, "07_dose_response", "dose_response")),
-               ("known-posterior teachers (08)", seed_rows(rep.results, "08_known_bcpd", "known_bcpd"))]
-    sections = [(where, metric_correlations(rows)) for where, rows in sources if rows]
-    sections = [(where, cs) for where, cs in sections if any(c["n"] for c in cs)]
-    if not sections:
+    sources = [("Dose-response teachers (07)", seed_rows(rep.results, "07_dose_response", "dose_response")),
+               ("Known-posterior teachers (08)", seed_rows(rep.results, "08_known_bcpd", "known_bcpd"))]
+    found = [(where, [c for c in metric_correlations(rows) if c["n"]]) for where, rows in sources if rows]
+    found = [(where, cs) for where, cs in found if cs]
+    if not found:
         return
     rep.add("## Which teacher metric predicts a good student?", "",
             "Spearman rank correlation ρ of each teacher metric with each student metric across the teachers of one "
-            "seed, then the mean over seeds [95% t interval over seeds, clipped to ±1]. ρ > 0: a higher metric went with a better student; "
-            "ρ < 0: a lower one did (NLL, ECE, Brier, KL). A teacher recorded at two doses counts once.", "")
-    for where, cs in sections:
-        students = list(dict.fromkeys(c["student"] for c in cs))
-        table = [{"teacher metric": TEACHER_METRICS[t], **{STUDENT_METRICS[s]: _rho(c) for c in cs
-                                                           if c["teacher"] == t for s in [c["student"]]}}
-                 for t in dict.fromkeys(c["teacher"] for c in cs)]
-        low = min(c["teachers"][0] for c in cs if c["n"])
-        high = max(c["teachers"][1] for c in cs if c["n"])
+            "seed, then the mean over seeds [95% t interval over seeds, clipped to ±1]. ρ > 0: a higher metric went "
+            "with a better student; ρ < 0: a lower one did (NLL, ECE, Brier, KL). A teacher recorded at two doses "
+            "counts once; a seed where a metric does not vary (every student at 0% on the omitted class) gives no ρ.",
+            "")
+    for where, cs in found:
         seeds = max(c["n"] for c in cs)
-        rep.add(f"### {where[0].upper()}{where[1:]}: n = {low if low == high else f'{low}–{high}'} teachers per seed, "
-                f"{seeds} seed(s)", "", markdown_table(table), "")
-        for s in students:
-            best = max((c for c in cs if c["student"] == s and c["n"]), key=lambda c: abs(c["mean"]), default=None)
-            if best is not None:
-                shown = best["n"] > 1 and (best["low"] > 0 or best["high"] < 0)
-                rep.add(f"- {STUDENT_METRICS[s]}: largest |ρ| {TEACHER_METRICS[best['teacher']]} "
-                        f"(ρ = {_rho(best)}; {'interval excludes 0' if shown else 'interval includes 0'})")
+        teachers = {n for c in cs for n in c["teachers"]}
+        table = {}
+        for c in cs:
+            table.setdefault(c["teacher"], {"teacher metric": TEACHER_METRICS[c["teacher"]]})[
+                STUDENT_METRICS[c["student"]]] = _rho(c, seeds)
+        count = f"{min(teachers)}–{max(teachers)}" if len(teachers) > 1 else f"{min(teachers)}"
+        rep.add(f"### {where}: n = {count} teachers per seed, {seeds} seed(s)", "",
+                markdown_table(list(table.values())), "")
+        for student in dict.fromkeys(c["student"] for c in cs):
+            best = max((c for c in cs if c["student"] == student), key=lambda c: abs(c["mean"]))
+            excludes = best["n"] > 1 and (best["low"] > 0 or best["high"] < 0)
+            rep.add(f"- {STUDENT_METRICS[student]}: largest |ρ| {TEACHER_METRICS[best['teacher']]} (ρ = "
+                    f"{_rho(best, seeds)}; {'interval excludes 0' if excludes else 'interval includes 0'})")
         rep.add("")
 
 

@@ -199,8 +199,9 @@ def test_inspect_bad_inputs_are_one_line(tiny_checkpoint, tmp_path, capsys):
     for name, classes, channels in (("rgb.pt", 10, 3), ("five.pt", 5, 1)):
         path = save_model(tmp_path / name, build_model("cnn_tiny", classes, channels, width=4))
         line = _one_error_line(capsys, ["inspect", str(path), *ok])
-        assert (f"(cnn_tiny: {channels} channel(s), {classes} classes) does not fit --data synthetic (1 channel(s), 10 classes)"
-                in line) and f"expected a data set with {channels}-channel images and {classes} classes" in line
+        assert f"(cnn_tiny: {channels} channel(s), {classes} classes) does not fit --data synthetic" in line
+        assert "(1 channel(s), 10 classes): expected a data set with " \
+               f"{channels}-channel images and {classes} classes" in line
     line = _one_error_line(capsys, ["inspect", str(tiny_checkpoint), "--data", "synthetic", "--train-size", "0"])
     assert "--train-size=0 is not accepted" in line
 
@@ -213,15 +214,19 @@ def _rows(seed: int) -> list[dict]:
     ece = [[0.1, 0.3, 0.2, 0.4], [0.1, 0.2, 0.3, 0.4], [0.1, 0.3, 0.2, 0.4]][seed]
     rows = [{"method": "control" if i == 0 else "mcmi", "dose": 0.1 * i, "matched": True, "train_cmi": 0.01 + 0.1 * i,
              "test_acc": 0.8 + 0.01 * i + 0.001 * seed, "test_nll": 0.5 - 0.05 * i, "test_ece": ece[i],
-             "student_acc": student[i] + 0.01 * seed} for i in range(4)]
+             "student_acc": student[i] + 0.01 * seed, "zero_shot_omitted_acc": 0.0 if seed == 2 else 0.1 * i}
+            for i in range(4)]
     return rows + [dict(rows[-1])]  # a teacher recorded at two doses: counted once
 
 
 def test_metric_correlations_by_hand():
-    found = {c["teacher"]: c for c in metric_correlations({s: _rows(s) for s in range(3)})}
+    found = {c["teacher"]: c for c in metric_correlations({s: _rows(s) for s in range(3)})
+             if c["student"] == "student_acc"}
     assert found["test_acc"]["mean"] == 1.0 and found["test_acc"]["low"] == found["test_acc"]["high"] == 1.0
     assert found["test_nll"]["mean"] == -1.0 and found["test_nll"]["n"] == 3
     assert found["test_acc"]["teachers"] == (4, 4)  # the repeated row counts once
+    zero = metric_correlations({s: _rows(s) for s in range(3)}, ["test_acc"], ["zero_shot_omitted_acc"])
+    assert zero[0]["per_seed"] == {0: 1.0, 1: 1.0} and zero[0]["n"] == 2  # seed 2 is constant: no ρ
     rhos = [0.8, 1.0, 0.8]  # 1 − 6 Σd² / (n(n² − 1)) with Σd² = 2, n = 4
     assert found["test_ece"]["per_seed"] == pytest.approx(dict(enumerate(rhos)))
     mean = sum(rhos) / 3
@@ -242,4 +247,6 @@ def test_report_section_on_a_hand_made_run(tmp_path):
     assert "| test accuracy | +1.00 [+1.00, +1.00] |" in section
     assert "| test NLL | -1.00 [-1.00, -1.00] |" in section
     assert "| train CMI | +1.00 [+1.00, +1.00] |" in section
-    assert "- KD student accuracy: largest |ρ| test accuracy (ρ = +1.00 [+1.00, +1.00]; interval excludes 0)" in section
+    assert "| test NLL | -1.00 [-1.00, -1.00] | -1.00 [-1.00, -1.00] (n=2) |" in section  # seed 2: all at 0%
+    assert ("- KD student accuracy: largest |ρ| test accuracy (ρ = +1.00 [+1.00, +1.00]; interval excludes 0)"
+            in section)

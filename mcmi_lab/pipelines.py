@@ -25,7 +25,7 @@ NOTEBOOKS = ("01_teachers", "02_concentration", "03_distill", "04_eigencam", "05
              "07_dose_response", "08_known_bcpd")
 #: What a notebook reads from the run folder: every notebook but 08 (its own synthetic teachers) and the quickstart
 #: needs the teachers of 01_teachers. `mcmi-lab run` starts a notebook once those of the same seed are done.
-INDEPENDENT = ("00_quickstart", "01_teachers", "08_known_bcpd")
+INDEPENDENT = ("00_quickstart", "01_teachers", "08_known_bcpd", "09_own_data")
 
 
 #: Start order when several notebooks run at once: the teachers first (everything waits on them), then the longest,

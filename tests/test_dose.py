@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from conftest import random_images, tiny_cnn
-from mcmi_lab import finetune_mcmi, fit, measure_cmi
+from mcmi_lab import finetune_mcmi, fit, measure_cmi, subset
 from mcmi_lab.cmi import conditional_mutual_information, probabilities
 from mcmi_lab.dose import SmoothingSearch, check_target_cmi, cmi_at_temperature, match_temperature, matched
 from mcmi_lab.objectives import MCMIObjective
@@ -75,6 +75,16 @@ def test_a_fixed_lambda_at_the_controllers_ceiling_misses_where_the_target_lands
     tuned, _ = finetune_mcmi(model, data, 3.0, epochs=20, augment=False, log=False, progress="off", precision="fp32",
                              batch_size=32, guard=False)
     assert not matched(float(measure_cmi(tuned, data)["cmi"]), 0.2)
+
+
+def test_the_controller_acts_when_an_epoch_is_shorter_than_its_period(converged):
+    """64 images at batch 32 are 2 steps per epoch: with control_steps=5 a per-epoch count never got there and λ
+    stayed 0 (seen on the 1,438 digits: 23 steps per epoch against the default 25); the count runs over epochs."""
+    model, data = converged
+    obj = MCMIObjective(target_cmi=0.3, control_steps=5)
+    fit(copy.deepcopy(model), subset(data, 64, seed=0), obj, epochs=6, lr=0.05, augment=False, log=False,
+        progress="off", precision="fp32", batch_size=32)
+    assert int(obj.updates) == 12 // 5 and int(obj.control_count) == 12 and float(obj.lam_t) > 0
 
 
 def test_the_controller_step_is_the_pi_formula_with_a_ramped_set_point(monkeypatch):

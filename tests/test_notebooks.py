@@ -15,7 +15,7 @@ from mcmi_lab.cli import execute_notebook, notebooks_dir
 from mcmi_lab.pipelines import NOTEBOOKS, PARAMETERS, resolve_parameters
 from mcmi_lab.runs import load_teacher, read_results, teacher_path
 
-ALL = ("00_quickstart",) + NOTEBOOKS
+ALL = ("00_quickstart",) + NOTEBOOKS + ("09_own_data",)
 
 
 def _load(name):
@@ -99,7 +99,7 @@ def test_declared_parameters_are_known_with_the_library_defaults(name):
     assert "run_dir" in declared and "seed" in declared
     for key, info in declared.items():
         assert key in PARAMETERS, f"{name} declares unknown parameter {key}"
-        if name != "00_quickstart" and key != "run_dir":  # the quickstart has its own, smaller sizes
+        if name not in ("00_quickstart", "09_own_data") and key != "run_dir":  # they have their own sizes
             assert eval(info["default"]) == PARAMETERS[key].default, key
 
 
@@ -146,6 +146,21 @@ def test_00_quickstart(tmp_path):
     assert all(teacher_path(run_dir, t).is_file() for t in ("mll", "control", "mcmi"))
     outputs = [o for c in nbformat.read(executed, as_version=4).cells if c.cell_type == "code" for o in c.outputs]
     assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in outputs)
+
+
+def test_09_own_data(tmp_path):
+    """scikit-learn's digits written as an .npz and as an ImageFolder, read back identically, and trained on."""
+    run_dir = tmp_path / "own"
+    execute_notebook("09_own_data", run_dir, {"interactive": False, "teacher_epochs": 2, "finetune_epochs": 1})
+    results = read_results(run_dir, "09_own_data")
+    assert results["data"] == {"name": "digits", "classes": [str(c) for c in range(10)], "train_size": 1438,
+                               "test_size": 359, "image": [1, 8, 8]}
+    assert [r["teacher"] for r in results["teachers"]] == ["mll", "control", "mcmi, dose 0.05", "mcmi, dose 0.1"]
+    assert all(0 <= r["test_acc"] <= 1 for r in results["teachers"])
+    folder = Path(results["folder"])
+    assert len(list((folder / "train").glob("*/*.png"))) == 1438 and Path(results["npz"]).is_file()
+    assert not list(Path(results["npz"]).parent.glob("*.tmp"))
+    assert _figures(run_dir, "09_own_data") == ["teacher_cmi.png"]
 
 
 def test_01_teachers(run):

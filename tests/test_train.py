@@ -42,7 +42,9 @@ def _run(d, epochs, checkpoint=None, resume=False, callbacks=(), objective=None)
 
 
 OBJECTIVES = {"mll": lambda: mll_objective(), "mcmi_ema": lambda: mcmi_objective(0.2, update="ema", ema_decay=0.9),
-              "mcmi_running": lambda: mcmi_objective(0.2, update="running", refresh_steps=2)}
+              "mcmi_running": lambda: mcmi_objective(0.2, update="running", refresh_steps=2),
+              # 5 steps per epoch, the controller every 3: its count runs across the epochs and through the resume
+              "mcmi_target": lambda: mcmi_objective(target_cmi=0.1, control_steps=3)}
 
 
 @pytest.mark.parametrize("objective", list(OBJECTIVES))

@@ -129,6 +129,7 @@ def fit_stack(models: Sequence[nn.Module], data: ImageData | Sequence[ImageData]
         configs = [dataclasses.replace(c, seed=s) for c, s in zip(configs, seeds)]
     configs = [dataclasses.replace(c, **overrides).validate() for c in configs]
     evals = [None] * n if eval_data is None else _per_model("eval data sets", eval_data, n, ImageData)
+    callbacks = list(callbacks)  # called for every model and epoch: an iterator would run dry
     _check_inputs(models, datas, objectives, configs)
     cfg = configs[0]
     device = get_device(cfg.device)

@@ -2,7 +2,8 @@
 
 Per seed: an MLL teacher, the λ = 0 control and the MCMI fine-tune (λ = 0.5, running centroids), a
 label-smoothing teacher; KD students from each; few-shot (5%, 10%) and zero-shot (class 3; classes 0, 3, 6) students
-from the control and the MCMI teacher — the same library calls the notebooks make, without papermill. Prints the
+from the control and the MCMI teacher — the same library calls the notebooks make, without papermill. The students of
+one data view train as one stack (recipes.train_students); `--sequential` trains them one at a time. Prints the
 teacher's training throughput (images/s), each step's time, and the total wall time; `--json` writes them.
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 
 from mcmi_lab import few_shot, omit_classes
 from mcmi_lab.evaluate import evaluate
-from mcmi_lab.recipes import load_run_data, train_student
+from mcmi_lab.recipes import load_run_data, train_student, train_students
 from mcmi_lab.recipes import finetune_control, finetune_mcmi, train_teacher
 from mcmi_lab.stats import derive_seeds
 from mcmi_lab.train import COMPILE_MODES
@@ -51,20 +52,21 @@ def run_seed(seed: int, a: argparse.Namespace, log: dict) -> None:
     teachers["mcmi"] = step("fine-tune MCMI λ=0.5", lambda: finetune_mcmi(
         teacher, train, 0.5, a.finetune_epochs, seed=s["finetune"], lr=0.01, **common)[0])
     for name, t in teachers.items():
-        acc = evaluate(t, test)["accuracy"]
-        log["teacher_acc"].setdefault(name, []).append(acc)
-        student = step(f"KD student from {name}", lambda: train_student(
-            t, train, "kd", "cnn_tiny", a.student_epochs, seed=s["student"], **common)[0])
+        log["teacher_acc"].setdefault(name, []).append(evaluate(t, test)["accuracy"])
+    # students: one stack per data view (recipes.train_students fuses same-architecture students and their teachers;
+    # --sequential trains them one at a time, the reference it matches to rounding)
+    students = (lambda ts, data: [train_student(t, data, "kd", "cnn_tiny", a.student_epochs, seed=s["student"],
+                                                **common)[0] for t in ts]) if a.sequential else \
+        (lambda ts, data: [m for m, _ in train_students(ts, data, "kd", "cnn_tiny", a.student_epochs,
+                                                        seed=s["student"], **common)])
+    kd = step(f"KD students from {len(teachers)} teachers", lambda: students(list(teachers.values()), train))
+    for name, student in zip(teachers, kd):
         log["student_acc"].setdefault(name, []).append(evaluate(student, test)["accuracy"])
-    for name in ("control", "mcmi"):
-        for frac in (0.05, 0.1):
-            step(f"few-shot {frac:g} from {name}", lambda: train_student(
-                teachers[name], few_shot(train, frac, s["student"]), "kd", "cnn_tiny", a.student_epochs,
-                seed=s["student"], **common)[0])
-        for omit in ([3], [0, 3, 6]):
-            step(f"zero-shot {omit} from {name}", lambda: train_student(
-                teachers[name], omit_classes(train, omit), "kd", "cnn_tiny", a.student_epochs, seed=s["student"],
-                **common)[0])
+    pair = [teachers["control"], teachers["mcmi"]]
+    for frac in (0.05, 0.1):
+        step(f"few-shot {frac:g}, control + mcmi", lambda: students(pair, few_shot(train, frac, s["student"])))
+    for omit in ([3], [0, 3, 6]):
+        step(f"zero-shot {omit}, control + mcmi", lambda: students(pair, omit_classes(train, omit)))
 
 
 def main(argv=None) -> dict:
@@ -78,6 +80,7 @@ def main(argv=None) -> dict:
     p.add_argument("--student-epochs", type=int, default=10)
     p.add_argument("--compile", choices=COMPILE_MODES, default=None, help="torch.compile every training run's "
                    "forward in this mode (TrainConfig.compile; default off)")
+    p.add_argument("--sequential", action="store_true", help="train the students one at a time (default: as stacks)")
     p.add_argument("--json", default=None, help="write the timings here")
     a = p.parse_args(argv)
     a.device = str(get_device(a.device))

@@ -66,7 +66,7 @@ def report_card(model: nn.Module, train: ImageData, test: ImageData,
     probabilities (e.g. ``SyntheticTask().posterior``); then each split also gets KL(P* ‖ P) and the squared error
     to P*. Returns a JSON-ready dict: ``{"model", "classes", "train": {...}, "test": {...}}``.
     """
-    net = getattr(model, "model", model)  # a TemperatureScaled wrapper: the spec is its base model's
+    net = model.model if isinstance(model, TemperatureScaled) else model  # the spec is the base model's
     card: dict[str, Any] = {"model": dict(getattr(net, "spec", None) or {"name": type(net).__name__}),
                             "parameters": sum(p.numel() for p in model.parameters()),
                             "temperature": float(model.temperature) if isinstance(model, TemperatureScaled) else None,
@@ -128,7 +128,7 @@ def load_any_model(path: str | os.PathLike) -> nn.Module:
 
 
 def _check_fits(model: nn.Module, data: ImageData, path: str, dataset: str) -> None:
-    spec = getattr(model, "model", model).spec
+    spec = (model.model if isinstance(model, TemperatureScaled) else model).spec
     if (spec["in_channels"], spec["num_classes"]) != (data.in_channels, data.num_classes):
         raise ValueError(f"checkpoint {path!r} ({spec['name']}: {spec['in_channels']} channel(s), "
                          f"{spec['num_classes']} classes) does not fit --data {dataset} ({data.in_channels} "

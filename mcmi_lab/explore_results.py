@@ -23,7 +23,7 @@ from matplotlib.patches import Rectangle
 
 from .explore import teacher_colors
 from .plots import dose_points, plot_dose_response, save_figure
-from .report import TEACHER_LABELS, _omitted_mean, seed_rows, values
+from .report import TEACHER_LABELS, omitted_mean, seed_rows, values
 from .runs import collect_results, read_results, seed_dirs
 from .stats import paired_difference
 
@@ -65,7 +65,7 @@ METRICS = {
     "zero_shot_acc": Metric("zero-shot student test accuracy, all classes (%)", "06_zero_shot", "zero_shot",
                             "student_acc", "omitted", 100.0),
     "zero_shot_omitted_acc": Metric("zero-shot student accuracy on the omitted classes (%)", "06_zero_shot",
-                                    "zero_shot", _omitted_mean, "omitted", 100.0),
+                                    "zero_shot", omitted_mean, "omitted", 100.0),
     "known_bcpd_kl": Metric("KL(P* ‖ teacher) on test, known posterior (nats)", "08_known_bcpd", "known_bcpd",
                             "kl_to_bayes"),
 }

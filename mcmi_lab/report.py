@@ -222,7 +222,7 @@ def _few_shot(rep: _Report) -> None:
     rep.add("")
 
 
-def _omitted_mean(r: dict) -> float | None:
+def omitted_mean(r: dict) -> float | None:
     accs = list(r.get("omitted_acc", {}).values())
     return sum(accs) / len(accs) if accs else None
 
@@ -247,8 +247,8 @@ def _zero_shot(rep: _Report) -> None:
                 row[col] = _acc(values(rows, lambda r, c=c: r["omitted_acc"].get(str(c)), teacher=t, omitted=list(s)))
             table.append(row)
         rep.add(f"### Omitted: {', '.join(names)}", "", markdown_table(table, ["teacher"] + cols), "")
-        d = difference(values(rows, _omitted_mean, teacher="mcmi", omitted=list(s)),
-                       values(rows, _omitted_mean, teacher="control", omitted=list(s)), 100.0)
+        d = difference(values(rows, omitted_mean, teacher="mcmi", omitted=list(s)),
+                       values(rows, omitted_mean, teacher="control", omitted=list(s)), 100.0)
         rep.add(f"MCMI − control on the omitted classes (points): {format_difference(d)}", "")
         rep.claim(f"zero-shot ({', '.join(names)} omitted): MCMI − control accuracy on the omitted classes "
                   "(points)", d)

@@ -474,7 +474,7 @@ def test_resume_from_a_checkpoint_that_is_not_a_training_run(tmp_path):
     (["--fraction", "0"], r"--fraction=0.0 is not accepted: expected a finite number in \(0, 1\]"),
     (["--fraction", "1.5"], r"--fraction=1.5 is not accepted"),
     (["--lr", "-1"], r"--lr=-1.0 is not accepted"),
-    (["--objective", "mse"], r"argument --objective: invalid choice: 'mse'"),
+    (["--objective", "focal"], r"argument --objective: invalid choice: 'focal'"),
     (["--data", "mnist2"], r"argument --data: invalid choice: 'mnist2'"),
     (["--model", "resnet9"], r"argument --model: invalid choice: 'resnet9'"),
     (["--update", "sometimes"], r"argument --update: invalid choice: 'sometimes'"),
@@ -495,9 +495,12 @@ def test_launch_rejects_bad_values(argv, match, tmp_path, capsys):
 @pytest.mark.parametrize("argv, match", [
     (["--objective", "mcmi"], r"--objective mcmi needs --teacher PATH"),
     (["--objective", "kd"], r"--objective kd needs --teacher PATH"),
-    (["--teacher", "t.pt"], r"--teacher is not accepted with --objective mll: expected --objective mcmi or kd"),
+    (["--lam", "0.5"], r"--lam is not accepted with --objective mll: it weighs the CMI term of --objective mcmi, "
+                       r"cmim, ncmi"),
+    (["--objective", "cmim", "--target-cmi", "0.1"], r"--target-cmi is not accepted with --objective cmim"),
     (["--objective", "mcmi", "--teacher", "missing.pt"], r"--teacher 'missing.pt' does not exist"),
-    (["--temperature", "2"], r"--method, --hparam and --temperature are not accepted with --objective mll"),
+    (["--temperature", "2"], r"--method and --temperature are not accepted with --objective mll: they configure "
+                             r"--objective kd"),
     (["--refresh-steps", "50"], r"--refresh-steps is not accepted with --objective mll --update running"),
     (["--nnodes", "2"], r"--nnodes 2 needs --master-addr"),
     (["--nnodes", "2", "--node-rank", "2", "--master-addr", "h"], r"--node-rank=2 is not accepted: expected an "

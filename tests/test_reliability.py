@@ -483,9 +483,11 @@ def test_resume_from_a_checkpoint_that_is_not_a_training_run(tmp_path):
     (["--nproc", "0"], r"--nproc=0 is not accepted: expected an integer >= 1"),
     (["--master-port", "70000"], r"--master-port=70000 is not accepted: expected an integer in \[1, 65535\]"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else "")
-def test_launch_rejects_bad_values(argv, match, tmp_path, capsys):
+def test_launch_rejects_bad_values(argv, match, tmp_path, capsys, monkeypatch):
     from mcmi_lab import launch
 
+    # an argument that has become valid must fail here, not train a 40-epoch teacher inside the suite
+    monkeypatch.setattr(launch, "_load_data", lambda *a, **k: pytest.fail(f"{argv} was accepted: training began"))
     with pytest.raises(SystemExit) as exit_:
         launch.main(["train", "--out", str(tmp_path), *argv])
     assert exit_.value.code == 2
@@ -511,6 +513,8 @@ def test_launch_rejects_bad_values(argv, match, tmp_path, capsys):
 def test_launch_rejects_bad_combinations(argv, match, tmp_path, capsys, monkeypatch):
     from mcmi_lab import launch
 
+    if "--omit" not in argv:  # the omitted-classes check needs the data; the others must stop before it
+        monkeypatch.setattr(launch, "_load_data", lambda *a, **k: pytest.fail(f"{argv} was accepted: training began"))
     monkeypatch.chdir(tmp_path)
     assert launch.main(["train", "--out", str(tmp_path / "run"), *argv]) == 2
     err = capsys.readouterr().err

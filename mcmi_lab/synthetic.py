@@ -172,8 +172,17 @@ class SyntheticTask:
         labels = labels[torch.randperm(n, generator=gen)]
         eps = torch.randn(n, self.channels, self.size, self.size, generator=gen)
         images = (self._templates.float()[labels] + self.offset).add_(eps, alpha=self.sigma)
-        return from_tensors(images, labels, [f"class {i}" for i in range(k)], name="synthetic", pad=0, flip=False,
-                           unit_range=False)
+        mean, std = self.pixel_stats
+        return from_tensors(images, labels, [f"class {i}" for i in range(k)], mean=mean, std=std, name="synthetic",
+                            pad=0, flip=False, unit_range=False)
+
+    @property
+    def pixel_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Per-channel (mean, std) of x under the task's own distribution, in closed form, so that every split is
+        normalised alike: the templates are zero-mean per channel, so the mean is `offset`, and the variance is
+        sigma^2 + the mean over classes (uniform prior) and pixels of mu^2."""
+        var = self.sigma ** 2 + self._templates.pow(2).mean(dim=(0, 2, 3))
+        return (float(self.offset),) * self.channels, tuple(float(v) for v in var.sqrt())
 
 
 def load_synthetic(split: str = "train", n: int | None = None, **task_kwargs) -> ImageData:

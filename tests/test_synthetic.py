@@ -142,7 +142,19 @@ def test_sample_is_seeded_and_balanced():
     assert a.images.dtype == torch.float32 and a.images.shape == (103, 3, 8, 8)
     assert a.classes == tuple(f"class {i}" for i in range(5))
     assert a.pad == 0 and a.flip is False and a.name == "synthetic"
-    assert a.mean == pytest.approx(tuple(a.images.mean(dim=(0, 2, 3)).tolist()))
+    assert (a.mean, a.std) == task.pixel_stats  # the task's statistics, not the sample's
+
+
+def test_every_split_is_normalised_by_the_task_statistics():
+    """Train and test of one task share one normalisation (a split's own statistics would shift the test inputs
+    against the train ones), and the closed form matches the statistics of a large sample."""
+    task = SyntheticTask(**SMALL)
+    train, test = load_synthetic("train", n=50, **SMALL), load_synthetic("test", n=70, **SMALL)
+    assert (train.mean, train.std) == (test.mean, test.std) == task.pixel_stats
+    big = task.sample(20000, seed=3).images.double()
+    mean, std = task.pixel_stats
+    assert mean == pytest.approx(tuple(big.mean(dim=(0, 2, 3)).tolist()), abs=2e-3)
+    assert std == pytest.approx(tuple(big.std(dim=(0, 2, 3)).tolist()), rel=5e-3)
 
 
 def test_load_synthetic_splits_and_dispatch():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import pickletools
 import re
 import warnings
 from pathlib import Path
@@ -53,6 +54,11 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     except pickle.UnpicklingError as err:
         # torch's message is a page of advice; the offending global (or opcode) is the one fact to show
         text = str(err)
+        operand = re.search(r"Unsupported operand (\d+)", text)
+        if operand and chr(int(operand.group(1))) not in pickletools.code2op:
+            # a byte that is no pickle opcode at all: a text or other file, not a pickle that would run code
+            raise ValueError(f"checkpoint {str(path)!r} could not be read (it is empty, truncated or not written by "
+                             f"torch.save): byte {int(operand.group(1))} is not a pickle opcode") from None
         found = (re.search(r"Unsupported (global: GLOBAL \S+?|operand \d+)(?= was|\s*$|\n)", text)
                  or re.search(r"unsupported GLOBAL \S+", text))
         # never torch's advice to retry with weights_only=False: that is how a hostile file gets to run

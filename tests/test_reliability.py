@@ -106,7 +106,7 @@ def test_disk_full_is_said_plainly_and_leaves_no_temp_file(tmp_path):
     assert not disk_full(RuntimeError("[enforce fail at inline_container.cc] write failed"), tmp_path)  # space left
 
 
-@pytest.mark.parametrize("content", [b"", b"hello, not a checkpoint", "half"])
+@pytest.mark.parametrize("content", [b"", b"hello, not a checkpoint", b"# my notes\n", b"xyz", "half"])
 def test_damaged_file_is_one_value_error(tmp_path, content):
     path = tmp_path / "bad.pt"
     if content == "half":

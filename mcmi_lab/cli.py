@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import shutil
 import subprocess
@@ -59,6 +60,41 @@ def notebook_path(name: str) -> Path:
     return path
 
 
+@functools.cache
+def _headless_engine():
+    """papermill's nbclient engine without nbclient's imitation of the Output widget's front end.
+
+    That imitation answers every output drawn into an ``ipywidgets.Output`` with a message on the shell channel,
+    sent while nbclient is awaiting the cell's reply on the same channel: a race that can leave a cell waiting
+    forever on an idle kernel (jupyter/nbclient#312; it hung ``00_quickstart`` at its explorer cell in CI).
+    Headless there is no one to see the widget: what it draws goes to the cell's outputs instead (and its
+    ``clear_output`` clears the cell's).
+    """
+    from papermill.clientwrap import PapermillNotebookClient
+    from papermill.engines import NBClientEngine, logger, papermill_engines
+
+    class Client(PapermillNotebookClient):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.comm_open_handlers["jupyter.widget"] = lambda msg: None  # no imitation (None: no comm object)
+
+    class Engine(NBClientEngine):
+        @classmethod
+        def execute_managed_notebook(cls, nb_man, kernel_name, log_output=False, stdout_file=None,
+                                     stderr_file=None, start_timeout=60, execution_timeout=None, **kwargs):
+            kwargs.pop("input_path", None)
+            return Client(nb_man, kernel_name=kernel_name, timeout=execution_timeout, startup_timeout=start_timeout,
+                          log=logger, log_output=log_output, stdout_file=stdout_file, stderr_file=stderr_file,
+                          **kwargs).execute()
+
+    papermill_engines.register(HEADLESS_ENGINE, Engine)
+    return Engine
+
+
+#: the papermill engine every notebook runs under (see :func:`_headless_engine`)
+HEADLESS_ENGINE = "mcmi_lab_headless"
+
+
 def execute_notebook(name: str, run_dir: str | os.PathLike, parameters: Mapping, kernel_name: str = "python3") -> Path:
     """Execute notebook `name` with papermill into ``<run_dir>/notebooks/<name>.ipynb``; returns that path.
 
@@ -67,6 +103,8 @@ def execute_notebook(name: str, run_dir: str | os.PathLike, parameters: Mapping,
     """
     import papermill
     from papermill.exceptions import PapermillExecutionError
+
+    _headless_engine()
 
     source = notebook_path(name)
     declared = papermill.inspect_notebook(str(source))
@@ -82,7 +120,8 @@ def execute_notebook(name: str, run_dir: str | os.PathLike, parameters: Mapping,
         # the kernel's working directory through nbclient's resources, not papermill's cwd=, which chdirs this whole
         # process: with notebooks running in threads that moved the others' relative paths
         papermill.execute_notebook(str(source), str(partial), parameters=inject, kernel_name=kernel_name,
-                                   progress_bar=False, resources={"metadata": {"path": str(source.parent)}})
+                                   progress_bar=False, resources={"metadata": {"path": str(source.parent)}},
+                                   engine_name=HEADLESS_ENGINE)
         os.replace(partial, executed)
     except PapermillExecutionError as err:
         _keep_partial(partial, executed)

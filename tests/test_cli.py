@@ -536,3 +536,20 @@ def test_the_report_names_the_data_set_and_its_classes(tmp_path):
     md = build_report(out)[0].read_text()
     assert ("- data: digits (`/data/digits.npz`), 1437 training / 360 test images of 1×8×8, 10 classes: 0, 1, 2, 3, "
             "4, 5, 6, 7, 8, 9") in md
+
+
+def test_headless_widgets_draw_into_the_cell_without_a_front_end_imitation(tmp_path, monkeypatch):
+    """nbclient imitates the Output widget's front end by sending on the shell channel while it awaits the cell's
+    reply there, a race that hung 00_quickstart's explorer cell on an idle kernel (jupyter/nbclient#312). Our
+    engine has no imitation: what an Output widget draws reaches the cell's own outputs, and nothing is sent."""
+    import json
+
+    books = tmp_path / "books"
+    books.mkdir()
+    _tiny_notebook(books / "w.ipynb", "import ipywidgets as w\nfrom IPython.display import display\n"
+                   "out = w.Output()\ndisplay(out)\nfor i in range(50):\n    with out:\n        print('drawn', i)")
+    monkeypatch.setenv(cli.NOTEBOOKS_ENV, str(books))
+    executed = cli.execute_notebook("w", tmp_path / "run", {})
+    cell = json.loads(executed.read_text())["cells"][-1]
+    text = "".join("".join(o["text"]) for o in cell["outputs"] if o["output_type"] == "stream")
+    assert text == "".join(f"drawn {i}\n" for i in range(50))  # nbclient's imitation kept them in the widget

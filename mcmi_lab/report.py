@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from .plots import (plot_cmi_bars, plot_dose_response, plot_fraction_curve, plot_student_vs_teacher_cmi,
+from .plots import (METHOD_LABELS, plot_cmi_bars, plot_dose_response, plot_fraction_curve, plot_student_vs_teacher_cmi,
                     plot_training_curves)
 from .report_card import STUDENT_METRICS, TEACHER_METRICS, metric_correlations
 from .runs import RESULTS, collect_results, parameter_differences, seed_dirs
@@ -276,6 +276,10 @@ def dose_slopes(rows: SeedRows, method: str, metric: str, scale: float = 100.0) 
     return slope_over_seeds(points)
 
 
+def _method(name: str) -> str:
+    return METHOD_LABELS.get(name, name)
+
+
 def _dose_tables(rep: _Report, rows: SeedRows, metrics: Mapping[str, tuple], where: str) -> None:
     """Slopes per method and metric, what was not matched, how high each method reached, and the paired
     difference MCMI − label smoothing at each matched dose (each one a claim, labelled with `where`)."""
@@ -286,7 +290,7 @@ def _dose_tables(rep: _Report, rows: SeedRows, metrics: Mapping[str, tuple], whe
         match = dict(method=method, dose=dose, matched=True)
         reached = values(rows, "train_cmi", **match)
         if reached:
-            means.append({"method": method, "dose (nats)": f"{dose:g}", "train CMI (nats)": cell(reached),
+            means.append({"method": _method(method), "dose (nats)": f"{dose:g}", "train CMI (nats)": cell(reached),
                           **{f"{words} ({'%' if scale > 1 else unit})": cell(values(rows, metric, **match), scale,
                                                                              1 if scale > 1 else 3)
                              for metric, (words, scale, unit, _) in metrics.items()}})
@@ -295,17 +299,17 @@ def _dose_tables(rep: _Report, rows: SeedRows, metrics: Mapping[str, tuple], whe
     for method in methods:
         for metric, (words, scale, unit, _) in metrics.items():
             d = dose_slopes(rows, method, metric, scale)
-            table.append({"method": method, "metric": words, "slope (per nat)": f"{format_difference(d)} {unit}",
-                          "trend": trend(d)})
+            table.append({"method": _method(method), "metric": words,
+                          "slope (per nat)": f"{format_difference(d)} {unit}", "trend": trend(d)})
     rep.add(markdown_table(table), "")
-    unmatched = [f"{r['method']} at {r['dose']:g} (seed {seed}: {r['train_cmi']:.3f})" for seed, rs in rows.items()
-                 for r in rs if r["method"] != "control" and not r.get("matched")]
+    unmatched = [f"{_method(r['method'])} at {r['dose']:g} (seed {seed}: {r['train_cmi']:.3f})"
+                 for seed, rs in rows.items() for r in rs if r["method"] != "control" and not r.get("matched")]
     if unmatched:
         rep.add("Not matched within ±25% of the dose (left out of slopes and pairs): " + "; ".join(unmatched) + ".",
                 "")
     reach = {m: max(r["train_cmi"] for rs in rows.values() for r in rs if r["method"] == m) for m in methods}
     rep.add("Highest train CMI each method reached (nats, any seed): "
-            + ", ".join(f"{m} {c:.3f}" for m, c in reach.items()) + ".", "")
+            + ", ".join(f"{_method(m)} {c:.3f}" for m, c in reach.items()) + ".", "")
     pairs = []
     for dose in doses:
         for metric, (words, scale, unit, sign) in metrics.items():
@@ -407,15 +411,20 @@ def _teacher_predictors(rep: _Report) -> None:
         rep.add("")
 
 
+#: cam.cam_statistics' keys, as the report's Eigen-CAM table heads them
+CAM_STATISTICS = {"area_above_half": "area above half max (share of pixels)",
+                  "entropy_norm": "entropy (share of its maximum)", "mass_inside": "CAM mass inside the object"}
+
+
 def _eigencam(rep: _Report) -> None:
     rows = seed_rows(rep.results, "04_eigencam", "cam")
     if not rows:
         return
     models = list(dict.fromkeys(r["model"] for rs in rows.values() for r in rs))
-    stats = [k for k in ("area_above_half", "entropy_norm", "mass_inside") if any(k in r for rs in rows.values()
-                                                                                     for r in rs)]
-    table = [{"model": TEACHER_LABELS.get(m, m), **{k: cell(values(rows, k, model=m, **{"class": "all"}))
-                                                    for k in stats}} for m in models]
+    stats = [k for k in CAM_STATISTICS if any(k in r for rs in rows.values() for r in rs)]
+    table = [{"model": TEACHER_LABELS.get(m, m),
+              **{CAM_STATISTICS[k]: cell(values(rows, k, model=m, **{"class": "all"})) for k in stats}}
+             for m in models]
     rep.add("## Eigen-CAM", "", "Per-image statistics of sign-corrected, min-max scaled maps on test images: share of "
             "pixels above half the maximum, normalised entropy, CAM mass inside the object.", "",
             markdown_table(table), "")

@@ -266,6 +266,10 @@ def test_report_of_the_smoke_run(run):
     assert "seed_0/figures/04_eigencam/cam_grid.png" in text and page.stat().st_size > md.stat().st_size
     assert "dose_response.png" in text and "slope (per nat)" in text
     assert "figures/training_curves.png" in text and (out / "figures" / "training_curves.png").is_file()
+    # tables speak in words, not in the results' keys
+    assert "| MCMI (CMI target) |" in text and "| area above half max (share of pixels) |" in text
+    for key in ("| mcmi |", "| label_smoothing |", "area_above_half", "entropy_norm", "mass_inside"):
+        assert key not in text, key
 
 
 def test_broken_parameter_fails_the_run_naming_notebook_and_cell(tmp_path):

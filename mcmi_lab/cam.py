@@ -29,10 +29,11 @@ from matplotlib.figure import Figure
 
 from .features import restoring_modes
 from .models import cam_layer
-from .plots import save_figure
+from .plots import TEACHER_LABELS, save_figure
 from .utils import check_float, check_int
 
 __all__ = [
+    "CAM_STATISTICS",
     "MASK_THRESHOLD",
     "SignCorrectedEigenCAM",
     "default_target_layer",
@@ -279,6 +280,11 @@ def _short(v: float) -> str:
     return f"{v:.2f}".lstrip("0") if 0 <= v < 1 else f"{v:.2f}"
 
 
+#: cam_statistics' keys in words (the report's and 04's Eigen-CAM tables)
+CAM_STATISTICS = {"area_above_half": "area above half max (share of pixels)",
+                  "entropy_norm": "entropy (share of its maximum)", "mass_inside": "CAM mass inside the object"}
+
+
 def plot_cam_grid(images: torch.Tensor, models: Mapping[str, nn.Module], data=None, labels=None,
                   classes: Sequence[str] | None = None, target_layers=None, masks: torch.Tensor | None = None,
                   cmap: str = "jet", alpha: float = 0.5, path=None):
@@ -310,7 +316,8 @@ def plot_cam_grid(images: torch.Tensor, models: Mapping[str, nn.Module], data=No
             stats = cam_statistics(maps[i:i + 1], masks[i:i + 1] if masks is not None else None)
             axes[i, j].imshow(picture, **kw)
             axes[i, j].imshow(maps[i].numpy(), cmap=cmap, alpha=alpha, vmin=0, vmax=1)
-            head = f"{name} → {name_of(int(logits[i].argmax()))}" if logits is not None else name
+            label = TEACHER_LABELS.get(name, name)
+            head = f"{label} → {name_of(int(logits[i].argmax()))}" if logits is not None else label
             text = f"area {_short(float(stats['area_above_half']))}  H {_short(float(stats['entropy_norm']))}"
             if masks is not None:
                 text += f"  in {_short(float(stats['mass_inside']))}"

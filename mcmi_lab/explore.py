@@ -24,8 +24,7 @@ from .cmi import class_centroids, kl_to_centroids, probabilities
 from .data import ImageData
 from .evaluate import predict
 from .models.wrappers import TemperatureScaled
-from .plots import log_probabilities, project_2d, save_figure
-from .report import TEACHER_LABELS
+from .plots import TEACHER_LABELS, log_probabilities, project_2d, save_figure
 from .utils import check_choice, check_float, check_int
 
 __all__ = [

@@ -22,8 +22,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from .explore import teacher_colors
-from .plots import dose_points, plot_dose_response, save_figure
-from .report import TEACHER_LABELS, omitted_mean, seed_rows, values
+from .plots import TEACHER_LABELS, dose_points, plot_dose_response, save_figure
+from .report import omitted_mean, seed_rows, values
 from .runs import collect_results, read_results, seed_dirs
 from .stats import paired_difference
 

@@ -409,6 +409,9 @@ DOSE_LABELS = {
 }
 #: Metrics given in [0, 1] and shown in %.
 PERCENT = {"test_acc", "test_ece", "student_acc", "few_shot_acc", "zero_shot_omitted_acc", "zero_shot_acc"}
+#: the teachers' names in tables and figures
+TEACHER_LABELS = {"none": "no teacher (labels only)", "mll": "MLL", "control": "control (λ = 0)",
+                  "label_smoothing": "label smoothing", "temperature": "temperature-scaled MLL", "mcmi": "MCMI"}
 METHOD_LABELS = {"control": "control (λ = 0)", "mcmi": "MCMI (CMI target)", "label_smoothing": "label smoothing",
                  "temperature": "temperature scaling"}
 

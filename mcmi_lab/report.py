@@ -17,15 +17,14 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from .plots import (METHOD_LABELS, plot_cmi_bars, plot_dose_response, plot_fraction_curve, plot_student_vs_teacher_cmi,
-                    plot_training_curves)
+from .cam import CAM_STATISTICS
+from .plots import (METHOD_LABELS, TEACHER_LABELS, plot_cmi_bars, plot_dose_response, plot_fraction_curve,
+                    plot_student_vs_teacher_cmi, plot_training_curves)
 from .report_card import STUDENT_METRICS, TEACHER_METRICS, metric_correlations
 from .runs import RESULTS, collect_results, parameter_differences, seed_dirs
 from .stats import format_mean_std, mean_std, paired_difference, slope_over_seeds
 from .utils import write_json, write_text
 
-TEACHER_LABELS = {"none": "no teacher (labels only)", "mll": "MLL", "control": "control (λ = 0)",
-                  "label_smoothing": "label smoothing", "temperature": "temperature-scaled MLL", "mcmi": "MCMI"}
 
 
 # ---- tables -----------------------------------------------------------------------------------------------------
@@ -409,11 +408,6 @@ def _teacher_predictors(rep: _Report) -> None:
             rep.add(f"- {STUDENT_METRICS[student]}: largest |ρ| {TEACHER_METRICS[best['teacher']]} (ρ = "
                     f"{_rho(best, seeds)}; {'interval excludes 0' if excludes else 'interval includes 0'})")
         rep.add("")
-
-
-#: cam.cam_statistics' keys, as the report's Eigen-CAM table heads them
-CAM_STATISTICS = {"area_above_half": "area above half max (share of pixels)",
-                  "entropy_norm": "entropy (share of its maximum)", "mass_inside": "CAM mass inside the object"}
 
 
 def _eigencam(rep: _Report) -> None:

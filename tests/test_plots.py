@@ -201,7 +201,7 @@ def test_cam_explorer_builds_and_redraws():
     assert [ax.get_title() for ax in panels()[::3]] == ["bag"] * 3
     second.value = "control"
     count.value = 1
-    assert [ax.get_title().split(" → ")[0] for ax in panels()[1:]] == ["MLL", "control"]
+    assert [ax.get_title().split(" → ")[0] for ax in panels()[1:]] == ["MLL", "control (λ = 0)"]
     first.value = "control"  # the same teacher twice is drawn once
     assert len(panels()) == 2
 

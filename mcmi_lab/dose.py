@@ -179,17 +179,22 @@ def dose_teachers(teacher: nn.Module, data: ImageData, doses: list[float], epoch
 
 
 def dose_students(teachers: list[nn.Module], train: ImageData, test: ImageData, few: float, omitted: list[int],
-                  shot_epochs: int, **student_kw) -> list[dict]:
+                  shot_epochs: int, names: list[str] | None = None, **student_kw) -> list[dict]:
     """The study's three students of every teacher, one dict of test accuracies per teacher: KD on `train`
     ("student_acc"), KD on the stratified fraction `few` of it for `shot_epochs` ("few_shot_acc") and KD without the
     classes `omitted` (mean accuracy on them, "zero_shot_omitted_acc"). `student_kw`: :func:`recipes.train_student`'s
     keywords (model, epochs, seed, temperature, lr, TrainConfig fields); the few-shot subset is seeded by its seed.
     Each kind of student is trained for all teachers as one stack where the student architecture allows
-    (:func:`recipes.train_students`), one at a time otherwise."""
+    (:func:`recipes.train_students`), one at a time otherwise. `names`: one per teacher (e.g. "mcmi 0.1"), naming
+    its students' progress lines and TensorBoard runs ("KD student ← mcmi 0.1", "few-shot …", "zero-shot …")."""
     seed = student_kw.get("seed", 0)
-    full = train_students(teachers, train, "kd", **student_kw)
-    shot = train_students(teachers, few_shot(train, few, seed), "kd", **{**student_kw, "epochs": shot_epochs})
-    zero = train_students(teachers, omit_classes(train, omitted), "kd", **student_kw)
+
+    def called(kind):
+        return None if names is None else [f"{kind} student ← {n}" for n in names]
+    full = train_students(teachers, train, "kd", names=called("KD"), **student_kw)
+    shot = train_students(teachers, few_shot(train, few, seed), "kd", names=called(f"few-shot ({few:g})"),
+                          **{**student_kw, "epochs": shot_epochs})
+    zero = train_students(teachers, omit_classes(train, omitted), "kd", names=called("zero-shot"), **student_kw)
     out = []
     for (student, _), (shot_student, _), (zero_student, _) in zip(full, shot, zero):
         per_class = evaluate(zero_student, test)["per_class_accuracy"]

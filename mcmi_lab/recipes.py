@@ -268,26 +268,32 @@ def train_student(teacher: nn.Module | None, data: ImageData, method: str = "kd"
 
 def train_students(teachers: Sequence[nn.Module], data: ImageData, method: str = "kd", model: str = "cnn_tiny",
                    epochs: int = 10, *, seed: int = 0, temperature: float = 4.0, lr: float = 0.05,
-                   model_kwargs: dict | None = None, **fit_kwargs) -> list[tuple[nn.Module, list[dict]]]:
+                   model_kwargs: dict | None = None, names: Sequence[str] | None = None,
+                   **fit_kwargs) -> list[tuple[nn.Module, list[dict]]]:
     """One student per teacher, each as :func:`train_student` trains it (same initialisation, data order and recipe):
     as one stack (:func:`mcmi_lab.stack_fit.fit_stack`, the students fused into one network, and their teachers too)
     when the method is "kd" and the student architecture stacks (:func:`mcmi_lab.stack.stack_problem`), else one at
-    a time. A stacked student matches its one-at-a-time run to rounding (tests/test_stack.py). Returns
-    [(student, history)] in the order of `teachers`."""
+    a time. A stacked student matches its one-at-a-time run to rounding (tests/test_stack.py). `names`: one per
+    teacher, what each student's progress lines and TensorBoard run are called (default: by the teacher's class).
+    Returns [(student, history)] in the order of `teachers`."""
     teachers = list(teachers)
+    if names is not None and len(names) != len(teachers):
+        raise ValueError(f"names of length {len(names)} are not accepted: expected one per teacher ({len(teachers)})")
+    if names is None and "name" in fit_kwargs:
+        names = [fit_kwargs.pop("name")] * len(teachers)
     students = [_model(model, data, seed, **(model_kwargs or {})) for _ in teachers]
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     if (method != "kd" or len(teachers) < 2 or any(t is None for t in teachers) or fit_kwargs.get("compile")
             or {"checkpoint", "resume"} & fit_kwargs.keys() or stack_problem(students) is not None):
         return [train_student(t, data, method, model, epochs, seed=seed, temperature=temperature, lr=lr,
-                              model_kwargs=model_kwargs, **fit_kwargs) for t in teachers]
-    name = fit_kwargs.pop("name", None)
+                              model_kwargs=model_kwargs, **({} if names is None else {"name": names[i]}),
+                              **fit_kwargs) for i, t in enumerate(teachers)]
+    names = names or [f"student {model} kd ← {type(getattr(t, 'model', t)).__name__}" for t in teachers]
     eval_data, callbacks = fit_kwargs.pop("eval_data", None), fit_kwargs.pop("callbacks", ())
     overrides = {k: v for k, v in fit_kwargs.items() if k in fields}
     objectives = [build_objective("kd", t, temperature=temperature,
                                   **{k: v for k, v in fit_kwargs.items() if k not in fields}) for t in teachers]
-    configs = [TrainConfig(epochs=epochs, seed=seed, lr=lr, name=name or
-                           f"student {model} kd ← {type(getattr(t, 'model', t)).__name__}") for t in teachers]
+    configs = [TrainConfig(epochs=epochs, seed=seed, lr=lr, name=n) for n in names]
     histories = fit_stack(students, data, objectives, configs, eval_data=eval_data, callbacks=callbacks, **overrides)
     return list(zip(students, histories))
 

@@ -220,7 +220,10 @@ def test_06_zero_shot(run):
 
 
 def test_07_dose_response(run):
-    run_dir, results, params = _execute(run, "07_dose_response")
+    run_dir, results, params = _execute(run, "07_dose_response", tensorboard=True)
+    logged = {p.name for p in (run_dir / "tensorboard").iterdir()}  # teachers and stacked students alike
+    assert {"control_λ=0", "KD_student_control", f"few-shot_{min(params['fractions']):g}_student_control",
+            "zero-shot_student_control"} <= logged, logged
     rows = results["dose_response"]
     assert rows[0]["method"] == "control" and rows[0]["dose"] == 0
     for method in ("label_smoothing", "temperature"):  # MCMI rows may be missing where the guard stopped a dose

@@ -217,3 +217,18 @@ def test_each_member_logs_to_tensorboard_under_its_name(tmp_path):
     fit_stack(_models(n=2), _data(), None, configs)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
     assert all(any(p.iterdir()) for p in tmp_path.iterdir())  # an event file in each
+
+
+def test_train_students_names_each_student_stacked_or_one_at_a_time(tmp_path):
+    pytest.importorskip("torch.utils.tensorboard")
+    data = _data()
+    teachers = [_teacher(data), _teacher(data, epochs=1)]
+    kw = dict(epochs=1, batch_size=16, precision="fp32", log=False, progress="off")
+    train_students(teachers, data, "kd", "cnn_tiny", names=["KD ← mll", "KD ← mcmi"],
+                   tensorboard=str(tmp_path / "stacked"), **kw)
+    train_students(teachers, data, "kd", "resnet8", names=["KD ← mll", "KD ← mcmi"],  # resnet8: one at a time
+                   tensorboard=str(tmp_path / "alone"), **kw)
+    for folder in ("stacked", "alone"):
+        assert sorted(p.name for p in (tmp_path / folder).iterdir()) == ["KD_mcmi", "KD_mll"]
+    with pytest.raises(ValueError, match=r"names of length 1 are not accepted: expected one per teacher \(2\)"):
+        train_students(teachers, data, "kd", "cnn_tiny", names=["one"], **kw)

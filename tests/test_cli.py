@@ -407,14 +407,15 @@ def test_report_dose_response_slopes_and_pairs_by_hand(tmp_path):
     slopes = [_ls_slope([ctrl_cmi[i], mcmi[0.1][0][i], mcmi[0.2][0][i]],
                         [100 * ctrl_kd[i], 100 * mcmi[0.1][1][i], 100 * mcmi[0.2][1][i]]) for i in SEEDS]
     m, low, high = _ci(slopes, [0, 0, 0])
-    assert f"| mcmi | KD student accuracy | {m:+.2f} (95% CI {low:+.2f} .. {high:+.2f}, n=3) points | rises |" in section
+    assert (f"| MCMI (CMI target) | KD student accuracy | {m:+.2f} (95% CI {low:+.2f} .. {high:+.2f}, n=3) points "
+            "| rises |") in section
     # seed 2's label smoothing at 0.2 reached 0.08: unmatched, said so, and out of its slope and of the 0.2 pair
-    assert "label_smoothing at 0.2 (seed 2: 0.080)" in section
+    assert "label smoothing at 0.2 (seed 2: 0.080)" in section
     ls = [_ls_slope([ctrl_cmi[i], smooth[0.1][0][i]] + ([smooth[0.2][0][i]] if i < 2 else []),
                     [100 * ctrl_kd[i], 100 * smooth[0.1][1][i]] + ([100 * smooth[0.2][1][i]] if i < 2 else []))
           for i in SEEDS]
     m, low, high = _ci(ls, [0, 0, 0])
-    assert f"| label_smoothing | KD student accuracy | {m:+.2f} (95% CI {low:+.2f} .. {high:+.2f}, n=3) points |" in section
+    assert f"| label smoothing | KD student accuracy | {m:+.2f} (95% CI {low:+.2f} .. {high:+.2f}, n=3) points |" in section
     m, low, high = _ci([100 * a for a in mcmi[0.1][1]], [100 * a for a in smooth[0.1][1]])
     assert f"| 0.1 | KD student accuracy | {m:+.2f} (95% CI {low:+.2f} .. {high:+.2f}, n=3) points | not shown |" in section
     d = [100 * (mcmi[0.2][1][i] - smooth[0.2][1][i]) for i in (0, 1)]  # two matched pairs at 0.2
@@ -439,11 +440,12 @@ def test_report_known_posterior_dose_response_by_hand(tmp_path):
     section = md[md.index("### Dose-response on the known posterior"):]
     assert "The Bayes posterior's own train CMI: 0.150 nats." in section
     (c, cs), (k, ks) = _mean_std(mcmi[0]), _mean_std(mcmi[1])
-    assert f"| mcmi | 0.1 | {c:.3f} ± {cs:.3f} (n=3) | {k:.3f} ± {ks:.3f} (n=3) | — |" in section  # the means table
+    # the means table
+    assert f"| MCMI (CMI target) | 0.1 | {c:.3f} ± {cs:.3f} (n=3) | {k:.3f} ± {ks:.3f} (n=3) | — |" in section
     slopes = [_ls_slope([ctrl[0][i], mcmi[0][i]], [ctrl[1][i], mcmi[1][i]]) for i in SEEDS]
     m, low, high = _ci(slopes, [0, 0, 0])
-    assert high < 0 and (f"| mcmi | KL(P* ‖ teacher) on test | {m:+.2f} (95% CI {low:+.2f} .. {high:+.2f}, n=3) "
-                         "nats | falls |") in section
+    assert high < 0 and (f"| MCMI (CMI target) | KL(P* ‖ teacher) on test | {m:+.2f} (95% CI {low:+.2f} .. "
+                         f"{high:+.2f}, n=3) nats | falls |") in section
     m, low, high = _ci(mcmi[1], smooth[1])
     assert high < 0 and f"{m:+.3f} (95% CI {low:+.3f} .. {high:+.3f}, n=3) nats | held |" in section
     claims = md.split("## Which claims held on this data")[1].split("\n## ")[0]

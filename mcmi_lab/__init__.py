@@ -29,8 +29,8 @@ from .models import MODELS, build_model, cam_layer, classifier_layer, feature_la
 from .objectives import MCMIObjective, Objective, StopTraining, kd_objective, mcmi_objective, mll_objective
 from .models.wrappers import TemperatureScaled
 from .pipelines import PARAMETERS, PIPELINES, TEACHERS, omit_sets
-from .recipes import (finetune_control, finetune_label_smoothing, finetune_mcmi, finetune_teacher, load_run_data,
-                      model_metrics, temperature_scale, train_student, train_students, train_teacher)
+from .recipes import (finetune_control, finetune_label_smoothing, finetune_mcmi, finetune_mcmi_doses, finetune_teacher,
+                      load_run_data, model_metrics, temperature_scale, train_student, train_students, train_teacher)
 from .report import build_report, markdown_table
 from .report_card import format_card, inspect_checkpoint, metric_correlations, report_card
 from .runs import figure_path, load_teacher, load_teachers, read_results, save_teacher, write_results
@@ -59,7 +59,7 @@ __all__ = [
     "kd_objective", "KD_METHODS", "distill", "build_objective", "method_hparams",
     "TEACHER_OBJECTIVES", "build_teacher_objective", "teacher_objective_hparams",
     # the paper's steps (recipes)
-    "load_run_data", "train_teacher", "finetune_teacher", "finetune_mcmi", "finetune_control",
+    "load_run_data", "train_teacher", "finetune_teacher", "finetune_mcmi", "finetune_mcmi_doses", "finetune_control",
     "finetune_label_smoothing",
     "temperature_scale", "TemperatureScaled", "train_student", "train_students", "model_metrics",
     # evaluation and statistics

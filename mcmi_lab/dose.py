@@ -26,8 +26,8 @@ from .data import ImageData, few_shot, omit_classes
 from .evaluate import evaluate, measure_cmi, predict
 from .models.wrappers import TemperatureScaled
 from .objectives import StopTraining, check_target_cmi
-from .recipes import (DOSE_TOLERANCE, finetune_control, finetune_label_smoothing, finetune_mcmi, matched,
-                      train_students)
+from .recipes import (DOSE_TOLERANCE, finetune_control, finetune_label_smoothing, finetune_mcmi,
+                      finetune_mcmi_doses, matched, train_students)
 from .utils import check_float, check_int
 
 # ---- temperature ------------------------------------------------------------------------------------------------
@@ -161,15 +161,23 @@ def dose_teachers(teacher: nn.Module, data: ImageData, doses: list[float], epoch
 
     control, _ = finetune_control(teacher, data, epochs, **finetune_kwargs)
     out = [({"method": "control", "dose": 0.0}, control)]
+    try:  # the MCMI teachers of all doses as one stack where the architecture allows
+        dosed = dict(zip(doses, quietly(lambda: finetune_mcmi_doses(teacher, data, doses, epochs, **finetune_kwargs))))
+    except StopTraining as stop:  # a member collapsed: one at a time, so that the other doses are kept
+        echo(f"  MCMI stack stopped ({stop}): the doses one at a time")
+        dosed = {}
+        for dose in doses:
+            try:
+                dosed[dose] = quietly(lambda: finetune_mcmi(teacher, data, target_cmi=dose, epochs=epochs,
+                                                            **finetune_kwargs))
+            except StopTraining as stop:
+                echo(f"  MCMI at {dose:g}: collapsed ({stop})")
     search = SmoothingSearch()
     for dose in doses:
-        try:
-            mcmi, hist = quietly(lambda: finetune_mcmi(teacher, data, target_cmi=dose, epochs=epochs,
-                                                       **finetune_kwargs))
+        if dose in dosed:
+            mcmi, hist = dosed[dose]
             out.append(({"method": "mcmi", "dose": dose, "lam_final": hist[-1]["lam"],
                          "selected_epoch": hist[-1]["selected_epoch"]}, mcmi))
-        except StopTraining as stop:
-            echo(f"  MCMI at {dose:g}: collapsed ({stop})")
         smoothed, eps, _ = quietly(lambda: match_label_smoothing(teacher, data, dose, epochs, search=search,
                                                                  **finetune_kwargs))
         out.append(({"method": "label_smoothing", "dose": dose, "epsilon": eps}, smoothed))

@@ -163,12 +163,46 @@ def finetune_mcmi(teacher: nn.Module, data: ImageData, lam: float | None = None,
     hist = fit(model, data, objective, cfg, eval_data=eval_data, checkpoint=checkpoint, resume=resume,
                callbacks=callbacks, **fit_kwargs)
     if target_cmi is not None:
-        reached = dosed.select(model, hist)
-        if not matched(reached, target_cmi):
-            warnings.warn(f"MCMI did not reach train CMI {target_cmi:g} within ±25%: it reached {reached:.4f} nats "
-                          f"after {epochs} epochs (final λ {hist[-1]['lam']:.3g}); more epochs or a larger "
-                          f"control_gain may reach it", stacklevel=2)
+        _warn_unreached(dosed.select(model, hist), target_cmi, hist)
     return model, hist
+
+
+def finetune_mcmi_doses(teacher: nn.Module, data: ImageData, targets: Sequence[float], epochs: int = 20, *,
+                        update: str = "running", seed: int = 0, lr: float = 0.05, schedule: str = "cosine",
+                        ema_decay: float = 0.999, guard: bool = True, refresh_steps: int | None = None,
+                        centroid_pass: str = "eval", control: dict | None = None,
+                        **fit_kwargs) -> list[tuple[nn.Module, list[dict]]]:
+    """``finetune_mcmi(teacher, data, target_cmi=c, ...)`` for every dose c in `targets`, trained as one stack
+    (:func:`mcmi_lab.stack_fit.fit_stack`: each member its own CMI target, controller, centroids and epoch
+    selection) when the teacher's architecture stacks, else one at a time; the same models and histories either way
+    (to rounding, tests/test_stack.py). A member the collapse guard stops stops the stack: StopTraining is raised
+    and the caller can run the doses one at a time (as ``dose.dose_teachers`` does) to keep the others.
+    Returns [(fine-tuned copy, history)] in the order of `targets`; `teacher` is not modified."""
+    targets = list(targets)
+    kw = dict(update=update, seed=seed, lr=lr, schedule=schedule, ema_decay=ema_decay, guard=guard,
+              refresh_steps=refresh_steps, centroid_pass=centroid_pass, control=control)
+    models = [copy.deepcopy(teacher).requires_grad_(True) for _ in targets]
+    if (len(targets) < 2 or {"checkpoint", "resume", "compile", "callbacks", "name"} & fit_kwargs.keys()
+            or stack_problem(models) is not None):
+        return [finetune_mcmi(teacher, data, target_cmi=c, epochs=epochs, **kw, **fit_kwargs) for c in targets]
+    objectives = [mcmi_objective(None, update=update, ema_decay=ema_decay, guard=guard, refresh_steps=refresh_steps,
+                                 target_cmi=c, centroid_pass=centroid_pass, **(control or {})) for c in targets]
+    configs = [TrainConfig(epochs=epochs, seed=seed, lr=lr, schedule=schedule, name=f"mcmi CMI→{c:g}")
+               for c in targets]
+    recorders = {id(m): _DoseRecorder(c, data) for m, c in zip(models, targets)}
+    eval_data = fit_kwargs.pop("eval_data", None)
+    histories = fit_stack(models, data, objectives, configs, eval_data=eval_data,
+                          callbacks=[lambda record, model: recorders[id(model)](record, model)], **fit_kwargs)
+    for model, hist, target in zip(models, histories, targets):
+        _warn_unreached(recorders[id(model)].select(model, hist), target, hist)
+    return list(zip(models, histories))
+
+
+def _warn_unreached(reached: float, target: float, hist: list[dict]) -> None:
+    if not matched(reached, target):
+        warnings.warn(f"MCMI did not reach train CMI {target:g} within ±25%: it reached {reached:.4f} nats after "
+                      f"{hist[-1]['epoch']} epochs (final λ {hist[-1]['lam']:.3g}); more epochs or a larger control_gain may "
+                      "reach it", stacklevel=3)
 
 
 class _DoseRecorder:

@@ -232,3 +232,37 @@ def test_train_students_names_each_student_stacked_or_one_at_a_time(tmp_path):
         assert sorted(p.name for p in (tmp_path / folder).iterdir()) == ["KD_mcmi", "KD_mll"]
     with pytest.raises(ValueError, match=r"names of length 1 are not accepted: expected one per teacher \(2\)"):
         train_students(teachers, data, "kd", "cnn_tiny", names=["one"], **kw)
+
+
+def test_finetune_mcmi_doses_stacks_what_finetune_mcmi_trains_dose_by_dose():
+    """The dose-response study's MCMI teachers (dose.dose_teachers): one stack, each member its own CMI target and
+    epoch selection, ending as finetune_mcmi's one-at-a-time teachers; a teacher that does not stack falls back."""
+    from mcmi_lab.evaluate import measure_cmi
+    from mcmi_lab.recipes import finetune_mcmi, finetune_mcmi_doses
+
+    data = _data(96)
+    teacher = _teacher(data)
+    kw = dict(epochs=3, lr=0.1, control={"control_steps": 2, "probe_size": 32}, batch_size=16, precision="fp32",
+              log=False, progress="off")
+    targets = [0.05, 0.2, 0.6]  # the first lands at the end, the others are not reached in 3 epochs
+    with pytest.warns(UserWarning, match="did not reach train CMI 0.2 within"):
+        alone = [finetune_mcmi(teacher, data, target_cmi=c, **kw) for c in targets]
+    with pytest.warns(UserWarning, match="did not reach train CMI 0.2 within"):
+        stacked = finetune_mcmi_doses(teacher, data, targets, **kw)
+    _assert_same([m for m, _ in alone], [h for _, h in alone], [m for m, _ in stacked], [h for _, h in stacked])
+    assert len({h[0]["time"] for _, h in stacked}) == 1  # one stack: its members share the epoch's time
+    # the epoch selection inside the stack: 0.012 is reached at epoch 2 and passed at 3, so epoch 2's weights come
+    # back. (Near its target the controller amplifies rounding: the one-at-a-time run itself moves 1.5e-3 between
+    # 1 and 2 threads, so this member is checked against its own history, not against finetune_mcmi's weights.)
+    with pytest.warns(UserWarning, match="did not reach train CMI 0.3 within"):
+        selected = finetune_mcmi_doses(teacher, data, [0.012, 0.3], **kw)
+    assert [h[-1]["selected_epoch"] for _, h in selected] == [2, 3]
+    model, hist = selected[0]
+    assert float(measure_cmi(model, data)["cmi"]) == pytest.approx(hist[1]["train_cmi"], abs=1e-6)
+    assert abs(hist[2]["train_cmi"] - hist[1]["train_cmi"]) > 0.01  # epoch 3's weights would measure otherwise
+    resnet = build_model("resnet8", 4, 1)  # does not stack: trained one at a time, the same as finetune_mcmi's
+    with pytest.warns(UserWarning):
+        one = finetune_mcmi_doses(resnet, data, targets[:2], **{**kw, "epochs": 1})
+        ref = finetune_mcmi(resnet, data, target_cmi=targets[1], **{**kw, "epochs": 1})
+    for key, value in ref[0].state_dict().items():
+        assert torch.equal(value, one[1][0].state_dict()[key]), key

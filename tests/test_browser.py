@@ -97,9 +97,7 @@ def test_quickstart_runs_in_jupyterlab(lab):
             page.goto(f"{base}/lab/tree/quickstart.ipynb?token={token}")
             page.wait_for_selector(".jp-Notebook", timeout=90_000)  # cells queue until the kernel is up
             for attempt in range(3):  # a first start can swallow the click (a dialog, a kernel still starting)
-                page.keyboard.press("Escape")
-                page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
-                page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
+                _run_all_cells(page)
                 try:
                     page.wait_for_selector(".widget-slider", timeout=100_000)
                     break
@@ -148,6 +146,18 @@ for i, name in enumerate(("mll", "control", "mcmi")):
 ]
 
 
+def _run_all_cells(page) -> None:
+    """Menu Run → Run All Cells, after accepting the "Select Kernel" dialog JupyterLab may open over the notebook
+    (seen when a second notebook opens in the same server: Escape does not close it, and it swallows the click)."""
+    page.keyboard.press("Escape")
+    page.wait_for_timeout(1000)  # the dialog comes up a moment after the notebook
+    accept = page.locator(".jp-Dialog .jp-mod-accept")
+    if accept.count():
+        accept.first.click()
+    page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
+    page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
+
+
 def test_each_explorer_redraws_when_a_control_changes_in_jupyterlab(lab):
     """One notebook with the three explorers of issue 19 on tiny teachers and a two-seed results folder: for each,
     pick another option of its first dropdown (class, class, view) and wait for its figure to change."""
@@ -177,9 +187,7 @@ def test_each_explorer_redraws_when_a_control_changes_in_jupyterlab(lab):
             cells = page.locator(".jp-CodeCell")
             figure = lambda i: cells.nth(i).locator(".widget-output img").first  # noqa: E731
             for attempt in range(3):  # a first start can swallow the click (a dialog, a kernel still starting)
-                page.keyboard.press("Escape")
-                page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
-                page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
+                _run_all_cells(page)
                 try:
                     figure(3).wait_for(timeout=150_000)
                     break

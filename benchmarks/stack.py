@@ -9,6 +9,10 @@ Both with the same objective (``--objective``: "mll" by default; "kd" distils ev
 cnn_small teacher, the study's students, whose teachers the stack fuses too), precision ("auto"), batch size and
 channels-last. stack/sequential = t(sequential) / t(stack), a throughput ratio (target ≥ 2 for cnn_tiny × 8 on a
 CPU, ≥ 5 on a GPU). Architectures that cannot be stacked (the ResNets) are listed with the reason.
+
+Also the host work, which bounds a GPU step of these small models: the aten operations dispatched per training
+step (a TorchDispatchMode count over one epoch of 4 steps: two epochs less one), N steps of `fit` against one of the
+stack; their quotient is the ratio a step bound by host work alone would give. It is exact and immune to load.
 Run: ``python -m benchmarks.stack [--cases cnn_tiny@fashion-mnist ...] [--members 4 8] [--device cuda]``.
 """
 from __future__ import annotations
@@ -17,6 +21,7 @@ import copy
 import sys
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mcmi_lab.objectives import kd_objective, mll_objective
 from mcmi_lab.stack import stack_problem
@@ -38,6 +43,42 @@ def add_options(p) -> None:
 
 def _objectives(kind: str, teachers: list) -> list:
     return [mll_objective() if kind == "mll" else kd_objective(t) for t in teachers]
+
+
+class _OpCount(TorchDispatchMode):
+    """Counts the aten operations dispatched inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def ops_per_step(train, steps: int) -> float:
+    """Operations of one training step: train(epochs) counted at 2 epochs less at 1, over `steps` steps."""
+    counts = []
+    for epochs in (1, 2):
+        with _OpCount() as c:
+            train(epochs)
+        counts.append(c.n)
+    return (counts[1] - counts[0]) / steps
+
+
+def host_ops(case: common.Case, n: int, args, device: torch.device) -> tuple[float, float]:
+    """(aten ops per step of one model in fit, of the stack of N) at 4 steps of the benchmark's batch size."""
+    data = common.make_data(case.data, 4 * args.batch_size)
+    models = [common.make_model(case, data, device, seed=i) for i in range(n)]
+    teachers = [common.make_model(common.Case("cnn_small", case.data), data, device, seed=100 + i) for i in range(n)]
+    config = dict(batch_size=args.batch_size, device=str(device), log=False, progress="off")
+    single = ops_per_step(lambda e: fit(copy.deepcopy(models[0]), data, _objectives(args.objective, teachers)[0],
+                                        TrainConfig(epochs=e, **config)), 4)
+    stacked = ops_per_step(lambda e: fit_stack([copy.deepcopy(m) for m in models], data,
+                                               _objectives(args.objective, teachers), TrainConfig(epochs=e, **config),
+                                               seeds=list(range(n))), 4)
+    return single, stacked
 
 
 def measure(case: common.Case, n: int, args, device: torch.device) -> dict:
@@ -62,7 +103,8 @@ def measure(case: common.Case, n: int, args, device: torch.device) -> dict:
 
     times = common.interleave({"sequential": sequential, "stack": stacked}, args.reps, device)
     images = n * samples
-    return {"case": case.label, "n": n, "why": None, "images": images,
+    single_ops, stack_ops = host_ops(case, n, args, device)
+    return {"case": case.label, "n": n, "why": None, "images": images, "ops_fit": single_ops, "ops_stack": stack_ops,
             "sequential_s": common.median(times["sequential"]), "stack_s": common.median(times["stack"]),
             "ratio": common.ratio(times, "sequential", "stack")}
 
@@ -82,9 +124,11 @@ def run(args, device: torch.device) -> dict:
                                                 else f"not stacked: {r['why']}"), flush=True)
     rows = [[r["case"], r["n"], r.get("images"), r.get("sequential_s"), r.get("stack_s"),
              r["images"] / r["sequential_s"] if not r["why"] else None,
-             r["images"] / r["stack_s"] if not r["why"] else None, r.get("ratio")] for r in results]
+             r["images"] / r["stack_s"] if not r["why"] else None, r.get("ratio"), r.get("ops_fit"),
+             r.get("ops_stack"), n * r["ops_fit"] / r["ops_stack"] if not r["why"] else None]
+            for r, n in ((r, r["n"]) for r in results)]
     print(common.table(["case", "N", "images", "sequential s", "stack s", "seq img/s", "stack img/s",
-                        "stack/sequential"], rows))
+                        "stack/sequential", "ops/step fit", "ops/step stack", "N·ops fit/ops stack"], rows))
     measured = [r for r in results if not r["why"]]
     headline = max(measured, key=lambda r: (r["case"] == cases[0].label, r["n"]), default=None)
     ratios = {"stack/sequential": headline["ratio"] if headline else None}

@@ -1,11 +1,15 @@
 """``fit_stack``: N models of one architecture trained as one :class:`~mcmi_lab.stack.ModelStack`, each as ``fit``
 would train it alone: its own data order and augmentation (its seed), objective and hyper-parameters.
 
-One step: every member draws its own batch (``batches`` with its seed), the fused network computes all the logits in
-one forward, each member's objective turns its logits into its loss (it sees a stand-in for its model that returns
-them, and the member itself as ``.module`` for its own passes), one backward of the sum gives each member exactly
+One step: every member draws its own batch (the batch ``batches`` would give it with its seed; for all members at
+once by ``data.stacked_batches``: one gather, augmentation and normalisation), the fused network computes all the
+logits in one forward, each member's objective turns its logits into its loss (it sees a stand-in for its model that
+returns them, and the member itself as ``.module`` for its own passes; all-MLL and all-KD stacks compute the
+members' losses as batched ops instead, :class:`_StackedLosses`), one backward of the sum gives each member exactly
 its own gradient (the members share no parameter), and one SGD with a parameter group per member (its lr, momentum,
-weight decay) steps them. KD teachers of one stackable architecture are fused too (one forward for all).
+weight decay; multi-tensor ops) steps them. KD teachers of one stackable architecture are fused too (one forward for
+all). So a step's host work, which bounds small models on a GPU, hardly grows with N (``python -m benchmarks.stack``
+counts it).
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ from torch import nn
 
 from . import distributed as dist_utils
 from .checkpoint import load_checkpoint, load_state, save_checkpoint
-from .data import ImageData, batches
+from .data import ImageData, batches, stacked_batches, stacked_batches_problem
 from .evaluate import measure_cmi
 from .objectives import KDObjective, MCMIObjective, MLLObjective, Objective, mll_objective
 from .runtime import autocast_dtype, check_model_input
@@ -144,7 +148,8 @@ def fit_stack(models: Sequence[nn.Module], data: ImageData | Sequence[ImageData]
         objective.prepare(model, d)
     optimizer = torch.optim.SGD([{"params": list(m.parameters()), "lr": c.lr, "momentum": c.momentum,
                                   "weight_decay": c.weight_decay, "nesterov": c.nesterov}
-                                 for m, c in zip(models, configs)], lr=cfg.lr)
+                                 for m, c in zip(models, configs)], lr=cfg.lr,
+                                foreach=True)  # a few multi-tensor ops per member, not a few per parameter
 
     # ---- resume (into the plain models, before they are tied to the stack) -----------------------------------
     prints = [data_fingerprint(d) for d in datas] if checkpoint is not None else None
@@ -179,8 +184,7 @@ def fit_stack(models: Sequence[nn.Module], data: ImageData | Sequence[ImageData]
             for model, objective in zip(models, objectives):
                 model.train()
                 objective.train()
-            iters = [batches(d, cfg.batch_size, shuffle=True, augment=c.augment, seed=c.seed, epoch=epoch,
-                             drop_last=drop_last, index=True) for d, c in zip(datas, configs)]
+            iters = _epoch_batches(datas, configs, epoch, drop_last)
             bar = _progress(cfg, steps, f"stack of {n} epoch {epoch + 1}/{cfg.epochs}")
             means = _train_epoch(stack, teachers, objectives, optimizer, iters, autocast, cfg, epoch, bar)
             if bar is not None:
@@ -233,6 +237,63 @@ def _teacher_stack(objectives: list) -> tuple | None:
     return stack, [o.teacher for o in objectives], [t for _, t in parts]
 
 
+class _StackedLosses:
+    """The losses of N members whose objectives are all MLLObjective, or all KDObjective without logit
+    standardisation, as batched ops over the (N, B, K) logits: the same values as each objective's own forward (the
+    formulas of F.cross_entropy with label smoothing and losses.kd_loss, written per member; to float rounding,
+    tests/test_stack.py), without a loss, its backward and its bookkeeping per member, which made a stack's step
+    grow with N on a GPU. ``of(objectives)`` is None for any other mix (each objective then runs its own forward)."""
+
+    def __init__(self, objectives: list, device: torch.device):
+        self.kd = type(objectives[0]) is KDObjective
+        col = lambda values: torch.tensor(values, device=device)[:, None]  # noqa: E731
+        if self.kd:
+            self.temperature = col([o.temperature for o in objectives])[:, :, None]
+            self.kd_weight, self.ce_weight = col([o.kd_weight for o in objectives]), col(
+                [o.ce_weight for o in objectives])
+        else:
+            self.smoothing = col([o.label_smoothing for o in objectives])
+        self.terms = ["ce", "kd", "acc"] if self.kd else ["ce", "acc"]
+
+    @classmethod
+    def of(cls, objectives: list, device: torch.device) -> "_StackedLosses | None":
+        kind = type(objectives[0])
+        if kind not in (MLLObjective, KDObjective) or any(type(o) is not kind for o in objectives) or (
+                kind is KDObjective and any(o.logit_standardization for o in objectives)):
+            return None
+        return cls(objectives, device)
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the members' losses (N,), their [loss, *terms] as an (N, 1 + terms) tensor)."""
+        log_p = torch.log_softmax(logits.float(), 2)
+        nll = -log_p.gather(2, labels[..., None]).squeeze(2)
+        acc = (logits.argmax(2) == labels).float().mean(1)
+        if not self.kd:
+            ce = ((1 - self.smoothing) * nll - self.smoothing * log_p.mean(2)).mean(1)
+            return ce, torch.stack([ce.detach(), ce.detach(), acc], 1)
+        ce = nll.mean(1)
+        t = self.temperature
+        log_s = torch.log_softmax(logits.float() / t, 2)
+        log_t = torch.log_softmax(teacher_logits.float() / t, 2)
+        kd = (log_t.exp() * (log_t - log_s)).sum(2).mean(1) * t[:, 0, 0] ** 2
+        loss = self.ce_weight[:, 0] * ce + self.kd_weight[:, 0] * kd
+        return loss, torch.stack([loss.detach(), ce.detach(), kd.detach(), acc], 1)
+
+
+def _epoch_batches(datas: list[ImageData], configs: list[TrainConfig], epoch: int, drop_last: bool):
+    """Per step (images (N, B, C, H, W), labels (N, B), indices (N, B)): member i's slices are the batch its own fit
+    run would draw. One gather, augmentation and normalisation for all members when their data sets agree
+    (data.stacked_batches), else member by member."""
+    size = configs[0].batch_size
+    if stacked_batches_problem(datas) is None and len({c.augment for c in configs}) == 1:
+        return stacked_batches(datas, size, seeds=[c.seed for c in configs], epoch=epoch,
+                               augment=configs[0].augment, drop_last=drop_last)
+    iters = [batches(d, size, shuffle=True, augment=c.augment, seed=c.seed, epoch=epoch, drop_last=drop_last,
+                     index=True) for d, c in zip(datas, configs)]
+    return (tuple(torch.stack(parts) for parts in zip(*step)) for step in zip(*iters))
+
+
 def _train_epoch(stack: ModelStack, teachers, objectives, optimizer, iters, autocast, cfg: TrainConfig,
                  epoch: int, bar) -> list[dict[str, float]]:
     """The steps of one epoch for every member; returns each member's sample-weighted means of its loss and terms."""
@@ -240,36 +301,51 @@ def _train_epoch(stack: ModelStack, teachers, objectives, optimizer, iters, auto
     grads = [p.grad for p in stack.fused.parameters()]
     names = sums = first_bad = None
     seen = 0
-    for step, batch in enumerate(zip(*iters)):
-        images = [b[0] for b in batch]
+    batched = _StackedLosses.of(objectives, grads[0].device)
+    if teachers is not None and batched is not None:
+        scale = torch.tensor([1.0 if t is None else float(t) for t in teachers[2]], device=grads[0].device)
+    for step, (images, labels, indices) in enumerate(iters):
+        per = images.unbind(0)  # one view per member: an objective's model is called on exactly these
         with autocast():
             logits = stack(images)
             if teachers is not None:
                 with torch.no_grad():
                     taught = teachers[0](images)
-                for i, objective in enumerate(objectives):
-                    t = taught[i] if teachers[2][i] is None else taught[i] / teachers[2][i]
-                    objective.__dict__["teacher"] = _Logits(teachers[1][i], images[i], t, "teacher")
-            losses, values = [], []
-            for i, objective in enumerate(objectives):
-                model = _Logits(models[i], images[i], logits[i])
-                loss, terms = objective(model, images[i], batch[i][1], batch[i][2])
-                if not model.calls:
-                    raise RuntimeError(f"objective {type(objective).__name__} did not call its model: fit_stack "
-                                       f"accepts {_names()}")
-                losses.append(loss)
-                values.append([loss.detach().float()] + [t.detach().float() for t in terms.values()])
+                if batched is None:
+                    for i, objective in enumerate(objectives):
+                        t = taught[i] if teachers[2][i] is None else taught[i] / teachers[2][i]
+                        objective.__dict__["teacher"] = _Logits(teachers[1][i], per[i], t, "teacher")
+                elif any(t is not None for t in teachers[2]):  # temperature-scaled teachers
+                    taught = taught / scale[:, None, None]
+            if batched is not None:
+                if teachers is None and batched.kd:  # teachers that do not stack: each its own forward
+                    with torch.no_grad():
+                        taught = torch.stack([o.teacher(x) for o, x in zip(objectives, per)])
+                loss, flat = batched(logits, labels, taught if batched.kd else None)
+                losses, flat = [loss.sum()], flat.flatten()
                 if step == 0:
-                    names = (names or []) + [["loss"] + list(terms)]
+                    names = [["loss"] + batched.terms for _ in objectives]
+            else:
+                losses, values = [], []
+                for i, objective in enumerate(objectives):
+                    model = _Logits(models[i], per[i], logits[i])
+                    loss, terms = objective(model, per[i], labels[i], indices[i])
+                    if not model.calls:
+                        raise RuntimeError(f"objective {type(objective).__name__} did not call its model: "
+                                           f"fit_stack accepts {_names()}")
+                    losses.append(loss)
+                    values.append([loss.detach().float()] + [t.detach().float() for t in terms.values()])
+                    if step == 0:
+                        names = (names or []) + [["loss"] + list(terms)]
+                flat = torch.stack([v for member in values for v in member])
         stack.push_statistics()  # after the objectives: a member evaluated in a step sees the statistics before it
         torch._foreach_zero_(grads)
         torch.stack(losses).sum().backward()
         optimizer.step()
-        flat = torch.stack([v for member in values for v in member])
         if sums is None:
             sums, first_bad = torch.zeros_like(flat), torch.full_like(flat, -1)
-        sums += flat * len(batch[0][1])
-        seen += len(batch[0][1])
+        sums += flat * labels.shape[1]
+        seen += labels.shape[1]
         first_bad = torch.where(~torch.isfinite(flat) & (first_bad < 0), float(step), first_bad)
         if (step + 1) % cfg.check_every == 0:
             _check_all(names, first_bad, objectives, epoch)

@@ -108,3 +108,33 @@ def test_ranks_draw_their_own_augmentation_and_one_process_draws_as_before():
     order = torch.randperm(64, generator=gen)  # one process: the order, then the crops from the same stream
     expected = torch.cat([d.normalize(augment_batch(d.images[order[i:i + 8]], 2, True, gen)) for i in range(0, 64, 8)])
     assert torch.equal(single, expected)
+
+
+def test_stacked_batches_are_each_members_own_batches():
+    """stacked_batches (fit_stack's data path: one gather, augmentation and normalisation for N members) against
+    its brute-force reference, one `batches` per member: bit-identical images, labels and indices, with two data
+    sets (one of them serving two members), three seeds, with and without augmentation and the dropped tail."""
+    from mcmi_lab.data import stacked_batches
+
+    def data(seed):
+        images = torch.randint(0, 256, (37, 2, 9, 9), generator=torch.Generator().manual_seed(seed),
+                               dtype=torch.uint8)
+        return from_tensors(images, torch.arange(37) % 3, 3, mean=[0.3, 0.5], std=[0.2, 0.4], pad=2, flip=True)
+    a, b = data(1), data(2)
+    datas, seeds = [a, b, a], [0, 3, 5]
+    for augment in (True, False):
+        for drop_last in (False, True):
+            got = list(stacked_batches(datas, 8, seeds=seeds, epoch=2, augment=augment, drop_last=drop_last))
+            refs = [list(batches(d, 8, shuffle=True, augment=augment, seed=s, epoch=2, drop_last=drop_last,
+                                 index=True)) for d, s in zip(datas, seeds)]
+            assert len(got) == len(refs[0]) == (4 if drop_last else 5)
+            for step, (images, labels, indices) in enumerate(got):
+                assert images.shape == (3, len(refs[0][step][1]), 2, 9, 9)
+                for i in range(3):
+                    assert torch.equal(images[i], refs[i][step][0])
+                    assert torch.equal(labels[i], refs[i][step][1])
+                    assert torch.equal(indices[i], refs[i][step][2])
+    assert not torch.equal(got[0][0][0], got[0][0][2])  # one data set, two seeds: two orders
+    short = from_tensors(torch.zeros(36, 2, 9, 9, dtype=torch.uint8), torch.arange(36) % 3, 3, pad=2, flip=True)
+    with pytest.raises(ValueError, match="data set 1 differs from data set 0 in size"):
+        next(stacked_batches([a, short], 8, seeds=[0, 1]))

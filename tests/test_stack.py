@@ -266,3 +266,33 @@ def test_finetune_mcmi_doses_stacks_what_finetune_mcmi_trains_dose_by_dose():
         ref = finetune_mcmi(resnet, data, target_cmi=targets[1], **{**kw, "epochs": 1})
     for key, value in ref[0].state_dict().items():
         assert torch.equal(value, one[1][0].state_dict()[key]), key
+
+
+def test_stacked_losses_equal_each_objectives_own_forward():
+    """fit_stack's batched losses (all-MLL or all-KD stacks) against each objective's own forward on its member's
+    logits: the same loss, terms and gradient, for label smoothing, temperatures and weights that differ by member;
+    other mixes are left to the objectives."""
+    from mcmi_lab.stack_fit import _StackedLosses
+
+    g = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(3, 16, 5, generator=g)).requires_grad_(True)
+    taught = 3 * torch.randn(3, 16, 5, generator=g)
+    labels = torch.randint(0, 5, (3, 16), generator=g)
+    cases = {"mll": [mll_objective(0.0), mll_objective(0.1), mll_objective(0.3)],
+             "kd": [kd_objective(None, 4.0), kd_objective(None, 2.0, 0.5, 0.5), kd_objective(None, 1.0, 1.0, 0.0)]}
+    for kind, objectives in cases.items():
+        batched = _StackedLosses.of(objectives, torch.device("cpu"))
+        loss, flat = batched(logits, labels, taught)
+        grad = torch.autograd.grad(loss.sum(), logits)[0]
+        for i, objective in enumerate(objectives):
+            if kind == "kd":
+                objective.__dict__["teacher"] = lambda x, i=i: taught[i]
+            member = logits[i].detach().requires_grad_(True)
+            ref, terms = objective(lambda x: member, None, labels[i])
+            torch.testing.assert_close(loss[i], ref, atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(flat[i], torch.stack([ref.detach(), *terms.values()]), atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(grad[i], torch.autograd.grad(ref, member)[0], atol=1e-7, rtol=1e-6)
+    mixed = [mll_objective(), kd_objective(None)]
+    assert _StackedLosses.of(mixed, torch.device("cpu")) is None
+    assert _StackedLosses.of([kd_objective(None, logit_standardization=True)] * 2, torch.device("cpu")) is None
+    assert _StackedLosses.of([mcmi_objective(0.5), mcmi_objective(0.5)], torch.device("cpu")) is None

@@ -182,7 +182,7 @@ def finetune_mcmi_doses(teacher: nn.Module, data: ImageData, targets: Sequence[f
     kw = dict(update=update, seed=seed, lr=lr, schedule=schedule, ema_decay=ema_decay, guard=guard,
               refresh_steps=refresh_steps, centroid_pass=centroid_pass, control=control)
     models = [copy.deepcopy(teacher).requires_grad_(True) for _ in targets]
-    if (len(targets) < 2 or {"checkpoint", "resume", "compile", "callbacks", "name"} & fit_kwargs.keys()
+    if (len(targets) < 2 or {"checkpoint", "resume", "callbacks", "name"} & fit_kwargs.keys()
             or stack_problem(models) is not None):
         return [finetune_mcmi(teacher, data, target_cmi=c, epochs=epochs, **kw, **fit_kwargs) for c in targets]
     objectives = [mcmi_objective(None, update=update, ema_decay=ema_decay, guard=guard, refresh_steps=refresh_steps,
@@ -317,7 +317,7 @@ def train_students(teachers: Sequence[nn.Module], data: ImageData, method: str =
         names = [fit_kwargs.pop("name")] * len(teachers)
     students = [_model(model, data, seed, **(model_kwargs or {})) for _ in teachers]
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    if (method != "kd" or len(teachers) < 2 or any(t is None for t in teachers) or fit_kwargs.get("compile")
+    if (method != "kd" or len(teachers) < 2 or any(t is None for t in teachers)
             or {"checkpoint", "resume"} & fit_kwargs.keys() or stack_problem(students) is not None):
         return [train_student(t, data, method, model, epochs, seed=seed, temperature=temperature, lr=lr,
                               model_kwargs=model_kwargs, **({} if names is None else {"name": names[i]}),

@@ -209,8 +209,10 @@ class ModelStack(nn.Module):
             return x.contiguous(memory_format=torch.channels_last)
         return x.contiguous()
 
-    def forward(self, images: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
-        out = self.fused(self.input(images))
+    def forward(self, images: torch.Tensor | Sequence[torch.Tensor], network: nn.Module | None = None) -> torch.Tensor:
+        """(N, B, K) logits; `network`: what runs the fused network (default ``self.fused``; fit_stack passes its
+        torch.compile'd form)."""
+        out = (self.fused if network is None else network)(self.input(images))
         return out.view(len(out), self.n, -1).transpose(0, 1)
 
 

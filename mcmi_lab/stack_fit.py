@@ -83,8 +83,6 @@ def _check_inputs(models: list, datas: list, objectives: list, configs: list) ->
         if len(values) > 1:
             raise ValueError(f"{field} differing between the models ({', '.join(sorted(values))}) is not accepted: a "
                              f"stack shares {', '.join(SHARED)}; the other settings may differ")
-    if configs[0].compile:
-        raise ValueError(f"compile={configs[0].compile!r} is not accepted by fit_stack: use compile=False")
     shapes = {(len(d), tuple(d.images.shape[1:]), d.num_classes) for d in datas}
     if len(shapes) > 1:
         raise ValueError(f"data of different sizes, image shapes or classes ({sorted(shapes)}) is not accepted: the "
@@ -161,6 +159,8 @@ def fit_stack(models: Sequence[nn.Module], data: ImageData | Sequence[ImageData]
     trackers = [TensorBoardLogger(c.tensorboard, c.name) if c.tensorboard else None for c in configs]
     stack = ModelStack(models)
     teachers = _teacher_stack(objectives)
+    network = stack.fused if not cfg.compile else torch.compile(  # the training forward, as fit compiles it
+        stack.fused, mode=None if cfg.compile is True else cfg.compile)
     amp = autocast_dtype(cfg.precision, device)
     autocast = lambda: torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)  # noqa: E731
     size = len(datas[0])
@@ -186,7 +186,7 @@ def fit_stack(models: Sequence[nn.Module], data: ImageData | Sequence[ImageData]
                 objective.train()
             iters = _epoch_batches(datas, configs, epoch, drop_last)
             bar = _progress(cfg, steps, f"stack of {n} epoch {epoch + 1}/{cfg.epochs}")
-            means = _train_epoch(stack, teachers, objectives, optimizer, iters, autocast, cfg, epoch, bar)
+            means = _train_epoch(stack, network, teachers, objectives, optimizer, iters, autocast, cfg, epoch, bar)
             if bar is not None:
                 bar.close()
             for model, d, objective in zip(models, datas, objectives):
@@ -294,8 +294,8 @@ def _epoch_batches(datas: list[ImageData], configs: list[TrainConfig], epoch: in
     return (tuple(torch.stack(parts) for parts in zip(*step)) for step in zip(*iters))
 
 
-def _train_epoch(stack: ModelStack, teachers, objectives, optimizer, iters, autocast, cfg: TrainConfig,
-                 epoch: int, bar) -> list[dict[str, float]]:
+def _train_epoch(stack: ModelStack, network: nn.Module, teachers, objectives, optimizer, iters, autocast,
+                 cfg: TrainConfig, epoch: int, bar) -> list[dict[str, float]]:
     """The steps of one epoch for every member; returns each member's sample-weighted means of its loss and terms."""
     n, models = stack.n, stack.members
     grads = [p.grad for p in stack.fused.parameters()]
@@ -307,7 +307,7 @@ def _train_epoch(stack: ModelStack, teachers, objectives, optimizer, iters, auto
     for step, (images, labels, indices) in enumerate(iters):
         per = images.unbind(0)  # one view per member: an objective's model is called on exactly these
         with autocast():
-            logits = stack(images)
+            logits = stack(images, network)
             if teachers is not None:
                 with torch.no_grad():
                     taught = teachers[0](images)

@@ -125,8 +125,7 @@ def run(args, device: torch.device) -> dict:
     rows = [[r["case"], r["n"], r.get("images"), r.get("sequential_s"), r.get("stack_s"),
              r["images"] / r["sequential_s"] if not r["why"] else None,
              r["images"] / r["stack_s"] if not r["why"] else None, r.get("ratio"), r.get("ops_fit"),
-             r.get("ops_stack"), n * r["ops_fit"] / r["ops_stack"] if not r["why"] else None]
-            for r, n in ((r, r["n"]) for r in results)]
+             r.get("ops_stack"), r["n"] * r["ops_fit"] / r["ops_stack"] if not r["why"] else None] for r in results]
     print(common.table(["case", "N", "images", "sequential s", "stack s", "seq img/s", "stack img/s",
                         "stack/sequential", "ops/step fit", "ops/step stack", "N·ops fit/ops stack"], rows))
     measured = [r for r in results if not r["why"]]

@@ -114,17 +114,19 @@ def _fit_stack_or_each(study: _Study, models, datas, objectives, configs) -> lis
         return stopped
 
 
+def _fresh(model: str, data, seed: int):
+    """A new `model` for `data`, its weights a function of `seed` (as train_teacher and train_students make them)."""
+    set_seed(seed)
+    return build_model(model, data.num_classes, data.in_channels)
+
+
 def run_stacked(seeds: list[int], study: _Study, splits: dict) -> dict:
     """All seeds, each step's models as one stack (the same models as run_sequential's, to rounding). Returns the
     models as run_sequential does."""
     a = study.a
     ds = {seed: derive_seeds(seed) for seed in seeds}
     cells = [(seed, name) for seed in seeds for name in ("mll", "label_smoothing")]
-
-    def fresh(seed):
-        set_seed(ds[seed]["teacher"])  # as train_teacher initialises: the weights are a function of the seed
-        return build_model("cnn_small", splits[seed][0].num_classes, splits[seed][0].in_channels)
-    teachers = {cell: fresh(cell[0]) for cell in cells}
+    teachers = {(seed, name): _fresh("cnn_small", splits[seed][0], ds[seed]["teacher"]) for seed, name in cells}
     configs = [TrainConfig(epochs=a.teacher_epochs, seed=ds[seed]["teacher"], name=f"teacher {name} seed {seed}")
                for seed, name in cells]
     study.step(f"teachers (MLL, label smoothing) ×{len(seeds)}", lambda: fit_stack(
@@ -148,13 +150,7 @@ def run_stacked(seeds: list[int], study: _Study, splits: dict) -> dict:
     for view, names, make in VIEWS:
         cells = [(seed, name) for seed in seeds for name in names]
         datas = {seed: make(splits[seed][0], ds[seed]["student"]) for seed in seeds}
-        if len({len(d) for d in datas.values()}) > 1:  # a stack's members share a data size
-            raise ValueError(f"{view}: the seeds' data sizes differ ({[len(d) for d in datas.values()]})")
-
-        def student(seed):
-            set_seed(ds[seed]["student"])  # as train_students initialises
-            return build_model("cnn_tiny", datas[seed].num_classes, datas[seed].in_channels)
-        students = [student(seed) for seed, _ in cells]
+        students = [_fresh("cnn_tiny", datas[seed], ds[seed]["student"]) for seed, _ in cells]
         configs = [TrainConfig(epochs=a.student_epochs, seed=ds[seed]["student"], lr=0.05,
                                name=f"student ← {name} seed {seed}") for seed, name in cells]
         study.step(f"{view} ({len(names)}) ×{len(seeds)}", lambda: fit_stack(
@@ -180,7 +176,7 @@ def run(argv=None) -> tuple[dict, dict]:
     p.add_argument("--device", default=None)
     p.add_argument("--train-size", type=int, default=None, help="default: all 60,000 images")
     p.add_argument("--test-size", type=int, default=None, help="default: all 10,000 test images")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="TrainConfig.precision (default auto: bf16 autocast where the device has it)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--teacher-epochs", type=int, default=30)

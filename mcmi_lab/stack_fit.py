@@ -302,7 +302,8 @@ def _train_epoch(stack: ModelStack, network: nn.Module, teachers, objectives, op
     names = sums = first_bad = None
     seen = 0
     batched = _StackedLosses.of(objectives, grads[0].device)
-    if teachers is not None and batched is not None:
+    scale = None  # the fused teachers' temperatures, for the batched losses of temperature-scaled teachers
+    if batched is not None and teachers is not None and any(t is not None for t in teachers[2]):
         scale = torch.tensor([1.0 if t is None else float(t) for t in teachers[2]], device=grads[0].device)
     for step, (images, labels, indices) in enumerate(iters):
         per = images.unbind(0)  # one view per member: an objective's model is called on exactly these
@@ -315,7 +316,7 @@ def _train_epoch(stack: ModelStack, network: nn.Module, teachers, objectives, op
                     for i, objective in enumerate(objectives):
                         t = taught[i] if teachers[2][i] is None else taught[i] / teachers[2][i]
                         objective.__dict__["teacher"] = _Logits(teachers[1][i], per[i], t, "teacher")
-                elif any(t is not None for t in teachers[2]):  # temperature-scaled teachers
+                elif scale is not None:
                     taught = taught / scale[:, None, None]
             if batched is not None:
                 if teachers is None and batched.kd:  # teachers that do not stack: each its own forward

@@ -460,8 +460,8 @@ def test_sixteen_bit_and_float_grey_images_keep_their_range(tmp_path):
                 tmp_path / "deep" / split / name / "b.tif")
     data = load_dataset(str(tmp_path / "deep"))  # both once loaded as 255 (16-bit) and 0 (float): std 0
     assert data.in_channels == 1
-    assert data.images[:, 0, 0, 0].tolist() == [round(1000 * 255 / 65535), round(0.25 * 255), round(60000 * 255 / 65535),
-                                                255]
+    expected = [round(1000 * 255 / 65535), round(0.25 * 255), round(60000 * 255 / 65535), 255]
+    assert data.images[:, 0, 0, 0].tolist() == expected
     assert data.std[0] > 0.1
     Image.fromarray(np.full((4, 3), 2.5, np.float32)).save(tmp_path / "deep" / "train" / "dark" / "c.tif")
     with pytest.raises(ValueError) as err:
@@ -484,3 +484,18 @@ def test_image_folders_skip_hidden_folders_and_include_nested_ones(tmp_path):
     assert torch.equal(test.images[1, 0], torch.from_numpy(pixels["test", "dog", 0]))
     assert torch.equal(test.images[2, 0], torch.from_numpy(extra))
     check_dataset(str(tmp_path / "pets"))
+
+
+def test_class_names_with_dollars_are_drawn_as_written(tmp_path):
+    """A class name `$x^$` failed notebooks 02 and 06 with "ValueError: x^" (matplotlib's math text)."""
+    from mcmi_lab.plots import plot_confusion, plot_kl_distributions, plot_output_projection, plot_per_class_cmi
+    from mcmi_lab.utils import mpl_text
+    assert mpl_text("$x^$ costs 5$") == r"\$x^\$ costs 5\$" and mpl_text("plain") == "plain"
+    classes = ("$x^$", "b$")
+    labels = torch.tensor([0, 1, 0, 1])
+    plot_per_class_cmi({"mll": torch.tensor([0.1, 0.2])}, classes, path=tmp_path / "a.png")
+    plot_kl_distributions(torch.rand(4), labels, torch.rand(4), labels, classes, path=tmp_path / "b.png")
+    plot_output_projection({"mll": torch.randn(4, 2)}, labels, classes, path=tmp_path / "c.png")
+    fig = plot_confusion(torch.tensor([[3, 1], [0, 4]]), classes, path=tmp_path / "d.png")
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == [r"\$x^\$", r"b\$"]
+    assert all((tmp_path / f"{n}.png").stat().st_size > 0 for n in "abcd")

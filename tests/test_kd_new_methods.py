@@ -106,7 +106,7 @@ def test_mlkd_loss_formula():
 
 def _mlkd_plainly(s, t, temps, standardize_instance):
     """MLKD as Sun et al.'s MLKD.py computes it (no masks, one view): Σ_T T²·KL at the instance level, on Z-scored
-    logits when `standardize_instance`, plus the class level ‖PᵀP‖ and batch level ‖PPᵀ‖ terms on raw logits."""
+    logits when `standardize_instance`, plus the class (PᵀP) and batch (PPᵀ) levels on the raw logits."""
     def zscore(z):
         out = []
         for row in z.tolist():

@@ -5,7 +5,7 @@ the statistics of its training split and without augmentation (what suits someon
 ``load_dataset(path, split)`` dispatches here. Every bad file is one ValueError/FileNotFoundError line naming it.
 
 Sizes are read from the ``.npy`` headers inside the ``.npz`` and from the image files' headers before anything is
-decompressed: a data set that would take more than :func:`max_data_bytes` once decoded (default 2 GiB, set
+decompressed: a data set (a folder: a split) that would take more than :func:`max_data_bytes` decoded (2 GiB, set
 ``$MCMI_LAB_MAX_DATA_BYTES`` to allow more) is refused in one line. The training labels must name every class
 (0..K-1, K the length of ``classes`` or the largest label + 1) and the test labels none beyond them.
 """
@@ -29,7 +29,8 @@ FOLDER_ACCEPTED = "an ImageFolder folder with train/<class>/ and test/<class>/ i
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 #: The environment variable that overrides :data:`MAX_DATA_BYTES` (a number of bytes).
 MAX_BYTES_ENV = "MCMI_LAB_MAX_DATA_BYTES"
-#: The most bytes a user data set may take decoded: the arrays of an .npz as stored, a folder's images as uint8.
+#: The most bytes a user data set may take decoded: the arrays of an .npz as stored, the images of one split of a
+#: folder as uint8.
 MAX_DATA_BYTES = 2 * 2**30
 #: Image modes holding more than 8 bits per pixel (16-bit grey PNGs, 32-bit integer and float TIFFs): grey.
 _DEEP_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")

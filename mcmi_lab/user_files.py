@@ -287,7 +287,10 @@ def _read_images(files: list[tuple[Path, int]], like: torch.Tensor | None = None
             raise ValueError(f"{path} is {got[0]}x{got[1]} where the training images are {size[0]}x{size[1]}: "
                              "expected images of one size (resize them first)")
     _check_budget(len(files) * size[0] * size[1] * (1 if grey else 3), f"{files[0][0].parent.parent}")
-    images = torch.from_numpy(np.stack([_picture(path, grey) for path, _ in files]))
+    pixels = np.empty((len(files), size[1], size[0]) + (() if grey else (3,)), np.uint8)  # filled: no second copy
+    for i, (path, _) in enumerate(files):
+        pixels[i] = _picture(path, grey)
+    images = torch.from_numpy(pixels)
     images = images[:, None] if grey else images.permute(0, 3, 1, 2)
     return images.contiguous(), torch.tensor([k for _, k in files])
 

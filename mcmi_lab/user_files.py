@@ -246,6 +246,12 @@ def _folder_classes(folder: Path) -> tuple[str, ...]:
     classes = tuple(_visible_dirs(folder / "train"))
     if not classes:
         raise ValueError(f"{folder / 'train'} holds no class folders: expected {FOLDER_ACCEPTED}")
+    for name in classes:
+        try:
+            name.encode("utf-8")  # a byte the file system's encoding could not decode: a lone surrogate
+        except UnicodeEncodeError:
+            raise ValueError(f"{folder / 'train'} holds a class folder whose name is not valid UTF-8 ({name!r}): "
+                             "expected class names as text (rename the folder)") from None
     return classes
 
 

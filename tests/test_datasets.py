@@ -433,6 +433,15 @@ def test_class_names_that_are_not_text_name_the_file(tmp_path, names, fragment):
     _one_line(err, "classes in", "names.npz", fragment)
 
 
+def test_a_class_folder_named_in_no_utf8_is_one_line(tmp_path):
+    import os
+    _write_folder(tmp_path / "pets")
+    os.rename(tmp_path / "pets" / "train" / "cat", os.fsencode(tmp_path / "pets" / "train") + b"/c\xffat")
+    with pytest.raises(ValueError) as err:
+        load_dataset(str(tmp_path / "pets"))
+    _one_line(err, "pets/train holds a class folder whose name is not valid UTF-8 ('c\\udcffat')")
+
+
 def test_decompression_bombs_and_large_folders_are_one_line(tmp_path, monkeypatch):
     from PIL import Image
     _write_folder(tmp_path / "pets")

@@ -101,13 +101,37 @@ def save_model(path: str | os.PathLike, model: nn.Module, **extra: Any) -> Path:
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild a model saved by :func:`save_model` (or a training checkpoint of a `build_model` model)."""
     state = load_checkpoint(path)
+    what = f"checkpoint {str(path)!r}"
+    if not isinstance(state, dict):
+        raise ValueError(f"{what} holds a {type(state).__name__}, not a dict with a model spec and weights: it was "
+                         "not saved from a build_model model")
     spec = state.get("spec")
     if not spec or not isinstance(spec, dict) or not isinstance(state.get("model"), dict):
-        raise ValueError(f"checkpoint {str(path)!r} has no model spec and weights (it holds "
+        raise ValueError(f"{what} has no model spec and weights (it holds "
                          f"{', '.join(map(str, state)) or 'nothing'}): it was not saved from a build_model model")
     spec = dict(spec)
     args = (spec.pop("name", None), spec.pop("num_classes", None), spec.pop("in_channels", None))
-    what = f"checkpoint {str(path)!r}"
-    with torch.device("meta"):  # the spec is checked against the weights' shapes before any memory is allocated
-        load_state(build_model(*args, **spec), state["model"], what, check_only=True)
+    _check_spec(what, args, spec, state["model"])
+    try:
+        with torch.device("meta"):  # the spec is checked against the weights' shapes before any memory is allocated
+            load_state(build_model(*args, **spec), state["model"], what, check_only=True)
+    except (TypeError, KeyError) as err:  # a spec entry build_model does not take
+        raise ValueError(f"{what} holds a model spec build_model does not take ({type(err).__name__}: {err})") from None
     return load_state(build_model(*args, **spec), state["model"], what).to(device)
+
+
+def _check_spec(what: str, args: tuple, spec: dict, weights: dict) -> None:
+    """One line unless the spec's name is a string, its class and channel counts integers >= 1, every other entry
+    a keyword name, and every weight a tensor (lists of numbers are not weights)."""
+    name, num_classes, in_channels = args
+    counts = (num_classes, in_channels)
+    if not isinstance(name, str) or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in counts) \
+            or not all(isinstance(k, str) for k in spec):
+        raise ValueError(f"{what} holds a model spec that is not accepted (name {name!r}, num_classes "
+                         f"{num_classes!r}, in_channels {in_channels!r}): expected a model name and integer counts, "
+                         "as save_model writes them")
+    bad = [k for k, v in weights.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ValueError(f"{what} holds weights that are not tensors ({bad[0]!r}: "
+                         f"{type(weights[bad[0]]).__name__}{' ...' if len(bad) > 1 else ''}): expected a state_dict "
+                         "of tensors, as save_model writes it")

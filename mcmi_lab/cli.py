@@ -25,7 +25,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
 
-from .datasets import DATASETS, fashion_mnist_root
+from .datasets import DATASETS, data_fingerprint, fashion_mnist_root
 from .launch import add_train_command
 from .objectives import StopTraining
 from .pipelines import (NOTEBOOKS, PARAMETERS, PIPELINES, START_ORDER, get_pipeline, notebook_needs, parse_value,
@@ -240,13 +240,14 @@ def run_pipeline(pipeline: str, out: str | os.PathLike, overrides: Mapping | Non
     with run_folder_lock(out):  # one writer per folder; one configuration per folder
         if force:
             clear_run_folder(out)
-        check_run_folder(out, pipe.name, params)
+        data = data_fingerprint(params.get("dataset"))  # a data file changed under the same path is refused too
+        check_run_folder(out, pipe.name, params, data)
         earlier = read_run_info(out)
         threads = max(1, (os.cpu_count() or 1) // jobs)
         info = {"pipeline": pipe.name, "description": pipe.description,
                 "notebooks": list(dict.fromkeys(earlier.get("notebooks", []) + names)),
                 "seeds": sorted(set(earlier.get("seeds", [])) | set(seeds)),
-                "parameters": params, "device": describe_device(params["device"]), "jobs": jobs,
+                "parameters": params, "data": data, "device": describe_device(params["device"]), "jobs": jobs,
                 "threads_per_kernel": int(os.environ.get("OMP_NUM_THREADS", threads)), "started": now(),
                 "command": " ".join(["mcmi-lab"] + sys.argv[1:]), "status": "running",
                 "timings_s": dict(earlier.get("timings_s", {}))}
@@ -263,7 +264,7 @@ def run_pipeline(pipeline: str, out: str | os.PathLike, overrides: Mapping | Non
 
         try:
             done = [(seed, name) for seed in seeds for name in names
-                    if completed(seed_dir(out, seed), name, {**params, "seed": seed})]
+                    if completed(seed_dir(out, seed), name, {**params, "seed": seed}, data)]
             for seed, name in done:  # the same configuration ran these to the end before: a rerun resumes
                 echo(f"  seed {seed}  {name:<18} done before with these parameters, kept (--force reruns it)")
             with _kernel_environment(threads, out / "kernels.log"):

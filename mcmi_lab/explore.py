@@ -25,7 +25,7 @@ from .data import ImageData
 from .evaluate import predict
 from .models.wrappers import TemperatureScaled
 from .plots import TEACHER_LABELS, log_probabilities, project_2d, save_figure
-from .utils import check_choice, check_float, check_int
+from .utils import check_choice, check_float, check_int, mpl_text
 
 __all__ = [
     "ALL_CLASSES",
@@ -204,7 +204,7 @@ def teacher_figure(explore: ExploreData, index: int, names: Sequence[str] | None
     (cam=True), its probability bars at T = 1 with the class centroid Q_y of the true class as red ticks, and its bars
     at the KD temperature. Titles give the prediction and KL(P_x ‖ Q_y) in nats. log: probabilities on a log axis."""
     index, names = explore.check_index(index), explore.check_names(names)
-    classes, k = explore.classes, len(explore.classes)
+    classes, k = [mpl_text(c) for c in explore.classes], len(explore.classes)  # "$" literal in matplotlib
     true = int(explore.labels[index])
     colors = teacher_colors(explore.names)
     fig = Figure(figsize=(1.8 + 3.1 * len(names), 2.9 + 2 * (0.9 + 0.2 * k)), layout="constrained")
@@ -289,7 +289,7 @@ def concentration_figure(explore: ExploreData, label: int, names: Sequence[str] 
             raise ValueError(f"point={point} is not accepted: image {point} is of class "
                              f"{explore.classes[int(explore.labels[point])]!r}, expected one of class "
                              f"{explore.classes[label]!r}")
-    classes, k, colors = explore.classes, len(explore.classes), teacher_colors(explore.names)
+    classes, k, colors = [mpl_text(c) for c in explore.classes], len(explore.classes), teacher_colors(explore.names)
     fig = Figure(figsize=(2.0 + 3.6 * len(names), 10.0), layout="constrained")
     axes = fig.subplots(3, 1 + len(names), squeeze=False, width_ratios=[0.55] + [1] * len(names))
     for r in range(3):  # one pair of axes per row for every teacher
@@ -366,7 +366,7 @@ def concentration_figure(explore: ExploreData, label: int, names: Sequence[str] 
     else:
         _header(axes[1, 0], "no image\npicked")
     _header(axes[2, 0], f"{method.upper()}\nof all teachers\ntogether:\nsame axes")
-    fig.suptitle(f"How concentrated is each teacher on class {classes[label]!r}? (KL in nats, at T = 1)",
+    fig.suptitle(f"How concentrated is each teacher on class '{classes[label]}'? (KL in nats, at T = 1)",
                  fontsize=11)
     if path is not None:
         save_figure(fig, path)

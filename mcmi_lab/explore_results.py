@@ -26,6 +26,7 @@ from .plots import TEACHER_LABELS, dose_points, plot_dose_response, save_figure
 from .report import omitted_mean, seed_rows, values
 from .runs import collect_results, read_results, seed_dirs
 from .stats import paired_difference
+from .utils import mpl_text
 
 __all__ = [
     "Metric",
@@ -156,8 +157,9 @@ def _pick(kind: str, wanted: Sequence[str] | None, present: Sequence[str], view:
 
 
 def _classes(results: Results) -> list[str] | None:
-    return next((nb["06_zero_shot"]["classes"] for nb in results["seeds"].values()
-                 if "classes" in nb.get("06_zero_shot", {})), None)
+    names = next((nb["06_zero_shot"]["classes"] for nb in results["seeds"].values()
+                  if "classes" in nb.get("06_zero_shot", {})), None)
+    return [mpl_text(c) for c in names] if names is not None else None  # drawn by matplotlib: "$" literal
 
 
 def _group_text(field: str, value: Any, classes: Sequence[str] | None) -> str:

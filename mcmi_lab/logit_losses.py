@@ -69,7 +69,8 @@ def dist_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: 
 
 @_float32
 def mlkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-              temperatures: Sequence[float] = (2.0, 3.0, 4.0, 5.0, 6.0), return_terms: bool = False):
+              temperatures: Sequence[float] = (2.0, 3.0, 4.0, 5.0, 6.0), return_terms: bool = False,
+              standardize_instance: bool = False):
     """Multi-level logit distillation (Jin et al., CVPR 2023) on one batch: over the temperatures T, with
     P = softmax(z/T) (B, K), the instance level T²·KL(P_t ‖ P_s) (batch mean), the class level
     ‖P_tᵀP_t − P_sᵀP_s‖²_F / K and the batch level ‖P_tP_tᵀ − P_sP_sᵀ‖²_F / B, all summed.
@@ -77,13 +78,17 @@ def mlkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     The authors' code (github.com/Jin-Ying/Multi-Level-Logit-Distillation, ``KD_ours``) also computes them on a
     strongly augmented view and multiplies the weak view's terms by the share of samples (classes) below the median
     teacher confidence; those parts are not here (see :class:`mcmi_lab.kd.logit.MLKDObjective`).
-    return_terms: also return ``{"instance", "class", "batch"}`` (detached)."""
+    return_terms: also return ``{"instance", "class", "batch"}`` (detached). standardize_instance: the instance level
+    on Z-scored logits (:func:`standardize_logits`), the class and batch levels on the raw ones, as Sun et al.'s
+    ``MLKD.py`` (github.com/sunshangquan/logit-standardization-KD) applies logit standardisation to MLKD."""
     b, k = student_logits.shape
+    z_s, z_t = ((standardize_logits(student_logits), standardize_logits(teacher_logits)) if standardize_instance
+                else (student_logits, teacher_logits))
     instance = class_level = batch_level = student_logits.new_zeros(())
     for t in temperatures:
-        log_s, log_t = torch.log_softmax(student_logits / t, 1), torch.log_softmax(teacher_logits / t, 1)
-        p_s, p_t = log_s.exp(), log_t.exp()
+        log_s, log_t = torch.log_softmax(z_s / t, 1), torch.log_softmax(z_t / t, 1)
         instance = instance + F.kl_div(log_s, log_t, reduction="batchmean", log_target=True) * t**2
+        p_s, p_t = torch.softmax(student_logits / t, 1), torch.softmax(teacher_logits / t, 1)
         class_level = class_level + (p_t.t() @ p_t - p_s.t() @ p_s).pow(2).sum() / k
         batch_level = batch_level + (p_t @ p_t.t() - p_s @ p_s.t()).pow(2).sum() / b
     loss = instance + class_level + batch_level

@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from .stats import mean_std, paired_difference
-from .utils import atomic_write, check_choice
+from .utils import atomic_write, check_choice, mpl_text
 
 __all__ = [
     "save_figure",
@@ -77,7 +77,7 @@ def _colors(n: int) -> list:
 
 
 def _class_names(classes, k: int) -> list[str]:
-    return list(classes) if classes is not None else [str(i) for i in range(k)]
+    return [mpl_text(c) for c in classes] if classes is not None else [str(i) for i in range(k)]  # "$" literal
 
 
 # ---- CMI of teachers --------------------------------------------------------------------------------------------

@@ -124,6 +124,12 @@ def load_any_model(path: str | os.PathLike) -> nn.Module:
     except ValueError as err:
         raise ValueError(f"{err} (expected {CHECKPOINTS_ACCEPTED})") from None
     temperature = load_checkpoint(path).get("temperature")
+    if isinstance(temperature, torch.Tensor) and temperature.numel() == 1 and temperature.is_floating_point():
+        temperature = temperature.item()
+    if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+                                    or not math.isfinite(temperature) or temperature <= 0):
+        raise ValueError(f"checkpoint {str(path)!r} holds the temperature {temperature!r}: expected a finite number "
+                         "> 0 (the teacher's logits are divided by it)")
     return (TemperatureScaled(model, temperature) if temperature is not None else model).eval()
 
 

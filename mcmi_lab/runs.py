@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .checkpoint import load_checkpoint, load_model, save_model
+from .datasets import data_fingerprint
 from .models.wrappers import TemperatureScaled
 from .utils import get_device, write_json
 
@@ -91,10 +92,13 @@ def results_path(run_dir: str | os.PathLike, notebook: str) -> Path:
 
 def write_results(run_dir: str | os.PathLike, notebook: str, results: Mapping[str, Any],
                   parameters: Mapping[str, Any] | None = None) -> Path:
-    """Write a notebook's results (JSON-ready values, tensors allowed) with when, where and with what they were made."""
+    """Write a notebook's results (JSON-ready values, tensors allowed) with when, where and with what they were made
+    (``meta.data``: the data set's fingerprint, :func:`mcmi_lab.datasets.data_fingerprint`, when it names one)."""
     meta = {"notebook": notebook, "finished": now(), "device": describe_device((parameters or {}).get("device"))}
     if parameters is not None:
         meta["parameters"] = dict(parameters)
+        if "dataset" in parameters:
+            meta["data"] = data_fingerprint(parameters["dataset"])
     return write_json(results_path(run_dir, notebook), {"meta": meta, **results})
 
 
@@ -120,11 +124,15 @@ def seed_dir(out: str | os.PathLike, seed: int) -> Path:
 
 
 def seed_dirs(out: str | os.PathLike) -> dict[int, Path]:
-    """The seed folders of a run, by seed, in seed order."""
+    """The seed folders of a run, by seed, in seed order: those of the seeds run.json names (a ``seed_7`` folder it
+    does not name is not part of the run); without run.json every folder named exactly ``seed_<n>`` (not seed_00)."""
+    info = read_run_info(out)
+    if "seeds" in info:
+        return {s: seed_dir(out, s) for s in sorted(info["seeds"]) if seed_dir(out, s).is_dir()}
     found = {}
     for path in Path(out).glob(f"{SEED_PREFIX}*"):
         suffix = path.name[len(SEED_PREFIX):]
-        if path.is_dir() and suffix.isdigit():
+        if path.is_dir() and suffix.isdigit() and path.name == seed_dir(out, int(suffix)).name:
             found[int(suffix)] = path
     return dict(sorted(found.items()))
 
@@ -133,10 +141,32 @@ def write_run_info(out: str | os.PathLike, info: Mapping[str, Any]) -> Path:
     return write_json(Path(out) / RUN_INFO, dict(info))
 
 
+#: What run.json's entries must be (mcmi-lab run writes them so): key -> (check, in words).
+_RUN_INFO_TYPES = {
+    "pipeline": (lambda v: isinstance(v, str), "a string"),
+    "description": (lambda v: isinstance(v, str), "a string"),
+    "notebooks": (lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v), "a list of notebook names"),
+    "seeds": (lambda v: isinstance(v, list) and all(type(n) is int and n >= 0 for n in v), "a list of integers >= 0"),
+    "parameters": (lambda v: isinstance(v, dict), "an object of parameters"),
+    "timings_s": (lambda v: isinstance(v, dict), "an object of timings"),
+    "data": (lambda v: isinstance(v, dict), "an object (the data's fingerprint)"),
+}
+
+
 def read_run_info(out: str | os.PathLike) -> dict[str, Any]:
+    """run.json of a run folder ({} when there is none); one line naming the file and the entry when an entry is not
+    of the type mcmi-lab run writes."""
     path = Path(out) / RUN_INFO
-    return _read_json_object(path, repr(str(path)), "remove it, or run into a fresh --out",
-                             "the JSON object mcmi-lab run writes") if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    info = _read_json_object(path, repr(str(path)), "remove it, or run into a fresh --out",
+                             "the JSON object mcmi-lab run writes")
+    for key, (ok, words) in _RUN_INFO_TYPES.items():
+        if key in info and not ok(info[key]):
+            raise ValueError(f"{str(path)!r}: {key!r} holds a {type(info[key]).__name__} that is not accepted: "
+                             f"expected {words}, as mcmi-lab run writes it (fix or remove the file, or use a fresh "
+                             "--out)")
+    return info
 
 
 def collect_results(out: str | os.PathLike) -> dict[str, Any]:
@@ -193,14 +223,27 @@ def parameter_differences(recorded: Mapping[str, Any], wanted: Mapping[str, Any]
             if k in recorded and k not in FREE_PARAMETERS and recorded[k] != wanted[k]]
 
 
-def check_run_folder(out: str | os.PathLike, pipeline: str, parameters: Mapping[str, Any]) -> None:
+def data_differences(recorded: Mapping[str, Any] | None, data: Mapping[str, Any] | None) -> list[str]:
+    """``"the data at m.npz changed (1,234 -> 1,240 bytes, blake2b 1a2b3c4d -> 5e6f7a8b)"`` when both fingerprints
+    (:func:`mcmi_lab.datasets.data_fingerprint`) name the same data set and differ."""
+    if not recorded or not data or recorded == data or recorded.get("dataset") != data.get("dataset"):
+        return []  # another dataset is a parameter difference, named there
+    size = f"{recorded.get('bytes', '?'):,} -> {data.get('bytes', '?'):,} bytes" if isinstance(
+        recorded.get("bytes"), int) and isinstance(data.get("bytes"), int) else "size unknown"
+    return [f"the data at {data['dataset']} changed ({size}, blake2b {str(recorded.get('blake2b'))[:8]} -> "
+            f"{str(data.get('blake2b'))[:8]})"]
+
+
+def check_run_folder(out: str | os.PathLike, pipeline: str, parameters: Mapping[str, Any],
+                     data: Mapping[str, Any] | None = None) -> None:
     """A run folder holds one configuration: refuse (one line, naming the differences) to run `pipeline` with
-    `parameters` into a folder whose run.json records another pipeline or other parameters."""
+    `parameters` on `data` (its fingerprint) into a folder whose run.json records another pipeline, other
+    parameters or other contents of the same data files."""
     info = read_run_info(out)
     if not info.get("parameters"):
         return
     diff = ([f"pipeline {info.get('pipeline')!r} -> {pipeline!r}"] if info.get("pipeline") not in (None, pipeline)
-            else []) + parameter_differences(info["parameters"], parameters)
+            else []) + parameter_differences(info["parameters"], parameters) + data_differences(info.get("data"), data)
     if diff:
         raise ValueError(f"run folder {str(out)!r} holds a run with other settings ({'; '.join(diff)}): use another "
                          "--out, or --force to replace that run's results")
@@ -216,39 +259,68 @@ def clear_run_folder(out: str | os.PathLike) -> None:
     shutil.rmtree(out / "figures", ignore_errors=True)
 
 
-def completed(run_dir: str | os.PathLike, notebook: str, parameters: Mapping[str, Any]) -> bool:
-    """True when `notebook` already left its results in `run_dir`, made with `parameters` (what a rerun skips)."""
+def completed(run_dir: str | os.PathLike, notebook: str, parameters: Mapping[str, Any],
+              data: Mapping[str, Any] | None = None) -> bool:
+    """True when `notebook` already left its results in `run_dir`, made with `parameters` and, when `data` (a
+    fingerprint) is given, on that data (a path data set's results that recorded none are redone)."""
     path = results_path(run_dir, notebook)
     try:
-        recorded = json.loads(path.read_text()).get("meta", {}).get("parameters")
-    except (OSError, ValueError):
+        meta = json.loads(path.read_text()).get("meta", {})
+        recorded = meta.get("parameters")
+    except (OSError, ValueError, AttributeError):
         return False
+    same_data = data is None or meta.get("data") == data or ("data" not in meta and "blake2b" not in data)
     return isinstance(recorded, dict) and recorded.get("seed") == parameters.get("seed") \
-        and not parameter_differences(recorded, parameters)
+        and not parameter_differences(recorded, parameters) and same_data
+
+
+def _process_start(pid: int) -> str | None:
+    """When process `pid` started (clock ticks since boot, Linux's /proc/<pid>/stat field 22); None elsewhere."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _lock_holder(text: str) -> tuple[int, str | None, str | None]:
+    """(pid, start, host) of a lock's first line: ``<pid> start=<ticks> host=<name> <time>`` (older locks: the pid
+    and the time only)."""
+    fields = text.split()
+    pid = int(fields[0])
+    extra = dict(f.split("=", 1) for f in fields[1:] if "=" in f)
+    return pid, extra.get("start"), extra.get("host")
 
 
 @contextlib.contextmanager
 def run_folder_lock(out: str | os.PathLike) -> Iterator[None]:
-    """Only one `mcmi-lab run` writes a run folder at a time: ``<out>/.run.lock`` holds the writer's pid; a lock left
-    by a process that no longer exists (killed) is taken over."""
+    """Only one `mcmi-lab run` writes a run folder at a time: ``<out>/.run.lock`` holds the writer's pid, its start
+    time and the host; a lock left by a process that no longer exists (killed), or whose pid now belongs to a process
+    started later (the pid reused), is taken over. A refusal says how to clear a lock left behind."""
     path = Path(out) / LOCK
+    host = platform.node()
     for _ in range(2):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             break
         except FileExistsError:
             try:
-                pid = int(path.read_text().split()[0])
-                os.kill(pid, 0)
-            except (OSError, ValueError, IndexError):  # gone, or an unreadable lock: stale
+                pid, start, holder_host = _lock_holder(path.read_text())
+                if holder_host in (None, host):
+                    os.kill(pid, 0)
+                    if start is not None and _process_start(pid) not in (None, start):
+                        raise ProcessLookupError  # the pid was reused by another process
+            except (OSError, ValueError, IndexError):  # gone, reused, or an unreadable lock: stale
                 path.unlink(missing_ok=True)
                 continue
-            raise ValueError(f"run folder {str(out)!r} is being written by another mcmi-lab run (pid {pid}): wait "
-                             f"for it to finish, or use another --out") from None
+            where = f" on {holder_host}" if holder_host not in (None, host) else ""
+            raise ValueError(f"run folder {str(out)!r} is being written by another mcmi-lab run (pid {pid}{where}): "
+                             f"wait for it to finish, or use another --out; if no mcmi-lab run is writing it, remove "
+                             f"{path}") from None
     else:
         raise ValueError(f"run folder {str(out)!r} could not be locked ({path}): remove that file if no run is using it")
     try:
-        os.write(fd, f"{os.getpid()} {now()}\n".encode())
+        start = _process_start(os.getpid())
+        os.write(fd, f"{os.getpid()}{f' start={start}' if start else ''} host={host} {now()}\n".encode())
         os.close(fd)
         yield
     finally:

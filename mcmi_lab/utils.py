@@ -168,3 +168,9 @@ def check_choice(name: str, value: Any, choices) -> Any:
     if value not in choices:
         raise ValueError(f"{name}={value!r} is not accepted: expected one of {', '.join(map(repr, choices))}")
     return value
+
+
+def mpl_text(text: Any) -> str:
+    """`text` as literal matplotlib text: every ``$`` escaped, so a class name such as ``$x^$`` is drawn as written
+    instead of parsed as math text (which fails with "ValueError: x^")."""
+    return str(text).replace("$", r"\$")

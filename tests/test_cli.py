@@ -555,3 +555,93 @@ def test_headless_widgets_draw_into_the_cell_without_a_front_end_imitation(tmp_p
     cell = json.loads(executed.read_text())["cells"][-1]
     text = "".join("".join(o["text"]) for o in cell["outputs"] if o["output_type"] == "stream")
     assert text == "".join(f"drawn {i}\n" for i in range(50))  # nbclient's imitation kept them in the widget
+
+
+# ---- issue 31: changed data, stray seed folders, odd run.json, a reused pid ---------------------------------------
+
+def _write_ten_class_npz(path, value):
+    import numpy as np
+    np.savez(path, x_train=np.full((20, 4, 4), value, np.uint8), y_train=np.arange(20) % 10,
+             x_test=np.full((10, 4, 4), value, np.uint8), y_test=np.arange(10))
+
+
+def test_a_data_file_changed_under_the_same_path_is_refused_like_a_parameter(tmp_path, monkeypatch):
+    from mcmi_lab.datasets import data_fingerprint
+    from mcmi_lab.runs import completed
+    calls = []
+
+    def execute(name, run_dir, parameters, kernel_name="python3"):
+        calls.append(name)
+        declared = {k: parameters[k] for k in ("seed", "lam", "dataset")}
+        write_results(run_dir, name, {"done": True}, {**declared, "run_dir": str(run_dir)})
+
+    monkeypatch.setattr(cli, "execute_notebook", execute)
+    data, out, quiet = tmp_path / "m.npz", tmp_path / "run", dict(seeds=[0], jobs=1, echo=lambda line: None)
+    _write_ten_class_npz(data, 1)
+    before = data_fingerprint(str(data))
+    cli.run_pipeline("smoke", out, {"dataset": str(data)}, notebooks=["01_teachers"], **quiet)
+    assert json.loads((out / "run.json").read_text())["data"] == before
+    meta = json.loads((out / "seed_0" / "results" / "01_teachers.json").read_text())["meta"]
+    assert meta["data"] == before and before["bytes"] == data.stat().st_size and len(before["blake2b"]) == 32
+    _write_ten_class_npz(data, 2)  # the same path, the same size, other images
+    after = data_fingerprint(str(data))
+    assert after["bytes"] == before["bytes"] and after["blake2b"] != before["blake2b"]
+    assert not completed(out / "seed_0", "01_teachers", {**meta["parameters"], "seed": 0}, after)
+    with pytest.raises(ValueError) as err:  # was: 01 "done before, kept" and 02 measuring it on the new images
+        cli.run_pipeline("smoke", out, {"dataset": str(data)}, notebooks=["01_teachers", "02_concentration"], **quiet)
+    assert str(err.value).count("\n") == 0 and f"the data at {data} changed ({before['bytes']:,} -> " in str(err.value)
+    assert f"blake2b {before['blake2b'][:8]} -> {after['blake2b'][:8]})" in str(err.value)
+    assert "--force" in str(err.value)
+    assert calls == ["01_teachers"]
+    cli.run_pipeline("smoke", out, {"dataset": str(data)}, notebooks=["01_teachers"], force=True, **quiet)
+    assert calls == ["01_teachers"] * 2 and json.loads((out / "run.json").read_text())["data"] == after
+    assert data_fingerprint("fashion-mnist") == {"dataset": "fashion-mnist"}  # a built-in set: by its name
+
+
+def test_only_the_seeds_run_json_names_are_merged(tmp_path):
+    from mcmi_lab.runs import collect_results, seed_dirs
+    out = tmp_path / "run"
+    for folder in ("seed_0", "seed_00", "seed_7"):
+        write_results(out / folder, "01_teachers", {"teachers": [{"name": folder}]}, {"seed": 0})
+    assert list(seed_dirs(out)) == [0, 7] and seed_dirs(out)[0].name == "seed_0"  # no run.json: exact names only
+    write_run_info(out, {"pipeline": "demo", "seeds": [0], "parameters": {}})
+    merged = collect_results(out)["seeds"]
+    assert list(merged) == ["0"] and merged["0"]["01_teachers"]["teachers"] == [{"name": "seed_0"}]
+
+
+@pytest.mark.parametrize("entry, fragment", [
+    ({"seeds": "0 1"}, "'seeds' holds a str that is not accepted: expected a list of integers >= 0"),
+    ({"parameters": [1]}, "'parameters' holds a list that is not accepted"),
+    ({"notebooks": 3}, "'notebooks' holds a int that is not accepted"),
+    ({"timings_s": []}, "'timings_s' holds a list"),
+])
+def test_a_run_json_with_wrong_types_is_one_line(tmp_path, capsys, monkeypatch, entry, fragment):
+    out = tmp_path / "run"
+    write_run_info(out, {"pipeline": "smoke", "seeds": [0], "parameters": {"lam": 0.5}, **entry})
+    assert cli.main(["report", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "run.json" in err and fragment in err
+    monkeypatch.setattr(cli, "execute_notebook", lambda *a, **k: pytest.fail("ran"))
+    with pytest.raises(ValueError, match="run.json"):
+        cli.run_pipeline("smoke", out, notebooks=["01_teachers"], seeds=[0], jobs=1, echo=lambda line: None)
+
+
+def test_a_lock_holding_a_reused_pid_is_taken_over_and_a_refusal_says_how_to_clear(tmp_path, monkeypatch):
+    import os
+    import platform
+    from mcmi_lab.runs import _process_start
+    calls = []
+    monkeypatch.setattr(cli, "execute_notebook", _recording_execute(calls))
+    out, quiet = tmp_path / "run", dict(notebooks=["01_teachers"], seeds=[0], jobs=1, echo=lambda line: None)
+    out.mkdir()
+    live, start = os.getppid(), _process_start(os.getppid())
+    if start is None:
+        pytest.skip("no /proc: process start times are not known here")
+    (out / ".run.lock").write_text(f"{live} start={start} host={platform.node()} 2026-01-01T00:00:00\n")
+    with pytest.raises(ValueError) as err:  # the writer itself still runs: refused, saying how to clear it
+        cli.run_pipeline("smoke", out, **quiet)
+    assert f"(pid {live}): wait for it to finish" in str(err.value)
+    assert f"if no mcmi-lab run is writing it, remove {out / '.run.lock'}" in str(err.value)
+    (out / ".run.lock").write_text(f"{live} start={int(start) + 1} host={platform.node()} 2026-01-01T00:00:00\n")
+    cli.run_pipeline("smoke", out, **quiet)  # the pid now belongs to a process started at another time: stale
+    assert calls == [("01_teachers", 0, 0.5)] and not (out / ".run.lock").exists()

@@ -343,3 +343,168 @@ def test_the_dataset_parameter_takes_paths(tmp_path):
         resolve_parameters("smoke", {"dataset": str(tmp_path / "bugs.npz"), "omit_classes": [3]})
     with pytest.raises(ValueError, match="dataset="):
         check_dataset(7)
+
+
+# ---- issue 31: hostile and odd own data -------------------------------------------------------------------------
+
+def _one_line(err, *fragments):
+    text = str(err.value)
+    assert "\n" not in text and all(f in text for f in fragments), text
+
+
+def test_uint8_labels_load_and_pass_the_dataset_check(tmp_path):
+    _write_npz(tmp_path / "keras.npz", names=False, y_train=(np.arange(6) % 3).astype(np.uint8),
+               y_test=np.array([[2], [0], [1], [0]], np.uint8))
+    check_dataset(str(tmp_path / "keras.npz"))
+    assert dataset_classes(str(tmp_path / "keras.npz")) == 3
+    test = load_dataset(str(tmp_path / "keras.npz"), "test")
+    assert test.labels.dtype == torch.int64 and test.labels.tolist() == [2, 0, 1, 0] and test.classes == ("0", "1", "2")
+
+
+def _npz_with_header(path, key_shapes):
+    """An .npz whose members' .npy headers declare `key_shapes` (key -> (shape, dtype)) but hold 8 bytes of data."""
+    import io
+    import zipfile
+    with zipfile.ZipFile(path, "w") as z:
+        for key, (shape, dtype) in key_shapes.items():
+            buf = io.BytesIO()
+            np.lib.format.write_array_header_1_0(buf, {"descr": np.dtype(dtype).str, "fortran_order": False,
+                                                       "shape": shape})
+            z.writestr(f"{key}.npy", buf.getvalue() + b"\0" * 8)
+
+
+def test_npz_sizes_are_read_from_the_headers_before_any_data(tmp_path, monkeypatch):
+    _npz_with_header(tmp_path / "huge.npz", {"x_train": ((10, 4, 4), "u1"), "y_train": ((10**11,), "<i8"),
+                                             "x_test": ((2, 4, 4), "u1"), "y_test": ((2,), "<i8")})
+    for call in (lambda: load_dataset(str(tmp_path / "huge.npz")), lambda: check_dataset(str(tmp_path / "huge.npz"))):
+        with pytest.raises(ValueError) as err:  # was a raw _ArrayMemoryError (745 GiB)
+            call()
+        _one_line(err, "huge.npz", "(745 GiB) decoded", "MCMI_LAB_MAX_DATA_BYTES")
+    # a large x_train stored small: refused from its header, before anything is decompressed
+    np.savez_compressed(tmp_path / "bomb.npz", x_train=np.zeros((40, 50, 50), np.uint8), y_train=np.arange(40) % 2,
+                        x_test=np.zeros((2, 50, 50), np.uint8), y_test=np.arange(2))
+    monkeypatch.setenv("MCMI_LAB_MAX_DATA_BYTES", "50000")
+    monkeypatch.setattr(np.lib.npyio.NpzFile, "__getitem__", lambda *a: pytest.fail("data was decompressed"))
+    with pytest.raises(ValueError) as err:
+        load_dataset(str(tmp_path / "bomb.npz"))
+    _one_line(err, "bomb.npz would take", "more than the limit of 50,000 bytes")
+    monkeypatch.setenv("MCMI_LAB_MAX_DATA_BYTES", "lots")
+    with pytest.raises(ValueError, match=r"MCMI_LAB_MAX_DATA_BYTES='lots' is not accepted"):
+        load_dataset(str(tmp_path / "bomb.npz"))
+
+
+def test_the_class_count_is_bounded_by_the_labels_present(tmp_path):
+    _write_npz(tmp_path / "far.npz", names=False, y_train=np.array([0, 1, 2, 0, 1, 10**9]))
+    with pytest.raises(ValueError) as err:  # was 10**9 class names built
+        load_dataset(str(tmp_path / "far.npz"))
+    _one_line(err, "y_train in", "has no sample of class 3 of the 1000000001 classes")
+
+
+@pytest.mark.parametrize("override, fragment", [
+    (dict(classes=np.array(["ant", "bee", "cat", "dog"])), "has no sample of class 3 ('dog') of the 4 classes"),
+    (dict(y_train=np.array([0, 2, 0, 2, 0, 2])), "has no sample of class 1 ('bee')"),
+    (dict(names=False, y_train=np.array([0, 1, 0, 1, 0, 1])), "y_test in"),
+])
+def test_label_coverage_is_refused_at_the_dataset_check(tmp_path, override, fragment):
+    _write_npz(tmp_path / "gaps.npz", **override)
+    with pytest.raises(ValueError) as err:  # the -p dataset check: before 01 trains anything
+        PARAMETERS["dataset"].check("dataset", str(tmp_path / "gaps.npz"), {})
+    _one_line(err, "gaps.npz", fragment)
+
+
+def test_a_truncated_npz_is_one_line(tmp_path):
+    _write_npz(tmp_path / "whole.npz")
+    data = (tmp_path / "whole.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(data[: len(data) // 2])
+    for call in (lambda: load_dataset(str(tmp_path / "cut.npz")), lambda: check_dataset(str(tmp_path / "cut.npz"))):
+        with pytest.raises(ValueError) as err:  # was zipfile.BadZipFile
+            call()
+        _one_line(err, "cut.npz")
+
+
+@pytest.mark.parametrize("names, fragment", [
+    (np.array([b"ant", b"b\xffe", b"cat"]), "name 1 (b'b\\xffe') is not valid UTF-8"),
+    (np.array(["ant", "b\udc80e", "cat"]), "name 1 ('b\\udc80e') is not valid UTF-8"),
+])
+def test_class_names_that_are_not_text_name_the_file(tmp_path, names, fragment):
+    _write_npz(tmp_path / "names.npz", classes=names)
+    with pytest.raises(ValueError) as err:
+        load_dataset(str(tmp_path / "names.npz"))
+    _one_line(err, "classes in", "names.npz", fragment)
+
+
+def test_a_class_folder_named_in_no_utf8_is_one_line(tmp_path):
+    import os
+    _write_folder(tmp_path / "pets")
+    os.rename(tmp_path / "pets" / "train" / "cat", os.fsencode(tmp_path / "pets" / "train") + b"/c\xffat")
+    with pytest.raises(ValueError) as err:
+        load_dataset(str(tmp_path / "pets"))
+    _one_line(err, "pets/train holds a class folder whose name is not valid UTF-8 ('c\\udcffat')")
+
+
+def test_decompression_bombs_and_large_folders_are_one_line(tmp_path, monkeypatch):
+    from PIL import Image
+    _write_folder(tmp_path / "pets")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # 6x5 = 30 pixels > 2 x 10: PIL's DecompressionBombError
+    with pytest.raises(ValueError) as err:
+        load_dataset(str(tmp_path / "pets"))
+    _one_line(err, "0.png is refused as a possible decompression bomb", "PIL.Image.MAX_IMAGE_PIXELS")
+    monkeypatch.undo()
+    monkeypatch.setenv("MCMI_LAB_MAX_DATA_BYTES", str(6 * 30 - 1))  # six 6x5 grey images: 180 bytes
+    with pytest.raises(ValueError) as err:
+        load_dataset(str(tmp_path / "pets"))
+    _one_line(err, "pets/train would take 180 bytes", "MCMI_LAB_MAX_DATA_BYTES")
+    monkeypatch.setenv("MCMI_LAB_MAX_DATA_BYTES", str(6 * 30))
+    assert len(load_dataset(str(tmp_path / "pets"))) == 6
+
+
+def test_sixteen_bit_and_float_grey_images_keep_their_range(tmp_path):
+    from PIL import Image
+    for split in ("train", "test"):
+        for k, name in enumerate(("dark", "light")):
+            (tmp_path / "deep" / split / name).mkdir(parents=True)
+            value = (1000, 60000)[k]
+            Image.fromarray(np.full((4, 3), value, np.uint16)).save(tmp_path / "deep" / split / name / "a.png")
+            Image.fromarray(np.full((4, 3), (0.25, 1.0)[k], np.float32)).save(
+                tmp_path / "deep" / split / name / "b.tif")
+    data = load_dataset(str(tmp_path / "deep"))  # both once loaded as 255 (16-bit) and 0 (float): std 0
+    assert data.in_channels == 1
+    expected = [round(1000 * 255 / 65535), round(0.25 * 255), round(60000 * 255 / 65535), 255]
+    assert data.images[:, 0, 0, 0].tolist() == expected
+    assert data.std[0] > 0.1
+    Image.fromarray(np.full((4, 3), 2.5, np.float32)).save(tmp_path / "deep" / "train" / "dark" / "c.tif")
+    with pytest.raises(ValueError) as err:
+        load_dataset(str(tmp_path / "deep"))
+    _one_line(err, "c.tif (mode F) holds values 2.5..2.5: expected float values in [0, 1]")
+
+
+def test_image_folders_skip_hidden_folders_and_include_nested_ones(tmp_path):
+    from PIL import Image
+    pixels = _write_folder(tmp_path / "pets")
+    for split in ("train", "test"):  # what Jupyter leaves behind
+        (tmp_path / "pets" / split / ".ipynb_checkpoints").mkdir()
+        (tmp_path / "pets" / split / "cat" / ".ipynb_checkpoints").mkdir()
+        Image.new("L", (9, 9)).save(tmp_path / "pets" / split / "cat" / ".ipynb_checkpoints" / "0-checkpoint.png")
+    (tmp_path / "pets" / "test" / "dog" / "more" / "deeper").mkdir(parents=True)
+    extra = np.full((6, 5), 77, np.uint8)
+    Image.fromarray(extra).save(tmp_path / "pets" / "test" / "dog" / "more" / "deeper" / "x.png")
+    test = load_dataset(str(tmp_path / "pets"), "test")  # as torchvision's ImageFolder: nested files count
+    assert test.classes == ("cat", "dog") and test.labels.tolist() == [0, 1, 1]
+    assert torch.equal(test.images[1, 0], torch.from_numpy(pixels["test", "dog", 0]))
+    assert torch.equal(test.images[2, 0], torch.from_numpy(extra))
+    check_dataset(str(tmp_path / "pets"))
+
+
+def test_class_names_with_dollars_are_drawn_as_written(tmp_path):
+    """A class name `$x^$` failed notebooks 02 and 06 with "ValueError: x^" (matplotlib's math text)."""
+    from mcmi_lab.plots import plot_confusion, plot_kl_distributions, plot_output_projection, plot_per_class_cmi
+    from mcmi_lab.utils import mpl_text
+    assert mpl_text("$x^$ costs 5$") == r"\$x^\$ costs 5\$" and mpl_text("plain") == "plain"
+    classes = ("$x^$", "b$")
+    labels = torch.tensor([0, 1, 0, 1])
+    plot_per_class_cmi({"mll": torch.tensor([0.1, 0.2])}, classes, path=tmp_path / "a.png")
+    plot_kl_distributions(torch.rand(4), labels, torch.rand(4), labels, classes, path=tmp_path / "b.png")
+    plot_output_projection({"mll": torch.randn(4, 2)}, labels, classes, path=tmp_path / "c.png")
+    fig = plot_confusion(torch.tensor([[3, 1], [0, 4]]), classes, path=tmp_path / "d.png")
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == [r"\$x^\$", r"b\$"]
+    assert all((tmp_path / f"{n}.png").stat().st_size > 0 for n in "abcd")

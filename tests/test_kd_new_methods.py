@@ -69,8 +69,10 @@ def test_logit_standardization_reaches_the_loss(method):
         s, t = standardize_logits(student(images)), standardize_logits(teacher(images))
     if method == "kd":
         assert terms[True]["kd"].item() == pytest.approx(kd_loss(s, t, 4.0).item(), rel=1e-5)
-    if method == "mlkd":
-        assert terms[True]["mlkd"].item() == pytest.approx(mlkd_loss(s, t, (4.0, 3.0, 5.0, 2.0, 6.0)).item(), rel=1e-5)
+    if method == "mlkd":  # the instance level on Z-scored logits, the class and batch levels on the raw ones
+        with torch.no_grad():
+            raw = mlkd_loss(student(images), teacher(images), (4.0, 3.0, 5.0, 2.0, 6.0), standardize_instance=True)
+        assert terms[True]["mlkd"].item() == pytest.approx(raw.item(), rel=1e-5)
     assert terms[True][term].item() != pytest.approx(terms[False][term].item(), rel=1e-3)
     with pytest.raises(ValueError, match=r"^logit_standardization='yes' is not accepted: expected True or False$"):
         build_objective(method, teacher, logit_standardization="yes")
@@ -100,6 +102,48 @@ def test_mlkd_loss_formula():
             total += sum((gram(pt, i, j) - gram(ps, i, j)) ** 2 for i in range(n) for j in range(n)) / n
     assert mlkd_loss(S, T, temps).item() == pytest.approx(total, rel=1e-9)
     assert mlkd_loss(T, T).item() == pytest.approx(0.0, abs=1e-12)
+
+
+def _mlkd_plainly(s, t, temps, standardize_instance):
+    """MLKD as Sun et al.'s MLKD.py computes it (no masks, one view): Σ_T T²·KL at the instance level, on Z-scored
+    logits when `standardize_instance`, plus the class (PᵀP) and batch (PPᵀ) levels on the raw logits."""
+    def zscore(z):
+        out = []
+        for row in z.tolist():
+            mean = sum(row) / len(row)
+            std = math.sqrt(sum((v - mean) ** 2 for v in row) / (len(row) - 1))
+            out.append([(v - mean) / (1e-7 + std) for v in row])
+        return torch.tensor(out, dtype=torch.float64)
+
+    b, k = s.shape
+    zs, zt = (zscore(s), zscore(t)) if standardize_instance else (s, t)
+    total = 0.0
+    for temp in temps:
+        qs, qt = softmax_rows(zs, temp), softmax_rows(zt, temp)
+        total += temp**2 * sum(sum(y * math.log(y / x) for x, y in zip(rs, rt)) for rs, rt in zip(qs, qt)) / b
+        ps, pt = softmax_rows(s, temp), softmax_rows(t, temp)
+        for gram, n in ((lambda p, i, j: sum(p[r][i] * p[r][j] for r in range(b)), k),
+                        (lambda p, i, j: sum(p[i][c] * p[j][c] for c in range(k)), b)):
+            total += sum((gram(pt, i, j) - gram(ps, i, j)) ** 2 for i in range(n) for j in range(n)) / n
+    return total
+
+
+def test_mlkd_with_logit_standardization_z_scores_only_the_instance_level():
+    temps = (4.0, 3.0, 5.0, 2.0, 6.0)
+    s, t = S * 3 + 1, T * 0.5 - 2  # logits of different ranges: the Z-score matters
+    got = mlkd_loss(s, t, temps, standardize_instance=True).item()
+    assert got == pytest.approx(_mlkd_plainly(s, t, temps, True), rel=1e-9)
+    assert mlkd_loss(s, t, temps).item() == pytest.approx(_mlkd_plainly(s, t, temps, False), rel=1e-9)
+    both = mlkd_loss(standardize_logits(s), standardize_logits(t), temps).item()  # what mcmi_lab computed before
+    assert got != pytest.approx(both, rel=1e-3)
+    teacher = torch.nn.Linear(3, 4).double()
+    student = torch.nn.Linear(3, 4).double()
+    x, y = rand(5, 3, seed=2), torch.arange(5) % 4
+    obj = build_objective("mlkd", teacher, logit_standardization=True, kd_weight=9.0, ce_weight=0.0)
+    loss, terms = obj(student, x.float().double(), y)
+    with torch.no_grad():
+        expected = 9.0 * _mlkd_plainly(student(x), teacher(x), temps, True)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
 
 
 # ---- CTKD: gradient reversal, the temperature, the curriculum ---------------------------------------------------

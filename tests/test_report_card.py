@@ -206,6 +206,39 @@ def test_inspect_bad_inputs_are_one_line(tiny_checkpoint, tmp_path, capsys):
     assert "--train-size=0 is not accepted" in line
 
 
+def test_inspect_odd_checkpoints_are_one_line(tiny_checkpoint, tmp_path, capsys):
+    """Issue 31: each of these was a traceback (AttributeError, TypeError, a 62-line RuntimeError) or a card of NaN."""
+    ok = ["--data", "synthetic", "--train-size", "50", "--test-size", "50"]
+    state = torch.load(tiny_checkpoint, weights_only=True)
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    assert "holds a list, not a dict" in _one_error_line(capsys, ["inspect", str(tmp_path / "list.pt"), *ok])
+    assert "holds a Tensor, not a dict" in _one_error_line(capsys, ["inspect", str(tmp_path / "tensor.pt"), *ok])
+    torch.save({**state, "spec": {**state["spec"], "name": ["cnn_tiny"]}}, tmp_path / "name.pt")
+    line = _one_error_line(capsys, ["inspect", str(tmp_path / "name.pt"), *ok])
+    assert "model spec that is not accepted (name ['cnn_tiny']" in line and "expected a model name" in line
+    torch.save({**state, "model": {k: v.tolist() for k, v in state["model"].items()}}, tmp_path / "lists.pt")
+    line = _one_error_line(capsys, ["inspect", str(tmp_path / "lists.pt"), *ok])
+    assert "holds weights that are not tensors" in line and ": list ...): expected a state_dict of tensors" in line
+    for temperature in (0.0, float("nan"), -1.0, "2"):
+        torch.save({**state, "temperature": temperature}, tmp_path / "t.pt")
+        line = _one_error_line(capsys, ["inspect", str(tmp_path / "t.pt"), *ok])
+        assert f"holds the temperature {temperature!r}: expected a finite number > 0" in line
+    torch.save({**state, "temperature": torch.tensor(2.0)}, tmp_path / "t.pt")
+    assert cli.main(["inspect", str(tmp_path / "t.pt"), *ok]) == 0
+    assert "temperature-scaled T = 2" in capsys.readouterr().out
+
+
+def test_inspect_a_truncated_npz_is_one_line(tiny_checkpoint, tmp_path, capsys):
+    import numpy as np
+    np.savez(tmp_path / "whole.npz", x_train=np.zeros((30, 8, 8), np.uint8), y_train=np.arange(30) % 10,
+             x_test=np.zeros((10, 8, 8), np.uint8), y_test=np.arange(10))
+    data = (tmp_path / "whole.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(data[: len(data) - 100])
+    line = _one_error_line(capsys, ["inspect", str(tiny_checkpoint), "--data", str(tmp_path / "cut.npz")])
+    assert "cut.npz is not a readable .npz (BadZipFile" in line
+
+
 # ---- which teacher metric predicts a good student? -------------------------------------------------------------------
 
 def _rows(seed: int) -> list[dict]:

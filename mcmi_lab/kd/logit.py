@@ -1,7 +1,8 @@
 """The KD methods on logits: DKD, DIST, CTKD and MLKD as objectives for :func:`mcmi_lab.train.fit` (Hinton KD is
 :class:`mcmi_lab.objectives.KDObjective`). Each calls the pure loss of :mod:`mcmi_lab.logit_losses`; the defaults
 are the authors' CIFAR-100 ones. ``logit_standardization=True`` (KD, DKD, MLKD, CTKD) Z-scores both logits first
-(Sun et al., CVPR 2024, :func:`mcmi_lab.logit_losses.standardize_logits`); the paper pairs it with a base
+(Sun et al., CVPR 2024, :func:`mcmi_lab.logit_losses.standardize_logits`; for MLKD only at the instance level, as
+their ``MLKD.py``); the paper pairs it with a base
 temperature 2 and a KD weight 9 (its README), which these objectives leave to the caller.
 """
 from __future__ import annotations
@@ -24,7 +25,10 @@ class LogitObjective(Objective):
     """ce_weight · CE + the method's loss on (student, teacher) logits; the teacher frozen in eval mode.
 
     Subclasses implement `method_loss(student_logits, teacher_logits, labels) -> (weighted loss, terms)`; with
-    `logit_standardization` both logits reach it Z-scored. `self.epoch` is the 0-based epoch."""
+    `logit_standardization` both logits reach it Z-scored, unless the subclass sets `standardizes_itself` (then it
+    gets the raw logits and applies the flag where its authors do). `self.epoch` is the 0-based epoch."""
+
+    standardizes_itself = False
 
     def __init__(self, teacher: nn.Module, ce_weight: float, logit_standardization: bool = False):
         super().__init__()
@@ -51,7 +55,7 @@ class LogitObjective(Objective):
         logits = model(images)
         ce = F.cross_entropy(logits.float(), labels)
         s, t = logits.float(), teacher_logits.float()
-        if self.logit_standardization:
+        if self.logit_standardization and not self.standardizes_itself:
             s, t = standardize_logits(s), standardize_logits(t)
         method, terms = self.method_loss(s, t, labels)
         return self.ce_weight * ce + method, {"ce": ce.detach(), **terms, "acc": accuracy(logits, labels)}
@@ -134,11 +138,17 @@ class MLKDObjective(LogitObjective):
     (:func:`mcmi_lab.logit_losses.mlkd_loss`), defaults those of the authors' code
     (github.com/Jin-Ying/Multi-Level-Logit-Distillation: weights 0.1 / 0.9, T = 4 and the fixed 3, 5, 2, 6).
 
+    ``logit_standardization=True`` Z-scores the logits of the instance level only; the class and batch levels take
+    the raw logits, as Sun et al.'s ``MLKD.py`` (github.com/sunshangquan/logit-standardization-KD) does.
+
     Differences from that code, because fit's loop gives one view per batch: no strongly augmented second view
-    (the authors add every term again on it, with a second CE), and no confidence masks (the authors multiply the
-    weak view's instance and batch terms by the share of samples below the median teacher confidence, and the
-    class term by the share of classes below the median class confidence: scalars, as their per-sample reduction
-    is commented out). Terms "mlkd" (unweighted) and its parts "mlkd_instance", "mlkd_class", "mlkd_batch"."""
+    (the authors add a second CE and the instance terms again on it; its class- and batch-level terms are computed
+    but not added to the loss), and no confidence masks (the authors multiply the weak view's instance and batch
+    terms by the share of samples below the median teacher confidence, and the class term by the share of classes
+    below the median class confidence: scalars, as their per-sample reduction is commented out). Terms "mlkd"
+    (unweighted) and its parts "mlkd_instance", "mlkd_class", "mlkd_batch"."""
+
+    standardizes_itself = True
 
     def __init__(self, teacher: nn.Module, temperature: float = 4.0,
                  extra_temperatures: Sequence[float] = (3.0, 5.0, 2.0, 6.0), kd_weight: float = 0.9,
@@ -154,5 +164,6 @@ class MLKDObjective(LogitObjective):
         self.kd_weight = check_float("kd_weight", kd_weight, 0.0)
 
     def method_loss(self, s, t, labels):
-        mlkd, parts = mlkd_loss(s, t, self.temperatures, return_terms=True)
+        mlkd, parts = mlkd_loss(s, t, self.temperatures, return_terms=True,
+                                standardize_instance=self.logit_standardization)
         return self.kd_weight * mlkd, {"mlkd": mlkd.detach(), **{f"mlkd_{k}": v for k, v in parts.items()}}

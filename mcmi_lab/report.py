@@ -71,7 +71,7 @@ def _teachers(rep: Report) -> None:
     rep.add("")
     rep.claim("MCMI raises the teacher's train CMI over the λ = 0 control (MCMI − control)",
               difference(values(rows, "train_cmi", teacher="mcmi"), values(rows, "train_cmi", teacher="control")),
-              digits=3)
+              digits=3, short="MCMI raises the teacher's train CMI")
 
 
 def _students(rep: Report) -> None:
@@ -92,7 +92,7 @@ def _students(rep: Report) -> None:
                        values(rows, "student_acc", teacher="control", method=m), 100.0)
         rep.add(f"- {md_escape(m)}: {format_difference(d)}")
         rep.claim(f"{md_escape(m)} student: an MCMI teacher gives a better student than the control (points)", d,
-                  effect=PAPER_EFFECTS["kd"], points=True)
+                  effect=PAPER_EFFECTS["kd"], points=True, short=f"{md_escape(m)} student, MCMI − control")
     rep.add("")
 
 
@@ -114,7 +114,7 @@ def _few_shot(rep: Report) -> None:
         rep.add(f"- fraction {f:g}: {format_difference(d)}")
         if f == fractions[0]:
             rep.claim(f"few-shot (fraction {f:g}): MCMI − control student accuracy (points)", d,
-                      effect=PAPER_EFFECTS["few_shot"], points=True)
+                      effect=PAPER_EFFECTS["few_shot"], points=True, short=f"few-shot ({f:g}), MCMI − control")
     rep.add("")
 
 
@@ -158,7 +158,8 @@ def _zero_shot(rep: Report) -> None:
                        values(rows, omitted_mean, teacher="control", omitted=list(s)), 100.0)
         rep.add(f"MCMI − control on the omitted classes (points): {format_difference(d)}", "")
         rep.claim(f"zero-shot ({', '.join(shown)} omitted): MCMI − control accuracy on the omitted classes "
-                  "(points)", d, effect=PAPER_EFFECTS["zero_shot"], points=True)
+                  "(points)", d, effect=PAPER_EFFECTS["zero_shot"], points=True,
+                  short=f"zero-shot ({', '.join(shown)}), MCMI − control")
 
 
 def _known_bcpd(rep: Report) -> None:
@@ -180,7 +181,8 @@ def _known_bcpd(rep: Report) -> None:
     for other in ("control", "mll"):
         d = difference(values(rows, "kl_to_bayes", teacher="mcmi"), values(rows, "kl_to_bayes", teacher=other))
         rep.claim(f"known BCPD: MCMI is closer to P* than {TEACHER_LABELS[other]} (KL difference MCMI − {other}, "
-                  "nats; negative is closer)", d, sign=-1, digits=3)
+                  "nats; negative is closer)", d, sign=-1, digits=3,
+                  short=f"known BCPD, MCMI closer to P∗ than {TEACHER_LABELS[other]}")
     dosed = seed_rows(rep.results, "08_known_bcpd", "dose_response")
     if dosed:
         bayes_cmi = [c for nb in rep.results["seeds"].values()
@@ -266,7 +268,7 @@ def _eigencam(rep: Report) -> None:
     d = difference(values(rows, "area_above_half", model="mcmi", **{"class": "all"}),
                    values(rows, "area_above_half", model="mll", **{"class": "all"}))
     rep.claim("Eigen-CAM: MCMI maps cover more of the image than MLL maps (area above half max, MCMI − MLL)", d,
-              digits=3)
+              digits=3, short="Eigen-CAM area, MCMI − MLL")
 
 
 def _save(rep: Report, name: str, draw: Callable[[Path], Any]) -> Path | None:

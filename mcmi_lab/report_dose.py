@@ -145,17 +145,18 @@ def _pairs(rep: Report, rows: SeedRows, metrics: Mapping[str, tuple], doses: lis
                           "verdict": verdict(d, sign), "paper's effect": paper_check(d, effect) or "—",
                           "seeds for ±2 points": str(need) if need else "—"})
             rep.claim(f"{where}dose {dose:g}: MCMI − label smoothing, {words} ({unit})", d, sign, digits, effect,
-                      unit == "points")
+                      unit == "points", short=f"{where}{words} at {dose:g}, MCMI − label smoothing")
     if pairs:
         rep.add("#### MCMI against label smoothing at the same dose", "", "Paired by seed.", "",
                 markdown_table(pairs), "")
     low = {m: c for m, c in reach.items() if m != "mcmi" and c == c and doses and c < 0.75 * max(doses)}
-    if low and compared:
+    if low:  # a control that cannot reach the doses leaves MCMI without a comparison there: say so first
         rep.notes.setdefault("reach", []).append(
             f"{where.capitalize()}" + " and ".join(method_name(m) for m in low) + " reach only "
             + " / ".join(fmt(c) for c in low.values()) + " nats of train CMI, so MCMI is compared with label "
-            f"smoothing at {', '.join(f'{d:g}' for d in compared)} alone, with "
-            + ", ".join(f"{n} seed(s)" for n in dict.fromkeys(compared.values())) + ".")
+            + (f"smoothing at {', '.join(f'{d:g}' for d in compared)} alone, with "
+               + ", ".join(f"{n} seed(s)" for n in dict.fromkeys(compared.values())) + "." if compared
+               else "smoothing at no dose of this study."))
 
 
 def dose_response(rep: Report) -> None:

@@ -171,12 +171,13 @@ class Report:
         self.lines.extend(lines)
 
     def claim(self, text: str, d: dict | None, sign: int = 1, digits: int = 2, effect: float | None = None,
-              points: bool = False) -> None:
+              points: bool = False, short: str | None = None) -> None:
         """Add a claim with its interval and verdict; a comparison without data is left out. `effect`: the paper's
-        (points); `points`: the comparison is in points (then the seeds for ±2 points are given)."""
+        (points); `points`: the comparison is in points (then the seeds for ±2 points are given); `short`: its
+        name in the bottom line."""
         if d is not None:
             self.claims.append({"text": text, "d": d, "sign": sign, "digits": digits, "effect": effect,
-                                "points": points})
+                                "points": points, "short": short or text})
 
     def figure(self, path: Path | None, caption: str) -> None:
         if path is not None and path.is_file():
@@ -195,17 +196,15 @@ def claim_line(c: dict) -> str:
             + (f" ({tail})" if tail else ""))
 
 
-def _short(text: str) -> str:
-    return text.split(":")[0] if len(text) > 60 else text
-
-
 def bottom_line(rep: Report) -> list[str]:
     """3-6 lines written from the claims and notes: what held or reversed, what excludes the paper's effect,
     what could not be decided and why, which doses were out of reach, which teachers were left out."""
     held = [c for c in rep.claims if verdict(c["d"], c["sign"]) in ("held", "reversed")]
-    lines = []
+    seeds = rep.results.get("seeds", {})
+    ran = list(dict.fromkeys(nb for notebooks in seeds.values() for nb in notebooks))
+    lines = [f"This run: {len(seeds)} seed(s) of {names(ran)}; {len(rep.claims)} comparison(s) judged below."]
     if held:
-        lines.append("Found: " + "; ".join(f"{_short(c['text'])} — **{verdict(c['d'], c['sign'])}** "
+        lines.append("Found: " + "; ".join(f"{c['short']} — **{verdict(c['d'], c['sign'])}** "
                                            f"({format_interval(c['d'], c['digits']).split(' (')[0]})"
                                            for c in held[:4])
                      + (f"; and {len(held) - 4} more below" if len(held) > 4 else "") + ".")
@@ -213,7 +212,7 @@ def bottom_line(rep: Report) -> list[str]:
     open_ = [c for c in rep.claims if paper_check(c["d"], c["effect"]).startswith("cannot")]
     if excluded or open_:
         lines.append(f"Against the paper's effects: {len(excluded)} comparison(s) exclude them"
-                     + (f" ({'; '.join(_short(c['text']) for c in excluded[:3])})" if excluded else "")
+                     + (f" ({'; '.join(c['short'] for c in excluded[:3])})" if excluded else "")
                      + f", {len(open_)} cannot exclude them.")
     reasons: dict[str, int] = {}
     for c in rep.claims:
@@ -226,7 +225,7 @@ def bottom_line(rep: Report) -> list[str]:
         lines.append(f"Not decided: {sum(reasons.values())} of {len(rep.claims)} comparisons ("
                      + ", ".join(f"{n} with {why}" for why, n in reasons.items()) + ").")
     lines += rep.notes.get("reach", [])[:1] + rep.notes.get("collapsed", [])[:1]
-    if not lines:
+    if not rep.claims:
         lines.append("Nothing to judge yet: no comparison has results.")
     return ["## Bottom line", "", '<div class="summary">', "", *[md_line for md_line in lines], "", "</div>", ""]
 

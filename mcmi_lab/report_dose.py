@@ -115,12 +115,18 @@ def dose_tables(rep: Report, rows: SeedRows, metrics: Mapping[str, tuple], where
             "control, then the mean over seeds; for metrics the paper reports, whether the change over the dose span "
             "(slope × span) excludes the paper's effect." if table else "No slope: no method reached a matched dose "
             "in any seed.", "", markdown_table(table), "")
-    unmatched = [f"{method_name(r.get('method'))} at {fmt(r.get('dose'), 'g')} (seed {seed}: "
-                 f"{fmt(r.get('train_cmi'))})" for seed, rs in rows.items() for r in rs
-                 if r.get("method") != "control" and r.get("matched") is not True]
+    unmatched: dict[tuple, list[str]] = {}  # (method, dose) -> "seed s: train CMI reached"
+    for seed, rs in rows.items():
+        for r in rs:
+            if r.get("method") != "control" and r.get("matched") is not True:
+                unmatched.setdefault((method_name(r.get("method")), fmt(r.get("dose"), "g")), []).append(
+                    f"seed {md_escape(seed)}: {fmt(r.get('train_cmi'))}")
     if unmatched:
-        rep.add(f"<details>", f"<summary>Not matched within ±25% of the dose: {len(unmatched)} teacher(s), left out "
-                "of slopes and pairs</summary>", "", "; ".join(unmatched) + ".", "", "</details>", "")
+        table = [{"method": Text(m), "dose (nats)": d, "train CMI reached (nats)": Text("; ".join(v))}
+                 for (m, d), v in unmatched.items()]
+        rep.add("<details>", f"<summary>Not matched within ±25% of the dose: "
+                f"{sum(map(len, unmatched.values()))} teacher(s), left out of slopes and pairs</summary>", "",
+                markdown_table(table), "", "</details>", "")
     reach = {m: max((c for rs in rows.values() for r in rs if r.get("method") == m
                      and (c := number(r.get("train_cmi"))) is not None), default=math.nan) for m in methods}
     rep.add("Highest train CMI each method reached (nats, any seed): "

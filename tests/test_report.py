@@ -307,7 +307,7 @@ def test_missing_keys_strings_for_numbers_and_surrogates_render(tmp_path):
 
     out = tmp_path / "odd"
     md = _dose_run(out, mutate=odd)
-    assert "## Dose-response" in md and "label smoothing at 0.1 (seed 0: —)" in md
+    assert "## Dose-response" in md and "| label smoothing | 0.1 | seed 0: —; seed 1: —; seed 2: — |" in md
     write_results(out / "seed_0", "01_teachers", {"teachers": [{"teacher": "mll", "test_acc": "0.9"}], "data": {
         "name": "d", "classes": ["\ud800x", "b"], "train_size": "10", "test_size": None, "image": "1x2"}})
     md = build_report(out)[0].read_text(encoding="utf-8")

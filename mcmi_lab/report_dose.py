@@ -157,8 +157,9 @@ def _pairs(rep: Report, rows: SeedRows, metrics: Mapping[str, tuple], doses: lis
                 markdown_table(pairs), "")
     low = {m: c for m, c in reach.items() if m != "mcmi" and c == c and doses and c < 0.75 * max(doses)}
     if low:  # a control that cannot reach the doses leaves MCMI without a comparison there: say so first
-        rep.notes.setdefault("reach", []).append(
-            f"{where.capitalize()}" + " and ".join(method_name(m) for m in low) + " reach only "
+        notes = rep.notes.setdefault("reach", [])
+        notes.insert(0 if not where else len(notes),  # 07's first: the study's own doses
+            f"{where[:1].upper()}{where[1:]}" + " and ".join(method_name(m) for m in low) + " reach only "
             + " / ".join(fmt(c) for c in low.values()) + " nats of train CMI, so MCMI is compared with label "
             + (f"smoothing at {', '.join(f'{d:g}' for d in compared)} alone, with "
                + ", ".join(f"{n} seed(s)" for n in dict.fromkeys(compared.values())) + "." if compared

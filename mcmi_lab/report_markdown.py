@@ -93,7 +93,7 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | N
 
 _STYLE = ("body{font-family:system-ui,sans-serif;max-width:62rem;margin:2rem auto;padding:0 1rem;line-height:1.45}"
           "table{border-collapse:collapse;margin:.5rem 0}th,td{border:1px solid #ccc;padding:.25rem .6rem;"
-          "text-align:left;vertical-align:top}th{background:#f3f3f3}td{white-space:nowrap}"
+          "text-align:left;vertical-align:top}th{background:#f3f3f3}"
           "img{max-width:100%}code{background:#f3f3f3;padding:0 .2rem}figure{margin:1rem 0}"
           "details{margin:1rem 0}summary{cursor:pointer;font-weight:600}"
           ".summary{background:#f6f8fa;border-left:4px solid #4477aa;padding:.4rem 1rem;margin:1rem 0}")
@@ -113,6 +113,13 @@ def _inline(text: str) -> str:
     text = re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", text)
     text = re.sub(r"(?<![\w*])\*([^*]+)\*(?![\w*])", r"<em>\1</em>", text)
     return re.sub("\x00(\\d+)\x00", lambda m: html.escape(literal[int(m.group(1))]), text)
+
+
+def _unbroken(cell: str) -> str:
+    """A table cell whose numbers do not break across lines: "84.2 ± 1.3" and "[-0.50, +2.96]" keep together,
+    while words wrap."""
+    cell = re.sub(r"(?<=\S) ± (?=\S)", "\u00a0±\u00a0", re.sub(r"(?<=\d) \[(?=[-+]?\d)", "\u00a0[", cell))
+    return re.sub(r"\[([-+]?[\d.]+), ([-+]?[\d.]+)\]", "[\\1,\u00a0\\2]", cell)
 
 
 def figure_file(src: str, base: Path) -> Path | None:
@@ -160,7 +167,8 @@ def render_html(markdown: str, base: str | os.PathLike | None = None, title: str
                 i += 1
             head, rows = block[0], [r for r in block[1:] if not all(set(c) <= set("-: ") for c in r)]
             out.append("<table><thead><tr>" + "".join(f"<th>{_inline(c)}</th>" for c in head) + "</tr></thead><tbody>"
-                       + "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in rows)
+                       + "".join("<tr>" + "".join(f"<td>{_unbroken(_inline(c))}</td>" for c in r) + "</tr>"
+                                 for r in rows)
                        + "</tbody></table>")
             continue
         elif line.startswith("- "):

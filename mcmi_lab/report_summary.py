@@ -224,10 +224,11 @@ def bottom_line(rep: Report) -> list[str]:
     if reasons:
         lines.append(f"Not decided: {sum(reasons.values())} of {len(rep.claims)} comparisons ("
                      + ", ".join(f"{n} with {why}" for why, n in reasons.items()) + ").")
-    lines += rep.notes.get("reach", [])[:1] + rep.notes.get("collapsed", [])[:1]
     if not rep.claims:
         lines.append("Nothing to judge yet: no comparison has results.")
-    return ["## Bottom line", "", '<div class="summary">', "", *[md_line for md_line in lines], "", "</div>", ""]
+    collapsed = rep.notes.get("collapsed", [])[:1]
+    lines += rep.notes.get("reach", [])[:max(1, 6 - len(lines) - len(collapsed))] + collapsed
+    return ["## Bottom line", "", '<div class="summary">', "", *(f"- {line[:1].upper()}{line[1:]}" for line in lines), "", "</div>", ""]
 
 
 def names(items: list[Any]) -> str:

@@ -155,9 +155,8 @@ def test_slopes_over_doses_too_close_give_no_verdict(tmp_path):
             f"{mspan:.3f} | {trend} | {paper} the paper's +3.32 |") in slopes
     # the bottom line names the reach and what was compared
     bottom = md.split("## Bottom line")[1].split("## What was run")[0]
-    assert ("label smoothing reach only 0.046 nats of train CMI, so MCMI is compared with label smoothing at 0.05 "
-            "alone") not in bottom  # 0.05 has no MCMI row: nothing compared there
-    assert "label smoothing reach only 0.046 nats of train CMI" in bottom
+    assert ("- Label smoothing reach only 0.046 nats of train CMI, so MCMI is compared with label smoothing at no dose "
+            "of this study.") in bottom  # 0.05, the one dose it matched, has no MCMI teacher
 
 
 def test_collapsed_teachers_are_counted_and_enter_no_number(tmp_path):
@@ -201,7 +200,7 @@ def test_the_bottom_line_opens_the_report(tmp_path):
     md = _dose_run(tmp_path / "run")
     head, rest = md.split("## What was run")
     bottom = head.split("## Bottom line")[1]
-    lines = [line for line in bottom.splitlines() if line.strip() and not line.startswith("<")]
+    lines = [line[2:] for line in bottom.splitlines() if line.startswith("- ")]
     assert 3 <= len(lines) <= 6 and lines[0] == "This run: 3 seed(s) of 07_dose_response; 6 comparison(s) judged below."
     d = [100 * (a - b) for a, b in zip(MCMI[0.1]["student_acc"], SMOOTH[0.1]["student_acc"])]
     m, low, high = _ci(d)
@@ -329,3 +328,20 @@ def test_run_json_of_the_wrong_shape_fails_in_one_line(tmp_path, key, value, exp
     (out / "run.json").write_text(json.dumps([1, 2]))
     with pytest.raises(ValueError, match=r"run.json' holds a list: expected the JSON object mcmi-lab run writes$"):
         build_report(out)
+
+
+def test_the_bottom_line_says_where_the_controls_could_not_follow(tmp_path):
+    def low_reach(i, rows):  # label smoothing tops out near 0.045: MCMI meets it at 0.05 only, in seeds 0 and 1
+        for r in rows:
+            if r["method"] == "label_smoothing":
+                r.update(train_cmi=0.043 + 0.001 * i, matched=False)
+        rows.append({**rows[0], "method": "label_smoothing", "dose": 0.05, "train_cmi": 0.045, "matched": True})
+        if i < 2:
+            rows.append({**rows[0], "method": "mcmi", "dose": 0.05, "train_cmi": 0.05, "matched": True,
+                         "student_acc": 0.9})
+        return rows
+
+    md = _dose_run(tmp_path / "run", mutate=low_reach)
+    bottom = md.split("## Bottom line")[1].split("## What was run")[0]
+    assert ("- Label smoothing reach only 0.045 nats of train CMI, so MCMI is compared with label smoothing at 0.05 "
+            "alone, with 2 seed(s).") in bottom

@@ -200,7 +200,7 @@ def _rho(c: Mapping[str, Any], seeds: int) -> str:
     if not c["n"]:
         return "—"
     text = f"{c['mean']:+.2f}" + (f" [{c['low']:+.2f}, {c['high']:+.2f}]" if c["n"] > 1 else "")
-    return text + (f" (n={c['n']} seeds)" if c["n"] < seeds else "")
+    return Text(text + (f" (n={c['n']} seeds)" if c["n"] < seeds else ""))
 
 
 def _predictor_rows(cs: list[dict], seeds: int) -> list[dict]:

@@ -345,3 +345,16 @@ def test_the_bottom_line_says_where_the_controls_could_not_follow(tmp_path):
     bottom = md.split("## Bottom line")[1].split("## What was run")[0]
     assert ("- Label smoothing reach only 0.045 nats of train CMI, so MCMI is compared with label smoothing at 0.05 "
             "alone, with 2 seed(s).") in bottom
+
+
+def test_metrics_with_the_same_ranks_share_one_row_and_gamma_is_defined(tmp_path):
+    def separation(i, rows):  # train Γ and test Γ differ in value but order the teachers the same way
+        for k, r in enumerate(rows):
+            r.update(test_separation=2.0 + 0.1 * k + 0.01 * i, train_separation=1.5 + 0.2 * k, test_nll=0.3 + k % 2)
+        return rows
+
+    md = _dose_run(tmp_path / "run", mutate=separation)
+    section = md[md.index("### Dose-response teachers (07)"):]
+    rows = [line.split(" | ")[0] for line in section.splitlines() if line.startswith("| ")]
+    assert "| train Γ = test Γ (same ranks)" in rows and "| test Γ" not in rows and "| test NLL" in rows
+    assert "Γ: the separation, the mean cross entropy between the outputs of two images of different classes" in md

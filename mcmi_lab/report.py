@@ -25,7 +25,7 @@ from .report_card import STUDENT_METRICS, TEACHER_METRICS, metric_correlations
 from .report_dose import BAYES_DOSE_METRICS, DOSE_METRICS, dose_response, dose_slopes, dose_tables, working
 from .report_markdown import Text, clean_text, markdown_table, md_escape, render_html
 from .report_summary import (PAPER_EFFECTS, Report, bottom_line, cell, claim_line, difference, fmt,
-                             format_difference, names, number, seed_rows, trend, values, verdict)
+                             format_difference, judged, names, number, seed_rows, trend, values, verdict)
 from .runs import RESULTS, RUN_INFO, collect_results, parameter_differences, seed_dirs
 from .utils import write_json, write_text
 
@@ -67,7 +67,7 @@ def _teachers(rep: Report) -> None:
     rep.add("MCMI − control, paired by seed:", "")
     for label, key, scale in diffs:
         d = difference(values(rows, key, teacher="mcmi"), values(rows, key, teacher="control"), scale)
-        rep.add(f"- {label}: {format_difference(d, 3 if scale == 1.0 else 2)}")
+        rep.add(f"- {label}: {judged(d, 3 if scale == 1.0 else 2, points=scale > 1)}")
     rep.add("")
     rep.claim("MCMI raises the teacher's train CMI over the λ = 0 control (MCMI − control)",
               difference(values(rows, "train_cmi", teacher="mcmi"), values(rows, "train_cmi", teacher="control")),
@@ -90,7 +90,7 @@ def _students(rep: Report) -> None:
     for m in methods:
         d = difference(values(rows, "student_acc", teacher="mcmi", method=m),
                        values(rows, "student_acc", teacher="control", method=m), 100.0)
-        rep.add(f"- {md_escape(m)}: {format_difference(d)}")
+        rep.add(f"- {md_escape(m)}: {judged(d, effect=PAPER_EFFECTS['kd'], points=True)}")
         rep.claim(f"{md_escape(m)} student: an MCMI teacher gives a better student than the control (points)", d,
                   effect=PAPER_EFFECTS["kd"], points=True, short=f"{md_escape(m)} student, MCMI − control")
     rep.add("")
@@ -111,7 +111,7 @@ def _few_shot(rep: Report) -> None:
     for f in fractions:
         d = difference(values(rows, "student_acc", teacher="mcmi", fraction=f),
                        values(rows, "student_acc", teacher="control", fraction=f), 100.0)
-        rep.add(f"- fraction {f:g}: {format_difference(d)}")
+        rep.add(f"- fraction {f:g}: {judged(d, effect=PAPER_EFFECTS['few_shot'] if f < 1 else None, points=True)}")
         if f == fractions[0]:
             rep.claim(f"few-shot (fraction {f:g}): MCMI − control student accuracy (points)", d,
                       effect=PAPER_EFFECTS["few_shot"], points=True, short=f"few-shot ({f:g}), MCMI − control")
@@ -156,7 +156,8 @@ def _zero_shot(rep: Report) -> None:
         rep.add(f"### Omitted: {', '.join(shown)}", "", markdown_table(table, ["teacher"] + cols), "")
         d = difference(values(rows, omitted_mean, teacher="mcmi", omitted=list(s)),
                        values(rows, omitted_mean, teacher="control", omitted=list(s)), 100.0)
-        rep.add(f"MCMI − control on the omitted classes (points): {format_difference(d)}", "")
+        rep.add(f"MCMI − control on the omitted classes (points): "
+                f"{judged(d, effect=PAPER_EFFECTS['zero_shot'], points=True)}", "")
         rep.claim(f"zero-shot ({', '.join(shown)} omitted): MCMI − control accuracy on the omitted classes "
                   "(points)", d, effect=PAPER_EFFECTS["zero_shot"], points=True,
                   short=f"zero-shot ({', '.join(shown)}), MCMI − control")

@@ -185,15 +185,21 @@ class Report:
             self.add(f"![{caption}]({path.relative_to(self.out).as_posix()})", "", f"*{caption}*", "")
 
 
-def claim_line(c: dict) -> str:
-    d = c["d"]
-    extra = [paper_check(d, c["effect"])]
-    n = seeds_needed(d) if c["points"] else None
+def judged(d: dict | None, digits: int = 2, sign: int = 1, effect: float | None = None, points: bool = False) -> str:
+    """A comparison as the report shows it: "+1.20 (95% CI ..., n=3) — **not shown** (cannot exclude the paper's
+    +3.32; ±2 points needs 7 seeds)"."""
+    if d is None:
+        return "—"
+    extra = [paper_check(d, effect)]
+    n = seeds_needed(d) if points else None
     if n is not None:
         extra.append(f"±2 points needs {n} seeds")
     tail = "; ".join(e for e in extra if e)
-    return (f"- {c['text']}: {format_difference(d, c['digits'])} — **{verdict(d, c['sign'])}**"
-            + (f" ({tail})" if tail else ""))
+    return f"{format_difference(d, digits)} — **{verdict(d, sign)}**" + (f" ({tail})" if tail else "")
+
+
+def claim_line(c: dict) -> str:
+    return f"- {c['text']}: {judged(c['d'], c['digits'], c['sign'], c['effect'], c['points'])}"
 
 
 def bottom_line(rep: Report) -> list[str]:

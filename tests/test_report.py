@@ -358,3 +358,30 @@ def test_metrics_with_the_same_ranks_share_one_row_and_gamma_is_defined(tmp_path
     rows = [line.split(" | ")[0] for line in section.splitlines() if line.startswith("| ")]
     assert "| train Γ = test Γ (same ranks)" in rows and "| test Γ" not in rows and "| test NLL" in rows
     assert "Γ: the separation, the mean cross entropy between the outputs of two images of different classes" in md
+
+
+def test_every_paired_list_line_carries_its_verdict(tmp_path):
+    out = tmp_path / "run"
+    write_run_info(out, {"pipeline": "demo", "seeds": list(SEEDS)})
+    kd = {"control": [0.80, 0.81, 0.82], "mcmi": [0.81, 0.83, 0.86]}
+    few = {"control": [0.60, 0.60, 0.60], "mcmi": [0.60, 0.60, 0.60]}  # every student equal: no signal
+    for i in SEEDS:
+        write_results(out / f"seed_{i}", "03_distill", {"students": [
+            {"teacher": t, "method": "kd", "student_acc": v[i]} for t, v in kd.items()]})
+        write_results(out / f"seed_{i}", "05_few_shot", {"few_shot": [
+            {"teacher": t, "fraction": f, "student_acc": v[i] + (f == 1.0) * 0.01 * i * (t == "mcmi")}
+            for t, v in few.items() for f in (0.25, 1.0)]})
+    md = build_report(out)[0].read_text()
+    d = [100 * (a - b) for a, b in zip(kd["mcmi"], kd["control"])]
+    m, low, high = _ci(d)
+    need = next(n for n in range(2, 12) if T_975[n - 1] * _mean_std(d)[1] / math.sqrt(n) <= 2)
+    verdict = "held" if low > 0 else "not shown"
+    paper = "cannot exclude" if low <= 3.32 <= high else "excludes"
+    assert (f"- kd: {m:+.2f} (95% CI {low:+.2f} .. {high:+.2f}, n=3) — **{verdict}** ({paper} the paper's +3.32; "
+            f"±2 points needs {need} seeds)") in md.split("## Students by KD method")[1]
+    section = md.split("## Few-shot students")[1]
+    assert "- fraction 0.25: +0.00 (95% CI +0.00 .. +0.00, n=3) — **no signal (every value equal)**\n" in section
+    d = [0.0, 1.0, 2.0]  # fraction 1: no paper effect to compare (the paper's few-shot effect is at 5%)
+    m, low, high = _ci(d)
+    assert (f"- fraction 1: {m:+.2f} (95% CI {low:+.2f} .. {high:+.2f}, n=3) — **not shown** (±2 points needs "
+            f"{next(n for n in range(2, 12) if T_975[n - 1] * 1.0 / math.sqrt(n) <= 2)} seeds)") in section

@@ -18,6 +18,7 @@ from typing import Any, Mapping, Sequence
 
 #: Everything str.splitlines() breaks a line at: none of them may reach report.md from a data string.
 _LINE_BREAKS = re.compile("[\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]+")
+_CONTROL = re.compile("[\x00-\x08\x0e-\x1b\x1f\x7f]")
 #: The characters Markdown (ours and CommonMark) gives a meaning; each is escaped with a backslash.
 _ACTIVE = re.compile(r"([\\`*\[\]#!|<~$]|(?<![0-9A-Za-z])_|_(?![0-9A-Za-z]))")  # "_" inside a word is literal
 
@@ -29,8 +30,9 @@ def clean_text(text: str) -> str:
 
 def md_escape(value: Any) -> str:
     """A string from data, results or run.json as Markdown text that shows it literally: one line, with every
-    character Markdown acts on escaped (``\\|``, ``\\#``, ``\\!``, ``\\[``, ...), surrogates escaped."""
-    text = _LINE_BREAKS.sub(" ", clean_text(str(value)))
+    character Markdown acts on escaped (``\\|``, ``\\#``, ``\\!``, ``\\[``, ...), surrogates escaped, other
+    control characters shown as U+FFFD."""
+    text = _CONTROL.sub("\ufffd", _LINE_BREAKS.sub(" ", clean_text(str(value))))
     return _ACTIVE.sub(r"\\\1", text)
 
 
@@ -108,7 +110,7 @@ def _inline(text: str) -> str:
         literal.append(m.group(1))
         return f"\x00{len(literal) - 1}\x00"
 
-    text = html.escape(_ESCAPE.sub(hold, text), quote=False)
+    text = html.escape(_ESCAPE.sub(hold, text.replace("\x00", "")), quote=False)  # \x00 marks the held ones
     text = re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
     text = re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", text)
     text = re.sub(r"(?<![\w*])\*([^*]+)\*(?![\w*])", r"<em>\1</em>", text)

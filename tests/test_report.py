@@ -288,6 +288,8 @@ def test_md_escape_and_tables_keep_one_line_per_row():
     assert md_escape("a\nb\r\nc\u2028d") == "a b c d"
     assert md_escape("![x](y) # | * ` _a_ b_c <s> \\") == "\\!\\[x\\](y) \\# \\| \\* \\` \\_a\\_ b_c \\<s> \\\\"
     assert md_escape("\ud800") == "\\\\ud800"  # a lone surrogate escaped: report.md stays valid UTF-8
+    assert md_escape("a\x005\x00\x1b") == "a\ufffd5\ufffd\ufffd"  # control characters shown, never acting
+    assert "<p>* 5</p>" in render_html("\\* \x005\x00")  # the renderer's own marks cannot be forged
     table = markdown_table([{"a": "x\ny", "b": "1 (n=3)"}, {"a": "z", "b": "2 (n=3)"}])
     assert table == "| a | b (n=3) |\n|---|---|\n| x y | 1 |\n| z | 2 |"
     table = markdown_table([{"a": "1 (n=3)", "b": "2 (n=3)"}, {"a": "3 (n=3)", "b": "—"}])

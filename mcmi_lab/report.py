@@ -13,7 +13,6 @@ in one line naming the file and the key.
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -32,7 +31,6 @@ from .utils import write_json, write_text
 __all__ = ["build_report", "markdown_table", "render_html", "seed_rows", "values", "omitted_mean", "dose_slopes",
            "DOSE_METRICS", "BAYES_DOSE_METRICS", "TEACHER_LABELS", "METHOD_LABELS", "cell", "difference",
            "format_difference", "verdict", "trend", "dose_tables"]
-_Report = Report
 
 
 def _acc(v: Mapping[str, float]) -> str:

@@ -1,191 +1,84 @@
 """The report of a run: ``report.md`` and a self-contained ``report.html`` built from the merged ``results.json``.
 
-What was run, the teacher table, students per KD method, per few-shot fraction and per omitted class, each as
-mean ± std over seeds (n), the paired difference MCMI − control with its 95% interval, the known-BCPD table, the
-key figures, and a plain "which claims held" list computed from the same numbers. A claim *held* when the whole
-interval lies on its side of zero, is *reversed* when the whole interval lies on the other side, and is *not
-shown* otherwise (or with one seed, where there is no interval).
+It opens with a bottom line written from the results (:mod:`mcmi_lab.report_summary`), then what was run (the data,
+the notebooks whose results are present, the sizes used), the claims with what the seeds can decide about each,
+the teacher table, students per KD method, per few-shot fraction and per omitted class (mean ± std over seeds, the
+n once per column), the paired differences MCMI − control with their 95% intervals, the known-BCPD table, the
+dose-response study (:mod:`mcmi_lab.report_dose`), the figures, and the parameters the notebooks read.
+
+Every string from data, results or run.json enters report.md escaped (:func:`mcmi_lab.report_markdown.md_escape`);
+a row missing a key or holding a string where a number belongs shows "—" there; run.json of the wrong shape fails
+in one line naming the file and the key.
 """
 from __future__ import annotations
 
-import base64
-import html
 import json
-import math
 import os
-import re
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
 from .cam import CAM_STATISTICS
 from .plots import (METHOD_LABELS, TEACHER_LABELS, plot_cmi_bars, plot_dose_response, plot_fraction_curve,
                     plot_student_vs_teacher_cmi, plot_training_curves)
 from .report_card import STUDENT_METRICS, TEACHER_METRICS, metric_correlations
-from .runs import RESULTS, collect_results, parameter_differences, seed_dirs
-from .stats import format_mean_std, mean_std, paired_difference, slope_over_seeds
+from .report_dose import BAYES_DOSE_METRICS, DOSE_METRICS, dose_response, dose_slopes, dose_tables, working
+from .report_markdown import Text, clean_text, markdown_table, md_escape, render_html
+from .report_summary import (PAPER_EFFECTS, Report, bottom_line, cell, claim_line, difference, fmt,
+                             format_difference, judged, names, number, seed_rows, trend, values, verdict)
+from .runs import RESULTS, RUN_INFO, collect_results, parameter_differences, seed_dirs
 from .utils import write_json, write_text
 
-
-
-# ---- tables -----------------------------------------------------------------------------------------------------
-
-def _cell_text(value: Any, digits: int) -> str:
-    if isinstance(value, float):
-        return "—" if math.isnan(value) else f"{value:.{digits}f}"
-    if isinstance(value, (list, tuple)):
-        return ", ".join(_cell_text(v, digits) for v in value)
-    if isinstance(value, Mapping):
-        return ", ".join(f"{k}: {_cell_text(v, digits)}" for k, v in value.items())
-    return "—" if value is None else str(value).replace("|", "\\|")
-
-
-def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None, digits: int = 3,
-                   headers: Sequence[str] | None = None) -> str:
-    """Rows of dicts as a Markdown table: `columns` (default: the first row's keys) in order, floats with `digits`."""
-    if not rows:
-        return ""
-    columns = list(columns if columns is not None else rows[0])
-    headers = list(headers if headers is not None else columns)
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(["---"] * len(columns)) + "|"]
-    lines += ["| " + " | ".join(_cell_text(r.get(c), digits) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-# ---- per-seed values --------------------------------------------------------------------------------------------
-
-SeedRows = dict[str, list[dict]]
-
-
-def seed_rows(results: Mapping[str, Any], notebook: str, key: str) -> SeedRows:
-    """``{seed: results[seed][notebook][key]}`` for the seeds that have it."""
-    out = {}
-    for seed, notebooks in results.get("seeds", {}).items():
-        rows = notebooks.get(notebook, {}).get(key)
-        if rows:
-            out[seed] = rows
-    return out
-
-
-def values(rows: SeedRows, metric: str | Callable[[dict], Any], **match: Any) -> dict[str, float]:
-    """``{seed: metric}`` of the first row in each seed whose fields equal `match` (numbers only)."""
-    get = metric if callable(metric) else (lambda r: r.get(metric))
-    out = {}
-    for seed, seed_list in rows.items():
-        for r in seed_list:
-            if all(r.get(k) == v for k, v in match.items()):
-                v = get(r)
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-                    out[seed] = float(v)
-                break
-    return out
-
-
-def cell(vals: Mapping[str, float], scale: float = 1.0, digits: int = 3) -> str:
-    """"84.2 ± 1.3 (n=3)" over seeds, or "—" without values."""
-    if not vals:
-        return "—"
-    mean, std = mean_std([scale * v for v in vals.values()])
-    return format_mean_std(mean, std, len(vals), digits)
-
-
-def difference(a: Mapping[str, float], b: Mapping[str, float], scale: float = 1.0) -> dict | None:
-    """Paired difference a − b over the seeds both have (stats.paired_difference), scaled; None without pairs."""
-    common = [s for s in a if s in b]
-    if not common:
-        return None
-    return paired_difference([scale * a[s] for s in common], [scale * b[s] for s in common])
-
-
-def format_difference(d: dict | None, digits: int = 2) -> str:
-    if d is None:
-        return "—"
-    if d["n"] < 2:
-        return f"{d['mean']:+.{digits}f} (n=1, no interval)"
-    return f"{d['mean']:+.{digits}f} (95% CI {d['low']:+.{digits}f} .. {d['high']:+.{digits}f}, n={d['n']})"
-
-
-def verdict(d: dict | None, sign: int = 1) -> str:
-    """"held" when the interval lies on the side `sign` of 0, "reversed" on the other side, else "not shown"."""
-    if d is None:
-        return "not measured"
-    if d["n"] < 2 or math.isnan(d["low"]):
-        return "not shown (one seed: no interval)"
-    low, high = (d["low"], d["high"]) if sign > 0 else (-d["high"], -d["low"])
-    return "held" if low > 0 else "reversed" if high < 0 else "not shown"
-
-
-def trend(d: dict) -> str:
-    """A slope's verdict: "rises" / "falls" when its 95% interval is above / below 0, else "no trend shown"."""
-    if not d["n"]:
-        return "not measured"
-    if d["n"] < 2 or math.isnan(d["low"]):
-        return "no trend shown (one seed: no interval)"
-    return "rises" if d["low"] > 0 else "falls" if d["high"] < 0 else "no trend shown"
-
-
-# ---- the report -------------------------------------------------------------------------------------------------
-
-class _Report:
-    """Builds the Markdown text section by section; collects the claims as it goes."""
-
-    def __init__(self, results: Mapping[str, Any], out: Path):
-        self.results, self.out = results, out
-        self.lines: list[str] = []
-        self.claims: list[str] = []
-
-    def add(self, *lines: str) -> None:
-        self.lines.extend(lines)
-
-    def claim(self, text: str, d: dict | None, sign: int = 1, digits: int = 2) -> None:
-        """Add a claim with its interval and verdict; a comparison without data is left out."""
-        if d is not None:
-            self.claims.append(f"- {text}: {format_difference(d, digits)} — **{verdict(d, sign)}**")
-
-    def figure(self, path: Path | None, caption: str) -> None:
-        if path is not None and path.is_file():
-            caption = caption.replace("*", "∗")  # P* inside the italic caption would end it: the operator sign
-            self.add(f"![{caption}]({path.relative_to(self.out).as_posix()})", "", f"*{caption}*", "")
+__all__ = ["build_report", "markdown_table", "render_html", "seed_rows", "values", "omitted_mean", "dose_slopes",
+           "DOSE_METRICS", "BAYES_DOSE_METRICS", "TEACHER_LABELS", "METHOD_LABELS", "cell", "difference",
+           "format_difference", "verdict", "trend", "dose_tables"]
 
 
 def _acc(v: Mapping[str, float]) -> str:
     return cell(v, 100.0, 1)
 
 
-def _teachers(rep: _Report) -> None:
+def _label(name: Any) -> str:
+    """A teacher's name in words; a name from outside escaped."""
+    return Text(TEACHER_LABELS[name] if isinstance(name, str) and name in TEACHER_LABELS else md_escape(name))
+
+
+def _distinct(rows: Mapping[str, list[dict]], key: str, skip: tuple = ()) -> list:
+    """The values of `key` over every row, in first-seen order (hashable ones only)."""
+    seen = (r.get(key) for rs in rows.values() for r in rs)
+    return list(dict.fromkeys(v for v in seen if v is not None and not isinstance(v, (list, dict)) and v not in skip))
+
+
+def _teachers(rep: Report) -> None:
     rows = seed_rows(rep.results, "01_teachers", "teachers")
     if not rows:
         return
-    names = list(dict.fromkeys(r["teacher"] for rs in rows.values() for r in rs))
     cols = [("test_acc", "test acc (%)", 100.0, 1), ("train_acc", "train acc (%)", 100.0, 1),
             ("train_cmi", "train CMI", 1.0, 3), ("test_cmi", "test CMI", 1.0, 3),
             ("train_ncmi", "train NCMI", 1.0, 3), ("test_ncmi", "test NCMI", 1.0, 3), ("test_ece", "test ECE", 1.0, 3)]
-    table = [{"teacher": TEACHER_LABELS.get(n, n),
-              **{h: cell(values(rows, k, teacher=n), s, d) for k, h, s, d in cols}} for n in names]
-    rep.add("## Teachers", "", "Mean ± std over seeds (n). CMI and NCMI in nats; train = the teachers' training data.",
-            "", markdown_table(table, ["teacher"] + [h for _, h, _, _ in cols]), "")
+    table = [{"teacher": _label(n), **{h: cell(values(rows, k, teacher=n), s, d) for k, h, s, d in cols}}
+             for n in _distinct(rows, "teacher")]
+    rep.add("## Teachers", "", "Mean ± std over seeds (n). CMI and NCMI in nats; train = the teachers' training data. "
+            "NCMI = CMI / Γ, Γ the separation: the mean cross entropy between the outputs of two images of "
+            "different classes (DESIGN.md §2).", "", markdown_table(table, ["teacher"] + [h for _, h, _, _ in cols]), "")
     diffs = [("test accuracy (points)", "test_acc", 100.0), ("train CMI", "train_cmi", 1.0),
              ("test CMI", "test_cmi", 1.0)]
     rep.add("MCMI − control, paired by seed:", "")
     for label, key, scale in diffs:
         d = difference(values(rows, key, teacher="mcmi"), values(rows, key, teacher="control"), scale)
-        rep.add(f"- {label}: {format_difference(d, 3 if scale == 1.0 else 2)}")
+        rep.add(f"- {label}: {judged(d, 3 if scale == 1.0 else 2, points=scale > 1)}")
     rep.add("")
     rep.claim("MCMI raises the teacher's train CMI over the λ = 0 control (MCMI − control)",
               difference(values(rows, "train_cmi", teacher="mcmi"), values(rows, "train_cmi", teacher="control")),
-              digits=3)
-    d = difference(values(rows, "test_acc", teacher="mcmi"), values(rows, "test_acc", teacher="control"), 100.0)
-    if d is not None:
-        rep.claims.append(f"- MCMI teacher test accuracy vs control (points; the paper reports a small cost): "
-                          f"{format_difference(d)}")
+              digits=3, short="MCMI raises the teacher's train CMI")
 
 
-def _students(rep: _Report) -> None:
+def _students(rep: Report) -> None:
     rows = seed_rows(rep.results, "03_distill", "students")
     if not rows:
         return
-    methods = list(dict.fromkeys(r["method"] for rs in rows.values() for r in rs if r["teacher"] != "none"))
-    teachers = list(dict.fromkeys(r["teacher"] for rs in rows.values() for r in rs))
-    table = [{"teacher": TEACHER_LABELS.get(t, t),
+    methods = _distinct({s: [r for r in rs if r.get("teacher") != "none"] for s, rs in rows.items()}, "method")
+    teachers = _distinct(rows, "teacher")
+    table = [{"teacher": _label(t),
               **{m: _acc(values(rows, "student_acc", teacher=t, method=("ce" if t == "none" else m)))
                  for m in methods}} for t in teachers]
     rep.add("## Students by KD method", "", "Student test accuracy (%), mean ± std over seeds (n). The no-teacher "
@@ -195,18 +88,19 @@ def _students(rep: _Report) -> None:
     for m in methods:
         d = difference(values(rows, "student_acc", teacher="mcmi", method=m),
                        values(rows, "student_acc", teacher="control", method=m), 100.0)
-        rep.add(f"- {m}: {format_difference(d)}")
-        rep.claim(f"{m} student: an MCMI teacher gives a better student than the control (points)", d)
+        rep.add(f"- {md_escape(m)}: {judged(d, effect=PAPER_EFFECTS['kd'], points=True)}")
+        rep.claim(f"{md_escape(m)} student: an MCMI teacher gives a better student than the control (points)", d,
+                  effect=PAPER_EFFECTS["kd"], points=True, short=f"{md_escape(m)} student, MCMI − control")
     rep.add("")
 
 
-def _few_shot(rep: _Report) -> None:
+def _few_shot(rep: Report) -> None:
     rows = seed_rows(rep.results, "05_few_shot", "few_shot")
     if not rows:
         return
-    fractions = sorted({r["fraction"] for rs in rows.values() for r in rs})
-    teachers = list(dict.fromkeys(r["teacher"] for rs in rows.values() for r in rs))
-    table = [{"teacher": TEACHER_LABELS.get(t, t),
+    fractions = sorted(f for f in _distinct(rows, "fraction") if number(f) is not None)
+    teachers = _distinct(rows, "teacher")
+    table = [{"teacher": _label(t),
               **{f"{f:g}": _acc(values(rows, "student_acc", teacher=t, fraction=f)) for f in fractions}}
              for t in teachers]
     rep.add("## Few-shot students", "", "KD student test accuracy (%) by the fraction of the training data it saw "
@@ -215,139 +109,69 @@ def _few_shot(rep: _Report) -> None:
     for f in fractions:
         d = difference(values(rows, "student_acc", teacher="mcmi", fraction=f),
                        values(rows, "student_acc", teacher="control", fraction=f), 100.0)
-        rep.add(f"- fraction {f:g}: {format_difference(d)}")
+        rep.add(f"- fraction {f:g}: {judged(d, effect=PAPER_EFFECTS['few_shot'] if f < 1 else None, points=True)}")
         if f == fractions[0]:
-            rep.claim(f"few-shot (fraction {f:g}): MCMI − control student accuracy (points)", d)
+            rep.claim(f"few-shot (fraction {f:g}): MCMI − control student accuracy (points)", d,
+                      effect=PAPER_EFFECTS["few_shot"], points=True, short=f"few-shot ({f:g}), MCMI − control")
     rep.add("")
 
 
-def omitted_mean(r: dict) -> float | None:
-    accs = list(r.get("omitted_acc", {}).values())
+def omitted_mean(r: Mapping) -> float | None:
+    """The mean accuracy over a zero-shot row's omitted classes (numbers only), or None."""
+    accs = r.get("omitted_acc")
+    accs = [v for v in map(number, accs.values()) if v is not None] if isinstance(accs, Mapping) else []
     return sum(accs) / len(accs) if accs else None
 
 
-def _zero_shot(rep: _Report) -> None:
-    rows = seed_rows(rep.results, "06_zero_shot", "zero_shot")
-    if not rows:
+def _class_names(rep: Report, omitted: tuple) -> list[str]:
+    first = next(iter(rep.results["seeds"].values()), {}).get("06_zero_shot", {})
+    classes = first.get("classes") if isinstance(first, Mapping) else None
+    ok = isinstance(classes, list)
+    return [md_escape(classes[c]) if ok and isinstance(c, int) and 0 <= c < len(classes) else md_escape(c)
+            for c in omitted]
+
+
+def _zero_shot(rep: Report) -> None:
+    rows = working(seed_rows(rep.results, "06_zero_shot", "zero_shot"))
+    if not any(rows.values()):
         return
-    sets = list(dict.fromkeys(tuple(r["omitted"]) for rs in rows.values() for r in rs))
-    teachers = list(dict.fromkeys(r["teacher"] for rs in rows.values() for r in rs))
-    classes = next(iter(rep.results["seeds"].values())).get("06_zero_shot", {}).get("classes")
+    sets = list(dict.fromkeys(tuple(r["omitted"]) for rs in rows.values() for r in rs
+                              if isinstance(r.get("omitted"), list)
+                              and all(isinstance(c, (int, str)) for c in r["omitted"])))
+    teachers = _distinct(rows, "teacher")
     rep.add("## Zero-shot students", "", "The student never saw the omitted classes; the teacher did. Test accuracy "
             "(%) overall and on each omitted class.", "")
     for s in sets:
-        names = [classes[c] if classes else str(c) for c in s]
-        cols = ["overall"] + [f"class {c} ({n})" for c, n in zip(s, names)]
+        shown = _class_names(rep, s)
+        cols = ["overall"] + [Text(f"class {md_escape(c)} ({n})") for c, n in zip(s, shown)]
         table = []
         for t in teachers:
-            row = {"teacher": TEACHER_LABELS.get(t, t),
-                   "overall": _acc(values(rows, "student_acc", teacher=t, omitted=list(s)))}
+            row = {"teacher": _label(t), "overall": _acc(values(rows, "student_acc", teacher=t, omitted=list(s)))}
             for c, col in zip(s, cols[1:]):
-                row[col] = _acc(values(rows, lambda r, c=c: r["omitted_acc"].get(str(c)), teacher=t, omitted=list(s)))
+                get = lambda r, c=c: r["omitted_acc"].get(str(c)) if isinstance(r.get("omitted_acc"), dict) else None
+                row[col] = _acc(values(rows, get, teacher=t, omitted=list(s)))
             table.append(row)
-        rep.add(f"### Omitted: {', '.join(names)}", "", markdown_table(table, ["teacher"] + cols), "")
+        rep.add(f"### Omitted: {', '.join(shown)}", "", markdown_table(table, ["teacher"] + cols), "")
         d = difference(values(rows, omitted_mean, teacher="mcmi", omitted=list(s)),
                        values(rows, omitted_mean, teacher="control", omitted=list(s)), 100.0)
-        rep.add(f"MCMI − control on the omitted classes (points): {format_difference(d)}", "")
-        rep.claim(f"zero-shot ({', '.join(names)} omitted): MCMI − control accuracy on the omitted classes "
-                  "(points)", d)
+        rep.add(f"MCMI − control on the omitted classes (points): "
+                f"{judged(d, effect=PAPER_EFFECTS['zero_shot'], points=True)}", "")
+        rep.claim(f"zero-shot ({', '.join(shown)} omitted): MCMI − control accuracy on the omitted classes "
+                  "(points)", d, effect=PAPER_EFFECTS["zero_shot"], points=True,
+                  short=f"zero-shot ({', '.join(shown)}), MCMI − control")
 
 
-#: The student metrics of the dose-response study, with the words the report uses for them.
-#: The dose-response metrics of 07: key -> (words, scale, unit, claimed sign of MCMI − label smoothing).
-DOSE_METRICS = {"student_acc": ("KD student accuracy", 100.0, "points", 1),
-                "few_shot_acc": ("few-shot student accuracy", 100.0, "points", 1),
-                "zero_shot_omitted_acc": ("zero-shot accuracy on the omitted classes", 100.0, "points", 1),
-                "test_acc": ("teacher test accuracy", 100.0, "points", 1)}
-#: The dose-response metrics of 08 (known posterior): closer to P* is a lower KL, so the claimed sign is negative.
-BAYES_DOSE_METRICS = {"kl_to_bayes": ("KL(P* ‖ teacher) on test", 1.0, "nats", -1),
-                      "test_acc": ("teacher test accuracy", 100.0, "points", 1)}
-
-
-def dose_slopes(rows: SeedRows, method: str, metric: str, scale: float = 100.0) -> dict:
-    """The slope of `metric` (×`scale`: points for accuracies) against train CMI (nats) for `method`, one
-    least-squares slope per seed over its matched doses and its control (dose 0), then their mean with a 95% t
-    interval over the seeds."""
-    points = {seed: [(r["train_cmi"], scale * r[metric]) for r in rs
-                     if ((r["method"] == method and r.get("matched")) or r["method"] == "control")
-                     and isinstance(r.get(metric), (int, float))]
-              for seed, rs in rows.items()}
-    return slope_over_seeds(points)
-
-
-def _method(name: str) -> str:
-    return METHOD_LABELS.get(name, name)
-
-
-def _dose_tables(rep: _Report, rows: SeedRows, metrics: Mapping[str, tuple], where: str) -> None:
-    """Slopes per method and metric, what was not matched, how high each method reached, and the paired
-    difference MCMI − label smoothing at each matched dose (each one a claim, labelled with `where`)."""
-    methods = [m for m in dict.fromkeys(r["method"] for rs in rows.values() for r in rs) if m != "control"]
-    doses = sorted({r["dose"] for rs in rows.values() for r in rs if r["method"] != "control"})
-    means = []  # the numbers behind the slopes: every matched (method, dose), mean ± std over its seeds
-    for method, dose in [("control", 0.0)] + [(m, d) for d in doses for m in methods]:
-        match = dict(method=method, dose=dose, matched=True)
-        reached = values(rows, "train_cmi", **match)
-        if reached:
-            means.append({"method": _method(method), "dose (nats)": f"{dose:g}", "train CMI (nats)": cell(reached),
-                          **{f"{words} ({'%' if scale > 1 else unit})": cell(values(rows, metric, **match), scale,
-                                                                             1 if scale > 1 else 3)
-                             for metric, (words, scale, unit, _) in metrics.items()}})
-    rep.add("Matched teachers, mean ± std over the seeds that reached the dose:", "", markdown_table(means), "")
-    table = []
-    for method in methods:
-        for metric, (words, scale, unit, _) in metrics.items():
-            d = dose_slopes(rows, method, metric, scale)
-            table.append({"method": _method(method), "metric": words,
-                          "slope (per nat)": f"{format_difference(d)} {unit}", "trend": trend(d)})
-    rep.add(markdown_table(table), "")
-    unmatched = [f"{_method(r['method'])} at {r['dose']:g} (seed {seed}: {r['train_cmi']:.3f})"
-                 for seed, rs in rows.items() for r in rs if r["method"] != "control" and not r.get("matched")]
-    if unmatched:
-        rep.add("Not matched within ±25% of the dose (left out of slopes and pairs): " + "; ".join(unmatched) + ".",
-                "")
-    reach = {m: max(r["train_cmi"] for rs in rows.values() for r in rs if r["method"] == m) for m in methods}
-    rep.add("Highest train CMI each method reached (nats, any seed): "
-            + ", ".join(f"{_method(m)} {c:.3f}" for m, c in reach.items()) + ".", "")
-    pairs = []
-    for dose in doses:
-        for metric, (words, scale, unit, sign) in metrics.items():
-            mcmi = values(rows, metric, method="mcmi", dose=dose, matched=True)
-            smooth = values(rows, metric, method="label_smoothing", dose=dose, matched=True)
-            both = sorted(set(mcmi) & set(smooth))
-            if not both:
-                continue
-            d = paired_difference([scale * mcmi[s] for s in both], [scale * smooth[s] for s in both])
-            digits = 2 if scale > 1 else 3
-            pairs.append({"dose (nats)": f"{dose:g}", "metric": words, "MCMI − label smoothing":
-                          f"{format_difference(d, digits)} {unit}", "verdict": verdict(d, sign)})
-            rep.claim(f"{where}dose {dose:g}: MCMI − label smoothing, {words} ({unit})", d, sign, digits)
-    if pairs:
-        rep.add("Paired by seed, MCMI against label smoothing at the same dose:", "", markdown_table(pairs), "")
-
-
-def _dose_response(rep: _Report) -> None:
-    rows = seed_rows(rep.results, "07_dose_response", "dose_response")
-    if not rows:
-        return
-    rep.add("## Dose-response", "", "The dose is the teacher's train CMI in nats. Slopes: change of the metric per "
-            "nat of train CMI (accuracies in points), one least-squares line per seed over its matched doses and the "
-            "λ = 0 control, then the mean over seeds with its 95% interval.", "")
-    _dose_tables(rep, rows, DOSE_METRICS, "")
-
-
-def _known_bcpd(rep: _Report) -> None:
+def _known_bcpd(rep: Report) -> None:
     rows = seed_rows(rep.results, "08_known_bcpd", "known_bcpd")
     if not rows:
         return
-    teachers = list(dict.fromkeys(r["teacher"] for rs in rows.values() for r in rs))
-    table = [{"teacher": TEACHER_LABELS.get(t, t) if t != "bayes" else "Bayes posterior P*",
+    table = [{"teacher": _label(t) if t != "bayes" else "Bayes posterior P*",
               "KL(P* ‖ P) (nats)": cell(values(rows, "kl_to_bayes", teacher=t)),
               "ECE": cell(values(rows, "ece", teacher=t)),
               "accuracy (%)": _acc(values(rows, "accuracy", teacher=t)),
-              "KD student acc (%)": _acc(values(rows, "student_acc", teacher=t))} for t in teachers]
-    bayes = [nb.get("08_known_bcpd", {}).get("bayes_accuracy") for nb in rep.results["seeds"].values()]
-    bayes = next((b for b in bayes if b is not None), None)
+              "KD student acc (%)": _acc(values(rows, "student_acc", teacher=t))} for t in _distinct(rows, "teacher")]
+    bayes = next((b for nb in rep.results["seeds"].values()
+                  if (b := number(nb.get("08_known_bcpd", {}).get("bayes_accuracy"))) is not None), None)
     rep.add("## Known Bayes posterior (synthetic task)", "",
             "Teachers trained on a task whose P*(y|x) is known exactly, scored on test data by KL(P* ‖ P_teacher), "
             "top-label ECE and accuracy, next to the accuracy of their KD students."
@@ -356,17 +180,18 @@ def _known_bcpd(rep: _Report) -> None:
     for other in ("control", "mll"):
         d = difference(values(rows, "kl_to_bayes", teacher="mcmi"), values(rows, "kl_to_bayes", teacher=other))
         rep.claim(f"known BCPD: MCMI is closer to P* than {TEACHER_LABELS[other]} (KL difference MCMI − {other}, "
-                  "nats; negative is closer)", d, sign=-1, digits=3)
+                  "nats; negative is closer)", d, sign=-1, digits=3,
+                  short=f"known BCPD, MCMI closer to P∗ than {TEACHER_LABELS[other]}")
     dosed = seed_rows(rep.results, "08_known_bcpd", "dose_response")
     if dosed:
-        bayes_cmi = [nb.get("08_known_bcpd", {}).get("bayes_train_cmi") for nb in rep.results["seeds"].values()]
-        bayes_cmi = [c for c in bayes_cmi if c is not None]
+        bayes_cmi = [c for nb in rep.results["seeds"].values()
+                     if (c := number(nb.get("08_known_bcpd", {}).get("bayes_train_cmi"))) is not None]
         rep.add("### Dose-response on the known posterior", "",
                 "The same doses and methods as in the dose-response study, from this task's MLL teacher: does raising "
                 "a teacher's train CMI bring it closer to P* (a negative KL slope)?"
                 + (f" The Bayes posterior's own train CMI: {sum(bayes_cmi) / len(bayes_cmi):.3f} nats."
                    if bayes_cmi else ""), "")
-        _dose_tables(rep, dosed, BAYES_DOSE_METRICS, "known BCPD, ")
+        dose_tables(rep, dosed, BAYES_DOSE_METRICS, "known BCPD, ")
 
 
 def _rho(c: Mapping[str, Any], seeds: int) -> str:
@@ -374,13 +199,33 @@ def _rho(c: Mapping[str, Any], seeds: int) -> str:
     if not c["n"]:
         return "—"
     text = f"{c['mean']:+.2f}" + (f" [{c['low']:+.2f}, {c['high']:+.2f}]" if c["n"] > 1 else "")
-    return text + (f" (n={c['n']})" if c["n"] < seeds else "")
+    return Text(text + (f" (n={c['n']} seeds)" if c["n"] < seeds else ""))
 
 
-def _teacher_predictors(rep: _Report) -> None:
+def _predictor_rows(cs: list[dict], seeds: int) -> list[dict]:
+    """One row per teacher metric; metrics that rank the teachers the same way in every seed (the same ρ per seed
+    for every student metric, e.g. train Γ and test Γ) share one row, named together."""
+    table: dict[str, dict] = {}
+    keys: dict[str, tuple] = {}
+    for c in cs:
+        keys.setdefault(c["teacher"], ())
+        keys[c["teacher"]] += ((c["student"], tuple(sorted(c["per_seed"].items()))),)
+    groups: dict[tuple, list[str]] = {}
+    for metric, key in keys.items():
+        groups.setdefault(key, []).append(metric)
+    for group in groups.values():
+        label = " = ".join(dict.fromkeys(TEACHER_METRICS[m] for m in group))
+        row = table.setdefault(group[0], {"teacher metric": label + (" (same ranks)" if len(group) > 1 else "")})
+        for c in cs:
+            if c["teacher"] == group[0]:
+                row[STUDENT_METRICS[c["student"]]] = _rho(c, seeds)
+    return list(table.values())
+
+
+def _teacher_predictors(rep: Report) -> None:
     """Spearman ρ of each teacher metric with each student metric across the teachers of a seed, mean over seeds
     (report_card.metric_correlations), for 07's dose-response teachers and 08's known-posterior teachers."""
-    sources = [("Dose-response teachers (07)", seed_rows(rep.results, "07_dose_response", "dose_response")),
+    sources = [("Dose-response teachers (07)", working(seed_rows(rep.results, "07_dose_response", "dose_response"))),
                ("Known-posterior teachers (08)", seed_rows(rep.results, "08_known_bcpd", "known_bcpd"))]
     found = [(where, [c for c in metric_correlations(rows) if c["n"]]) for where, rows in sources if rows]
     found = [(where, cs) for where, cs in found if cs]
@@ -390,18 +235,15 @@ def _teacher_predictors(rep: _Report) -> None:
             "Spearman rank correlation ρ of each teacher metric with each student metric across the teachers of one "
             "seed, then the mean over seeds [95% t interval over seeds, clipped to ±1]. ρ > 0: a higher metric went "
             "with a better student; ρ < 0: a lower one did (NLL, ECE, Brier, KL). A teacher recorded at two doses "
-            "counts once; a seed where a metric does not vary (every student at 0% on the omitted class) gives no ρ.",
-            "")
+            "counts once; a seed where a metric does not vary (every student at 0% on the omitted class) gives no ρ. "
+            "Γ: the separation, the mean cross entropy between the outputs of two images of different classes "
+            "(DESIGN.md §2); metrics that order the teachers identically in every seed share a row.", "")
     for where, cs in found:
         seeds = max(c["n"] for c in cs)
         teachers = {n for c in cs for n in c["teachers"]}
-        table = {}
-        for c in cs:
-            table.setdefault(c["teacher"], {"teacher metric": TEACHER_METRICS[c["teacher"]]})[
-                STUDENT_METRICS[c["student"]]] = _rho(c, seeds)
         count = f"{min(teachers)}–{max(teachers)}" if len(teachers) > 1 else f"{min(teachers)}"
         rep.add(f"### {where}: n = {count} teachers per seed, {seeds} seed(s)", "",
-                markdown_table(list(table.values())), "")
+                markdown_table(_predictor_rows(cs, seeds)), "")
         for student in dict.fromkeys(c["student"] for c in cs):
             best = max((c for c in cs if c["student"] == student), key=lambda c: abs(c["mean"]))
             excludes = best["n"] > 1 and (best["low"] > 0 or best["high"] < 0)
@@ -410,13 +252,13 @@ def _teacher_predictors(rep: _Report) -> None:
         rep.add("")
 
 
-def _eigencam(rep: _Report) -> None:
+def _eigencam(rep: Report) -> None:
     rows = seed_rows(rep.results, "04_eigencam", "cam")
     if not rows:
         return
-    models = list(dict.fromkeys(r["model"] for rs in rows.values() for r in rs))
+    models = _distinct(rows, "model")
     stats = [k for k in CAM_STATISTICS if any(k in r for rs in rows.values() for r in rs)]
-    table = [{"model": TEACHER_LABELS.get(m, m),
+    table = [{"model": _label(m),
               **{CAM_STATISTICS[k]: cell(values(rows, k, model=m, **{"class": "all"})) for k in stats}}
              for m in models]
     rep.add("## Eigen-CAM", "", "Per-image statistics of sign-corrected, min-max scaled maps on test images: share of "
@@ -425,21 +267,21 @@ def _eigencam(rep: _Report) -> None:
     d = difference(values(rows, "area_above_half", model="mcmi", **{"class": "all"}),
                    values(rows, "area_above_half", model="mll", **{"class": "all"}))
     rep.claim("Eigen-CAM: MCMI maps cover more of the image than MLL maps (area above half max, MCMI − MLL)", d,
-              digits=3)
+              digits=3, short="Eigen-CAM area, MCMI − MLL")
 
 
-def _save(rep: _Report, name: str, draw: Callable[[Path], Any]) -> Path | None:
+def _save(rep: Report, name: str, draw: Callable[[Path], Any]) -> Path | None:
     path = rep.out / "figures" / f"{name}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         draw(path)
     except Exception as err:  # a figure must never cost the report; say what went wrong instead
-        rep.add(f"(figure {name} could not be drawn: {type(err).__name__}: {err})", "")
+        rep.add(f"(figure {name} could not be drawn: {type(err).__name__}: {md_escape(err)})", "")
         return None
     return path
 
 
-def _summary_figures(rep: _Report) -> list[tuple[Path | None, str]]:
+def _summary_figures(rep: Report) -> list[tuple[Path | None, str]]:
     """Figures over all seeds, drawn from results.json, plus the first seed's own figures."""
     figs = []
     teachers = seed_rows(rep.results, "01_teachers", "teachers")
@@ -447,10 +289,11 @@ def _summary_figures(rep: _Report) -> list[tuple[Path | None, str]]:
         by_name: dict[str, dict[str, list[float]]] = {}
         for rs in teachers.values():
             for r in rs:
-                label = TEACHER_LABELS.get(r["teacher"], r["teacher"])
+                label = str(TEACHER_LABELS.get(r.get("teacher"), r.get("teacher")))
                 entry = by_name.setdefault(label, {"train_cmi": [], "test_cmi": []})
                 for k in entry:
-                    entry[k].append(r[k])
+                    if number(r.get(k)) is not None:
+                        entry[k].append(r[k])
         figs.append((_save(rep, "teacher_cmi", lambda p: plot_cmi_bars(by_name, ("train_cmi", "test_cmi"), path=p)),
                      "Teacher CMI on train and test data (bars: mean, dots: seeds)"))
     histories: dict[str, list[list[dict]]] = {}
@@ -496,59 +339,115 @@ def _summary_figures(rep: _Report) -> list[tuple[Path | None, str]]:
     return figs
 
 
-def _header(rep: _Report) -> None:
+#: run.json's keys that the report reads, with the types it accepts (anything else: one line naming the key).
+RUN_KEYS = {"pipeline": (str,), "description": (str,), "notebooks": (list,), "seeds": (list,), "parameters": (dict,),
+            "device": (str,), "started": (str,), "finished": (str,), "status": (str,), "wall_time_s": (int, float)}
+
+
+def check_run_info(run: Any, out: Path) -> dict:
+    """run.json as the report reads it, or one ValueError line naming the file, the key and what is accepted."""
+    where = repr(str(out / RUN_INFO))
+    if not isinstance(run, Mapping):
+        raise ValueError(f"{where} holds a {type(run).__name__}: expected a JSON object as mcmi-lab run writes it")
+    for key, types in RUN_KEYS.items():
+        v = run.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, types)):
+            raise ValueError(f"{where}: {key!r} is {clean_text(repr(v))[:80]} ({type(v).__name__}): expected "
+                             f"{' or '.join(t.__name__ for t in types)}; fix the file or rerun into a fresh --out")
+    return dict(run)
+
+
+def _header(rep: Report) -> None:
     run = rep.results.get("run", {})
-    seeds = list(rep.results.get("seeds", {}))
-    wall = run.get("wall_time_s")
-    rep.add(f"# mcmi_lab report: {run.get('pipeline', 'run')}", "")
+    wall = number(run.get("wall_time_s"))
+    rep.add(f"# mcmi_lab report: {md_escape(run.get('pipeline', 'run'))}", "")
     if run.get("pipeline") == "smoke":
         rep.add("**⚠ A smoke run: a plumbing check on a few hundred images and one epoch per model. Every notebook "
                 "ran and wrote its artifacts; the numbers below mean nothing (models near chance, CMI near 0). For "
                 "results run `make demo`.**", "")
-    if run.get("description"):
-        rep.add(run["description"], "")
-    rep.add("## What was run", "",
-            f"- pipeline: `{run.get('pipeline', '?')}`; notebooks: {', '.join(run.get('notebooks', [])) or '?'}",
-            f"- seeds: {', '.join(seeds) or 'none'} (sub-seeds from stats.derive_seeds)",
-            *_data_line(rep),
-            f"- device: {run.get('device', '?')}",
-            f"- started: {run.get('started', '?')}; finished: {run.get('finished', '?')}; status: "
-            f"{run.get('status', '?')}",
+    rep.add(*bottom_line(rep))
+    ran = list(dict.fromkeys(nb for notebooks in rep.results.get("seeds", {}).values() for nb in notebooks))
+    missing = [nb for nb in run.get("notebooks") or [] if nb not in ran]
+    rep.add("## What was run", "", *_data_lines(rep),
+            f"- notebooks with results: {names(ran) or 'none'}"
+            + (f" (in run.json without results: {names(missing)})" if missing else ""),
+            f"- pipeline `{md_escape(run.get('pipeline', '?'))}`; seeds: "
+            f"{names(list(rep.results.get('seeds', {}))) or 'none'} (sub-seeds from stats.derive_seeds)",
+            f"- device: {md_escape(run.get('device', '?'))}",
+            f"- started: {md_escape(run.get('started', '?'))}; finished: {md_escape(run.get('finished', '?'))}; "
+            f"status: {md_escape(run.get('status', '?'))}",
             f"- wall time: {f'{wall / 60:.1f} min ({wall:.0f} s)' if wall is not None else '?'}",
-            "- parameters: listed at the end", "")
+            "- parameters the notebooks read: listed at the end", "")
     mixed = []  # results made with other parameters than run.json records: flagged, never silently mixed
     for seed, notebooks in rep.results.get("seeds", {}).items():
         for name, result in notebooks.items():
             recorded = (result.get("meta") or {}).get("parameters") if isinstance(result, dict) else None
-            diff = parameter_differences(run.get("parameters") or {}, recorded or {})
+            diff = parameter_differences(run.get("parameters") or {}, recorded if isinstance(recorded, dict) else {})
             if diff:
-                mixed.append(f"seed_{seed}/{name} ({'; '.join(diff)})")
+                mixed.append(f"seed_{md_escape(seed)}/{md_escape(name)} ({md_escape('; '.join(diff))})")
     if mixed:
         rep.add("**Warning: some results were made with other parameters than this run records** (run.json → the "
                 "result's own): " + ", ".join(mixed) + ". Their numbers are in the tables below as if they belonged "
                 "to this run; rerun them, or rerun the whole run into a fresh folder.", "")
 
 
-def _data_line(rep: _Report) -> list[str]:
-    """"- data: <name>, N training / M test images of C×H×W, K classes (names)", from 01_teachers' results."""
+def _data_lines(rep: Report) -> list[str]:
+    """"- data: <name>, N training / M test images of C×H×W, K classes (names)", from 01_teachers' results, and a
+    line for each size the data capped (a train_size or test_size larger than the data set)."""
     data = next((nb["01_teachers"]["data"] for nb in rep.results.get("seeds", {}).values()
                  if isinstance(nb.get("01_teachers", {}).get("data"), dict)), None)
+    params = rep.results.get("run", {}).get("parameters") or {}
+    source = params.get("dataset")
     if not data:
-        return []
-    source = rep.results.get("run", {}).get("parameters", {}).get("dataset")
-    classes = [str(c) for c in data.get("classes", [])]
-    shown = ", ".join(classes[:12]) + (f", … ({len(classes) - 12} more)" if len(classes) > 12 else "")
-    return [f"- data: {data.get('name', '?')}" + (f" (`{source}`)" if source and source != data.get("name") else "")
-            + f", {data.get('train_size', '?')} training / {data.get('test_size', '?')} test images of "
-            + "×".join(str(d) for d in data.get("image", [])) + f", {len(classes)} classes: {shown}"]
+        return [f"- data: `{md_escape(source)}`"] if source is not None else []
+    classes = data.get("classes") if isinstance(data.get("classes"), list) else []
+    shown = names(classes[:12]) + (f", … ({len(classes) - 12} more)" if len(classes) > 12 else "")
+    train, val, test = (number(data.get(k)) for k in ("train_size", "val_size", "test_size"))
+    image = data.get("image") if isinstance(data.get("image"), list) else []
+    lines = [f"- data: {md_escape(data.get('name', '?'))}"
+             + (f" (`{md_escape(source)}`)" if source and source != data.get("name") else "")
+             + f", {fmt(train, ',.0f')} training" + (f" (+ {val:,.0f} validation)" if val else "")
+             + f" / {fmt(test, ',.0f')} test images of " + "×".join(md_escape(d) for d in image)
+             + f", {len(classes)} classes: {shown}"]
+    pool = train + val if train is not None and val is not None else (
+        train / (1 - params["val_fraction"]) if train is not None and number(params.get("val_fraction")) is not None
+        and 0 <= params["val_fraction"] < 1 else None)
+    for key, used in (("train_size", pool), ("test_size", test)):
+        asked = number(params.get(key))
+        if asked is not None and used is not None and asked > used + 1:
+            lines.append(f"- {key} {asked:,.0f} requested, but the data set has only {used:,.0f}"
+                         + (" (training + validation)" if key == "train_size" else "") + ": all of it was used")
+    return lines
 
 
-def _parameters(rep: _Report) -> None:
-    """The run's parameters (the per-seed ones, run_dir and seed, are in the seed folders)."""
-    params = {k: v for k, v in rep.results.get("run", {}).get("parameters", {}).items() if k not in ("run_dir", "seed")}
+def _parameters(rep: Report) -> None:
+    """The parameters the notebooks that ran declared and read (each result records them in its meta), with the
+    run's values, collapsed; run.json's whole set when no result records its own."""
+    run = rep.results.get("run", {}).get("parameters") or {}
+    read: dict[str, Any] = {}
+    for notebooks in rep.results.get("seeds", {}).values():
+        for result in notebooks.values():
+            recorded = (result.get("meta") or {}).get("parameters") if isinstance(result, dict) else None
+            if isinstance(recorded, dict):
+                read.update({k: v for k, v in recorded.items() if k not in read})
+    source = "read by the notebooks that ran" if read else "as run.json records them (no result says which it read)"
+    keys = [k for k in run if k in read] + [k for k in read if k not in run] if read else list(run)
+    params = {k: run.get(k, read.get(k)) for k in keys if k not in ("run_dir", "seed", "interactive")}
     if params:
-        rows = [{"parameter": k, "value": f"`{json.dumps(v, ensure_ascii=False)}`"} for k, v in params.items()]
-        rep.add("## Parameters", "", markdown_table(rows), "")
+        rows = [{"parameter": k, "value": Text(f"`{md_escape(json.dumps(v, ensure_ascii=False, default=str))}`")}
+                for k, v in params.items()]
+        rep.add("## Parameters", "", "<details>", f"<summary>{len(params)} parameters, {source}</summary>", "",
+                markdown_table(rows), "", "</details>", "")
+
+
+def _claims(rep: Report) -> None:
+    rep.add("## Which claims held on this data", "",
+            "Held: the whole 95% interval over seeds is on the claimed side of zero; reversed: on the other side; "
+            "not shown: the interval contains zero; with two seeds, no verdict (t = 12.7 makes any interval wide); "
+            "no signal: every value equal. Where the paper reports the effect (KD +3.32, few-shot +5.72, zero-shot "
+            "+84 points), whether the interval excludes it, and how many seeds the spread measured here would need "
+            "for an interval of ±2 points.", "", *([claim_line(c) for c in rep.claims] or ["- nothing to judge yet"]),
+            "")
 
 
 def build_report(out: str | os.PathLike) -> tuple[Path, Path]:
@@ -559,81 +458,22 @@ def build_report(out: str | os.PathLike) -> tuple[Path, Path]:
     results = collect_results(out)
     if not any(results["seeds"].values()):
         raise FileNotFoundError(f"run folder {str(out)!r} holds no results (expected seed_<n>/results/*.json)")
+    results["run"] = check_run_info(results["run"], out)
     write_json(out / RESULTS, results)
-    rep = _Report(results, out)
-    for section in (_teachers, _students, _few_shot, _zero_shot, _known_bcpd, _eigencam, _dose_response,
+    rep = Report(results, out)
+    for section in (_teachers, _students, _few_shot, _zero_shot, _known_bcpd, _eigencam, dose_response,
                     _teacher_predictors):
         section(rep)  # the tables, collecting the claims
     figures = _summary_figures(rep)
     tables, rep.lines = rep.lines, []
     _header(rep)
-    rep.add("## Which claims held on this data", "",
-            "Held: the whole 95% interval over seeds is on the claimed side of zero; reversed: on the other side; "
-            "not shown: the interval contains zero.", "", *(rep.claims or ["- nothing to judge yet"]), "")
+    _claims(rep)
     rep.lines += tables
     rep.add("## Figures", "")
     for path, caption in figures:
         rep.figure(path, caption)
     _parameters(rep)
-    text = "\n".join(rep.lines).rstrip() + "\n"
+    text = clean_text("\n".join(rep.lines).rstrip() + "\n")
     md = write_text(out / "report.md", text)
     page = write_text(out / "report.html", render_html(text, out, title=f"mcmi_lab report: {out.name}"))
     return md, page
-
-
-# ---- Markdown -> HTML (the subset written above: headings, tables, lists, images, emphasis, code) --------------
-
-_STYLE = ("body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;line-height:1.45}"
-          "table{border-collapse:collapse;margin:.5rem 0}th,td{border:1px solid #ccc;padding:.25rem .6rem;"
-          "text-align:left}th{background:#f3f3f3}img{max-width:100%}code{background:#f3f3f3;padding:0 .2rem}"
-          "figure{margin:1rem 0}")
-
-
-def _inline(text: str) -> str:
-    text = html.escape(text, quote=False)
-    text = re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
-    text = re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", text)
-    return re.sub(r"(?<![\w*])\*([^*]+)\*(?![\w*])", r"<em>\1</em>", text)
-
-
-def _image(src: str, base: Path | None) -> str:
-    """An image embedded as a data URI when the file is found (a report that travels as one file)."""
-    path = (base / src) if base is not None else None
-    if path is not None and path.is_file():
-        return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
-    return html.escape(src)
-
-
-def render_html(markdown: str, base: str | os.PathLike | None = None, title: str = "report") -> str:
-    """Render the Markdown subset that :func:`build_report` writes; images under `base` are embedded."""
-    base = Path(base) if base is not None else None
-    out, lines, i = [], markdown.splitlines(), 0
-    while i < len(lines):
-        line = lines[i]
-        if m := re.match(r"^(#{1,6}) (.*)$", line):
-            n = len(m.group(1))
-            out.append(f"<h{n}>{_inline(m.group(2))}</h{n}>")
-        elif m := re.match(r"^!\[([^\]]*)\]\(([^)]+)\)$", line):
-            out.append(f'<figure><img alt="{html.escape(m.group(1))}" src="{_image(m.group(2), base)}"></figure>')
-        elif line.startswith("|"):
-            block = []
-            while i < len(lines) and lines[i].startswith("|"):
-                block.append([c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", lines[i].strip())[1:-1]])
-                i += 1
-            head, rows = block[0], [r for r in block[1:] if not all(set(c) <= set("-: ") for c in r)]
-            out.append("<table><thead><tr>" + "".join(f"<th>{_inline(c)}</th>" for c in head) + "</tr></thead><tbody>"
-                       + "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in rows)
-                       + "</tbody></table>")
-            continue
-        elif line.startswith("- "):
-            items = []
-            while i < len(lines) and lines[i].startswith("- "):
-                items.append(f"<li>{_inline(lines[i][2:])}</li>")
-                i += 1
-            out.append("<ul>" + "".join(items) + "</ul>")
-            continue
-        elif line.strip():
-            out.append(f"<p>{_inline(line)}</p>")
-        i += 1
-    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
-            f"<style>{_STYLE}</style></head><body>\n" + "\n".join(out) + "\n</body></html>\n")

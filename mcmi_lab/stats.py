@@ -72,6 +72,30 @@ def paired_difference(a: Iterable[float], b: Iterable[float], confidence: float 
     return {"mean": mean, "low": low, "high": high, "n": n, "std": std, "confidence": c}
 
 
+def seeds_for_half_width(std: float, half_width: float = 2.0, confidence: float = 0.95,
+                         max_seeds: int = 10_000) -> int | None:
+    """The smallest number of seeds n >= 2 whose two-sided t interval of a mean, t_{(1+c)/2, n-1} · std / sqrt(n),
+    is at most `half_width` wide on each side, for a seed-to-seed spread `std` (sample std of the per-seed values,
+    e.g. of paired differences). None when `std` is not a finite number >= 0 or more than `max_seeds` would be needed.
+    """
+    check_float("half_width", half_width, 0.0, low_open=True)
+    c = check_float("confidence", confidence, 0.0, 1.0, low_open=True, high_open=True)
+    if isinstance(std, bool) or not isinstance(std, (int, float)) or not math.isfinite(std) or std < 0:
+        return None
+    from scipy.stats import t  # lazy: scipy.stats costs ~0.5 s to import
+
+    def wide(n: int) -> float:
+        return float(t.ppf(0.5 + c / 2, n - 1)) * std / math.sqrt(n)
+
+    if wide(max_seeds) > half_width:
+        return None
+    low, high = 1, max_seeds  # wide(n) falls with n: bisect for the first n with wide(n) <= half_width
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (low, mid) if wide(mid) <= half_width else (mid, high)
+    return high
+
+
 def slope(xs: Iterable[float], ys: Iterable[float]) -> float:
     """Least-squares slope of y on x: Σ(x − x̄)(y − ȳ) / Σ(x − x̄)²; nan when the x do not vary."""
     x, y = _floats("xs", xs), _floats("ys", ys)

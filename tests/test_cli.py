@@ -12,6 +12,8 @@ from mcmi_lab.report import build_report, markdown_table, render_html
 from mcmi_lab.runs import write_results, write_run_info
 
 T_975_DF2 = 4.302652729911275  # Student t quantile 0.975 with 2 degrees of freedom (tables)
+T_975 = {1: 12.706204736, 2: T_975_DF2, 3: 3.182446305, 4: 2.776445105, 5: 2.570581836, 6: 2.446911851,
+         7: 2.364624252, 8: 2.306004135, 9: 2.262157163, 10: 2.228138852}  # by degrees of freedom (tables)
 
 
 # ---- parameters ---------------------------------------------------------------------------------------------------
@@ -328,7 +330,7 @@ def fake_run(tmp_path_factory):
 def test_report_states_what_was_run(fake_run):
     _, md, _ = fake_run
     assert md.startswith("# mcmi_lab report: demo\n")
-    assert "- seeds: 0, 1, 2" in md and "- device: cpu (test)" in md and "- wall time: 10.0 min (600 s)" in md
+    assert "- pipeline `demo`; seeds: 0, 1, 2 (sub-seeds" in md and "- device: cpu (test)" in md and "- wall time: 10.0 min (600 s)" in md
     assert "| lam | `0.5` |" in md
 
 
@@ -337,7 +339,8 @@ def test_report_teacher_table_is_mean_std_over_seeds(fake_run):
     m, s = _mean_std([100 * a for a in MCMI_ACC])
     c, cs = _mean_std(MCMI_CMI)
     row = next(line for line in md.splitlines() if line.startswith("| MCMI |"))
-    assert row.startswith(f"| MCMI | {m:.1f} ± {s:.1f} (n=3) | 99.0 ± 0.0 (n=3) | {c:.3f} ± {cs:.3f} (n=3) |")
+    assert "| teacher (n=3 each) | test acc (%) | train acc (%) | train CMI |" in md  # n once per table
+    assert row.startswith(f"| MCMI | {m:.1f} ± {s:.1f} | 99.0 ± 0.0 | {c:.3f} ± {cs:.3f} |")
 
 
 def test_report_claims_follow_the_intervals(fake_run):
@@ -351,7 +354,9 @@ def test_report_claims_follow_the_intervals(fake_run):
     kd = next(v for v in lines if v.startswith("- kd student"))
     assert f"{m:+.2f} (95% CI {lo:+.2f} .. {hi:+.2f}, n=3) — **not shown**" in kd
     few = next(v for v in lines if "few-shot" in v)
-    assert few.endswith("**reversed**")
+    d = [100 * (x - y) for x, y in zip(FEW_MCMI, FEW_CONTROL)]
+    need = next(n for n in range(2, 100) if T_975[n - 1] * _mean_std(d)[1] / math.sqrt(n) <= 2)
+    assert few.endswith(f"— **reversed** (excludes the paper's +5.72; ±2 points needs {need} seeds)")
     m, lo, hi = _ci([100 * x for x in ZERO_MCMI], [100 * x for x in ZERO_CONTROL])
     zero = next(v for v in lines if "zero-shot" in v)
     assert f"{m:+.2f} (95% CI {lo:+.2f} .. {hi:+.2f}, n=3) — **held**" in zero
@@ -362,9 +367,9 @@ def test_report_claims_follow_the_intervals(fake_run):
 def test_report_zero_shot_and_bcpd_tables(fake_run):
     _, md, _ = fake_run
     m, s = _mean_std([100 * x for x in ZERO_MCMI])
-    assert f"| MCMI | 82.0 ± 0.0 (n=3) | {m:.1f} ± {s:.1f} (n=3) |" in md
+    assert f"| MCMI | 82.0 ± 0.0 | {m:.1f} ± {s:.1f} |" in md and "| teacher (n=3 each) | overall |" in md
     assert "### Omitted: c3" in md and "Bayes accuracy (closed form): 90.2%." in md
-    assert "| no teacher (labels only) | 78.0 ± 0.0 (n=3) |" in md
+    assert "| no teacher (labels only) | 78.0 ± 0.0 |" in md
 
 
 def test_report_html_embeds_tables_and_figures(fake_run):
@@ -407,19 +412,22 @@ def test_report_dose_response_slopes_and_pairs_by_hand(tmp_path):
     slopes = [_ls_slope([ctrl_cmi[i], mcmi[0.1][0][i], mcmi[0.2][0][i]],
                         [100 * ctrl_kd[i], 100 * mcmi[0.1][1][i], 100 * mcmi[0.2][1][i]]) for i in SEEDS]
     m, low, high = _ci(slopes, [0, 0, 0])
-    assert (f"| MCMI (CMI target) | KD student accuracy | {m:+.2f} (95% CI {low:+.2f} .. {high:+.2f}, n=3) points "
-            "| rises |") in section
+    assert (f"| MCMI (CMI target) | KD student accuracy (points per nat) | {m:+.2f} [{low:+.2f}, {high:+.2f}] | "
+            f"{sum(max(x) - min(x) for x in zip(ctrl_cmi, mcmi[0.1][0], mcmi[0.2][0])) / 3:.3f} | rises |") in section
+    assert "| method | metric | slope (95% CI) (n=3) | dose span (nats) | verdict |" in section
     # seed 2's label smoothing at 0.2 reached 0.08: unmatched, said so, and out of its slope and of the 0.2 pair
-    assert "label smoothing at 0.2 (seed 2: 0.080)" in section
+    assert "| label smoothing | 0.2 | seed 2: 0.080 |" in section
     ls = [_ls_slope([ctrl_cmi[i], smooth[0.1][0][i]] + ([smooth[0.2][0][i]] if i < 2 else []),
                     [100 * ctrl_kd[i], 100 * smooth[0.1][1][i]] + ([100 * smooth[0.2][1][i]] if i < 2 else []))
           for i in SEEDS]
     m, low, high = _ci(ls, [0, 0, 0])
-    assert f"| label smoothing | KD student accuracy | {m:+.2f} (95% CI {low:+.2f} .. {high:+.2f}, n=3) points |" in section
+    assert f"| label smoothing | KD student accuracy (points per nat) | {m:+.2f} [{low:+.2f}, {high:+.2f}] |" in section
     m, low, high = _ci([100 * a for a in mcmi[0.1][1]], [100 * a for a in smooth[0.1][1]])
-    assert f"| 0.1 | KD student accuracy | {m:+.2f} (95% CI {low:+.2f} .. {high:+.2f}, n=3) points | not shown |" in section
-    d = [100 * (mcmi[0.2][1][i] - smooth[0.2][1][i]) for i in (0, 1)]  # two matched pairs at 0.2
-    assert f"| 0.2 | KD student accuracy | {sum(d) / 2:+.2f} (95% CI" in section and "n=2) points |" in section
+    assert (f"| 0.1 | KD student accuracy (points) | {m:+.2f} [{low:+.2f}, {high:+.2f}] (n=3) | not shown | cannot "
+            "exclude the paper's +3.32 |") in section
+    d = [100 * (mcmi[0.2][1][i] - smooth[0.2][1][i]) for i in (0, 1)]  # two matched pairs at 0.2: no verdict
+    assert f"| 0.2 | KD student accuracy (points) | {sum(d) / 2:+.2f} [" in section and \
+        "] (n=2) | no verdict (two seeds) | — |" in section
 
 
 def test_report_known_posterior_dose_response_by_hand(tmp_path):
@@ -441,13 +449,13 @@ def test_report_known_posterior_dose_response_by_hand(tmp_path):
     assert "The Bayes posterior's own train CMI: 0.150 nats." in section
     (c, cs), (k, ks) = _mean_std(mcmi[0]), _mean_std(mcmi[1])
     # the means table
-    assert f"| MCMI (CMI target) | 0.1 | {c:.3f} ± {cs:.3f} (n=3) | {k:.3f} ± {ks:.3f} (n=3) | — |" in section
+    assert f"| MCMI (CMI target) | 0.1 | {c:.3f} ± {cs:.3f} | {k:.3f} ± {ks:.3f} | — |" in section
     slopes = [_ls_slope([ctrl[0][i], mcmi[0][i]], [ctrl[1][i], mcmi[1][i]]) for i in SEEDS]
     m, low, high = _ci(slopes, [0, 0, 0])
-    assert high < 0 and (f"| MCMI (CMI target) | KL(P* ‖ teacher) on test | {m:+.2f} (95% CI {low:+.2f} .. "
-                         f"{high:+.2f}, n=3) nats | falls |") in section
+    assert high < 0 and (f"| MCMI (CMI target) | KL(P\\* ‖ teacher) on test (nats per nat) | {m:+.2f} [{low:+.2f}, "
+                         f"{high:+.2f}] |") in section and "| falls |" in section
     m, low, high = _ci(mcmi[1], smooth[1])
-    assert high < 0 and f"{m:+.3f} (95% CI {low:+.3f} .. {high:+.3f}, n=3) nats | held |" in section
+    assert high < 0 and f"| {m:+.3f} [{low:+.3f}, {high:+.3f}] | held | — | — |" in section
     claims = md.split("## Which claims held on this data")[1].split("\n## ")[0]
     assert "- known BCPD, dose 0.1: MCMI − label smoothing, KL(P* ‖ teacher) on test (nats)" in claims
     assert (out / "figures" / "known_posterior_dose_response.png").stat().st_size > 10_000
@@ -516,7 +524,7 @@ def test_the_report_flags_results_made_with_other_parameters(tmp_path):
     write_results(out / "seed_0", "01_teachers", {"teachers": []}, {"lam": 0.9, "seed": 0, "run_dir": "x"})
     md = build_report(out)[0].read_text()
     assert "**Warning: some results were made with other parameters than this run records**" in md
-    assert "seed_0/01_teachers (lam 0.5 -> 0.9)" in md
+    assert "seed_0/01_teachers (lam 0.5 -> 0.9)" in md  # a notebook name: "_" inside a word stays as it is
 
 
 def test_a_smoke_report_says_its_numbers_mean_nothing_before_any_number(tmp_path):
@@ -536,7 +544,7 @@ def test_the_report_names_the_data_set_and_its_classes(tmp_path):
         "name": "digits", "classes": [str(i) for i in range(10)], "train_size": 1437, "test_size": 360,
         "image": [1, 8, 8]}})
     md = build_report(out)[0].read_text()
-    assert ("- data: digits (`/data/digits.npz`), 1437 training / 360 test images of 1×8×8, 10 classes: 0, 1, 2, 3, "
+    assert ("- data: digits (`/data/digits.npz`), 1,437 training / 360 test images of 1×8×8, 10 classes: 0, 1, 2, 3, "
             "4, 5, 6, 7, 8, 9") in md
 
 

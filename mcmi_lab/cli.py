@@ -233,6 +233,8 @@ def run_pipeline(pipeline: str, out: str | os.PathLike, overrides: Mapping | Non
         raise ValueError(f"seeds={seeds!r} are not accepted: expected distinct integers >= 0")
     if slurm is not None and jobs is not None:
         raise ValueError("--jobs is not accepted with --executor slurm: SLURM runs as many jobs at once as it gives")
+    if slurm is not None:
+        slurm.check_available()
     jobs = default_jobs(pipe.name) if jobs is None else jobs
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs={jobs!r} is not accepted: expected an integer >= 1")
@@ -251,7 +253,7 @@ def run_pipeline(pipeline: str, out: str | os.PathLike, overrides: Mapping | Non
             clear_run_folder(out)
         check_run_folder(out, pipe.name, params)
         earlier = read_run_info(out)
-        threads = max(1, (os.cpu_count() or 1) // jobs)
+        threads = max(1, (os.cpu_count() or 1) // jobs) if slurm is None else slurm.cpus_per_job or 1
         info = {"pipeline": pipe.name, "description": pipe.description,
                 "notebooks": list(dict.fromkeys(earlier.get("notebooks", []) + names)),
                 "seeds": sorted(set(earlier.get("seeds", [])) | set(seeds)),
@@ -283,8 +285,8 @@ def run_pipeline(pipeline: str, out: str | os.PathLike, overrides: Mapping | Non
             if slurm is None:
                 with _kernel_environment(threads, out / "kernels.log"):
                     _schedule(tasks, jobs, run_one)
-            elif not run_study(out, tasks, params, slurm, execute_notebook, {NOTEBOOKS_ENV: str(notebooks_dir())},
-                               echo, info["timings_s"]):
+            elif not run_study(out, tasks, params, slurm, "mcmi_lab.cli:execute_notebook",
+                               {NOTEBOOKS_ENV: str(notebooks_dir())}, echo, info["timings_s"]):
                 info["status"] = "submitted"
                 return None  # its last job writes the report
             info["status"] = "finished"
@@ -341,7 +343,7 @@ def _slurm_options(args: argparse.Namespace) -> SlurmOptions | None:
         return None
     options = []
     for item in args.slurm_option or []:
-        key, sep, value = item.partition("=")
+        key, _, value = item.partition("=")
         options.append((key.strip().lstrip("-"), value.strip()))
     return SlurmOptions(args.partition, args.gpus_per_job or 0, args.cpus_per_job, args.mem, args.time,
                         tuple(options), args.detach)

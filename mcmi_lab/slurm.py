@@ -15,9 +15,13 @@ submitting environment (sbatch exports it), so they import the same mcmi_lab.
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import json
 import os
 import pickle
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -79,6 +83,13 @@ class SlurmOptions:
                                  "dashes (e.g. account=proj, qos=high, constraint=a100); dependency, output, error "
                                  "and job-name are set by mcmi-lab")
 
+    def check_available(self) -> None:
+        """sbatch on PATH and submitit installed, or one line saying what to do."""
+        if shutil.which("sbatch") is None:
+            raise ValueError("--executor slurm needs SLURM's sbatch on PATH: run mcmi-lab on the cluster's login node")
+        if importlib.util.find_spec("submitit") is None:
+            raise ValueError("--executor slurm needs submitit: pip install 'mcmi_lab[slurm]' (or pip install submitit)")
+
     def parameters(self) -> dict[str, Any]:
         """submitit's SlurmExecutor parameters of every job (without its name and dependency)."""
         params = {"partition": self.partition, "cpus_per_task": self.cpus_per_job, "mem": self.mem,
@@ -120,9 +131,9 @@ def _stop(signum, frame):
     raise JobStopped(f"SLURM sent {signal.Signals(signum).name}")
 
 
-def run_job(execute: Callable, name: str, run_dir: str, parameters: Mapping, environment: Mapping[str, str]
-            ) -> float:
-    """In the SLURM job: run notebook `name` into `run_dir` with `execute` (cli.execute_notebook); returns seconds.
+def run_job(execute: str, name: str, run_dir: str, parameters: Mapping, environment: Mapping[str, str]) -> float:
+    """In the SLURM job: run notebook `name` into `run_dir` with `execute` ("module:function", imported here: a
+    function of a command run as ``python -m`` would be pickled by value, cut from its module); returns seconds.
 
     environment: variables the notebooks need (where they are); the kernels get OMP_NUM_THREADS = the job's cores
     unless it was set. SIGTERM (scancel, the time limit) and SIGUSR2 (submitit's early warning) stop the job."""
@@ -130,8 +141,9 @@ def run_job(execute: Callable, name: str, run_dir: str, parameters: Mapping, env
     os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("SLURM_CPUS_PER_TASK", "1"))
     for sig in (signal.SIGTERM, signal.SIGUSR2):
         signal.signal(sig, _stop)
+    module, _, function = execute.partition(":")
     start = time.perf_counter()
-    execute(name, run_dir, dict(parameters))
+    getattr(importlib.import_module(module), function)(name, run_dir, dict(parameters))
     return round(time.perf_counter() - start, 1)
 
 
@@ -150,7 +162,7 @@ def finish_study(out: str) -> None:
 
 # ---- submitting -------------------------------------------------------------------------------------------------
 
-def submit_study(out: Path, tasks: Sequence[Task], parameters: Mapping, options: SlurmOptions, execute: Callable,
+def submit_study(out: Path, tasks: Sequence[Task], parameters: Mapping, options: SlurmOptions, execute: str,
                  environment: Mapping[str, str]) -> dict[str, dict]:
     """Submit one job per (seed, notebook) of `tasks` (in start order: a seed's 01_teachers before what needs it),
     and with ``options.detach`` a last job that writes the report once they all succeeded. Records every job in
@@ -191,8 +203,6 @@ def task_key(seed: int, name: str) -> str:
 
 
 def _read_jobs(out: Path) -> dict[str, dict]:
-    import json
-
     path = out / LOGS / JOBS
     return json.loads(path.read_text()) if path.is_file() else {}
 
@@ -234,8 +244,6 @@ def job_state(out: Path, job_id: str, queue: Mapping[str, str]) -> tuple[str, An
     kind, value = outcome
     if kind == "success":
         return "done", value
-    if "UncompletedJobError" in _last_line(value):  # submitit's own word for a time limit
-        return "stopped", None
     return "failed", _error_line(value)
 
 
@@ -296,7 +304,7 @@ def cancel_jobs(records: Mapping[str, dict], keys: Sequence[str]) -> None:
         subprocess.run(["scancel", *ids], capture_output=True, timeout=60)
 
 
-def run_study(out: Path, tasks: Sequence[Task], parameters: Mapping, options: SlurmOptions, execute: Callable,
+def run_study(out: Path, tasks: Sequence[Task], parameters: Mapping, options: SlurmOptions, execute: str,
               environment: Mapping[str, str], echo: Callable[[str], None], timings: dict) -> bool:
     """Submit `tasks` as SLURM jobs; unless detached, wait for them (interrupted: they are cancelled). Returns True
     when the study ran to the end here, False when it was only submitted (``options.detach``)."""

@@ -97,6 +97,15 @@ def _numbers(results: dict) -> dict:
     return strip(results["seeds"])
 
 
+def _cells_run(notebook: Path) -> int:
+    """Code cells papermill has run in a notebook it is writing (0 while there is none, or it is being written)."""
+    try:
+        cells = json.loads(notebook.read_text())["cells"]
+    except (OSError, ValueError, KeyError):
+        return 0
+    return sum(cell.get("execution_count") is not None for cell in cells if cell["cell_type"] == "code")
+
+
 def _cli(*args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "mcmi_lab.cli", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -156,9 +165,9 @@ def test_a_smoke_study_on_slurm_resumes_after_scancel_and_matches_the_local_run(
     out = tmp_path / "slurm"
     command = ["run", "smoke", "--out", str(out), "--executor", "slurm", "--cpus-per-job", threads, *SMOKE]
     first = _cli(*command)
-    # 02_concentration mid-notebook: its job runs and papermill has written the notebook after a cell
+    # 02_concentration mid-notebook: its job runs and papermill has written the notebook after a cell ran
     running = out / "seed_0" / "notebooks" / ".02_concentration.ipynb.running"
-    _wait_for(lambda: running.is_file() or first.poll() is not None, 600, "02_concentration to start")
+    _wait_for(lambda: _cells_run(running) or first.poll() is not None, 600, "02_concentration's first cell")
     jobs = json.loads((out / "slurm" / "jobs.json").read_text())
     job = jobs["seed_0/02_concentration"]["job_id"]
     subprocess.run(["scancel", job], check=True)

@@ -250,7 +250,7 @@ def job_state(out: Path, job_id: str, queue: Mapping[str, str]) -> tuple[str, An
 def failure_message(key: str, record: Mapping, state: str, detail: str | None) -> str:
     """The one line naming seed, notebook, (cell and error), the SLURM job id and its log."""
     seed, _, name = key.partition("/")
-    where = f"{seed.replace('_', ' ')}, {name}"
+    where = f"{seed.replace('_', ' ')}, {name}" if name else key
     if state == "failed":
         return f"{where}: {detail} (SLURM job {record['job_id']}, log {record['log']})"
     return (f"{where}: SLURM job {record['job_id']} ended before the notebook finished (scancel, time limit, "
@@ -330,44 +330,49 @@ def run_study(out: Path, tasks: Sequence[Task], parameters: Mapping, options: Sl
 
 def study_status(out: str | os.PathLike) -> list[str]:
     """Lines saying, for every seed and notebook of the run in `out`, whether it is done, pending, running, failed
-    (with its one-line error) or stopped, with its SLURM job and log; the last line counts them."""
+    (with its one-line error) or stopped, with its SLURM job and log; the last line counts them. squeue is asked
+    only when a job has not finished."""
     out = Path(out).resolve()
     info = read_run_info(out)
     if not info:
         raise FileNotFoundError(f"{out} holds no run (no run.json): expected a folder written by mcmi-lab run")
-    records = _read_jobs(out)
+    records, params, timings = _read_jobs(out), info.get("parameters", {}), info.get("timings_s", {})
+    rows = [(seed, name, completed(seed_dir(out, seed), name, {**params, "seed": seed}))
+            for seed in info.get("seeds", []) for name in info.get("notebooks", [])]
+    open_jobs = [task_key(seed, name) for seed, name, done in rows if not done and task_key(seed, name) in records]
+    if info.get("status") != "finished" and REPORT in records:
+        open_jobs.append(REPORT)
+    queue, note = {}, None
     try:
-        queue = slurm_queue() if records else {}
+        queue = slurm_queue() if open_jobs else {}
     except OSError as err:
-        queue, note = None, f"  (SLURM does not answer: {err}; states of unfinished jobs unknown)"
+        queue, note = None, f"  (SLURM does not answer: {err}; the states of unfinished jobs are unknown)"
     lines = [f"run folder {out}: pipeline {info.get('pipeline')!r}, seeds {info.get('seeds')}, status "
              f"{info.get('status')}"]
     counts: dict[str, int] = {}
-    params = info.get("parameters", {})
-    for seed in info.get("seeds", []):
-        for name in info.get("notebooks", []):
-            key, record = task_key(seed, name), records.get(task_key(seed, name))
-            if completed(seed_dir(out, seed), name, {**params, "seed": seed}):
-                state, text = "done", "done" + (f" ({info['timings_s'][key]} s)" if key in info.get("timings_s", {})
-                                               else "")
-            elif record is None:
-                state, text = "not run", "not run"
-            elif queue is None:
-                state, text = "unknown", f"unknown (SLURM job {record['job_id']})"
-            else:
-                state, detail = job_state(out, record["job_id"], queue)
-                if state == "done":  # the job ended well but its results are missing or from other parameters
-                    state = "failed"
-                    detail = "the job ended without the notebook's results"
-                text = f"{state} (SLURM job {record['job_id']}, log {record['log']})"
-                if state in ("failed", "stopped"):
-                    text = f"{state}: " + failure_message(key, record, state, detail)
-            counts[state] = counts.get(state, 0) + 1
-            lines.append(f"  seed {seed}  {name:<18} {text}")
-    if REPORT in records and queue is not None:
-        state, _ = job_state(out, records[REPORT]["job_id"], queue)
-        lines.append(f"  report{'':<19} {state} (SLURM job {records[REPORT]['job_id']})")
+    for seed, name, done in rows:
+        key = task_key(seed, name)
+        if done:
+            state, text = "done", "done" + (f" ({timings[key]} s)" if key in timings else "")
+        elif key not in open_jobs:
+            state = text = "not run"
+        else:
+            state, text = _job_text(out, key, records[key], queue)
+        counts[state] = counts.get(state, 0) + 1
+        lines.append(f"  seed {seed}  {name:<18} {text}")
+    if REPORT in open_jobs:
+        lines.append(f"  {'report':<25} {_job_text(out, REPORT, records[REPORT], queue)[1]}")
+    lines += [note] if note else []
+    return lines + [", ".join(f"{n} {state}" for state, n in counts.items())]
+
+
+def _job_text(out: Path, key: str, record: Mapping, queue: Mapping[str, str] | None) -> tuple[str, str]:
+    """(state, what the status line says) of the job of an unfinished notebook (or of the report)."""
     if queue is None:
-        lines.append(note)
-    lines.append(", ".join(f"{n} {state}" for state, n in counts.items()))
-    return lines
+        return "unknown", f"unknown (SLURM job {record['job_id']}, log {record['log']})"
+    state, detail = job_state(out, record["job_id"], queue)
+    if state == "done" and key != REPORT:  # the job ended well, yet the results are missing or other parameters'
+        state, detail = "failed", "the job ended without the notebook's results"
+    if state in ("failed", "stopped"):
+        return state, f"{state}: {failure_message(key, record, state, detail)}"
+    return state, f"{state} (SLURM job {record['job_id']}, log {record['log']})"

@@ -7,7 +7,7 @@
 #
 # Needs root and Debian's slurm-wlm and munge packages (`apt-get install -y slurm-wlm munge`). The daemons use ports
 # of their own (free ones, picked at start), proctrack/linuxproc and task/none (no cgroups), no accounting, and one
-# partition `debug` holding this host with all its cores.
+# partition `debug` holding this host with all its cores, reached at 127.0.0.1 (no name resolution needed).
 set -euo pipefail
 
 usage() { echo "usage: $0 start|stop DIR" >&2; exit 2; }
@@ -50,7 +50,7 @@ start() {
     mkdir -p "$dir/state" "$dir/spool"
     cat >"$dir/slurm.conf" <<EOF
 ClusterName=mcmitest
-SlurmctldHost=$host
+SlurmctldHost=$host(127.0.0.1)
 SlurmUser=root
 SlurmctldPort=$(free_port)
 SlurmdPort=$(free_port)
@@ -68,11 +68,11 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 ReturnToService=2
 KillWait=5
-NodeName=$host CPUs=$(nproc) RealMemory=$mem State=UNKNOWN
+NodeName=$host NodeAddr=127.0.0.1 CPUs=$(nproc) RealMemory=$mem State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
 EOF
-    slurmctld -f "$dir/slurm.conf"
-    slurmd -f "$dir/slurm.conf"
+    slurmctld -f "$dir/slurm.conf" || { stop; exit 1; }
+    slurmd -f "$dir/slurm.conf" || { stop; exit 1; }
     for _ in $(seq 100); do
         [[ $(SLURM_CONF=$dir/slurm.conf sinfo -h -o %t 2>/dev/null) == idle ]] && { echo "SLURM_CONF=$dir/slurm.conf"; return 0; }
         sleep 0.2

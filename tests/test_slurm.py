@@ -151,6 +151,61 @@ def test_slurm_options_become_submitit_parameters():
     assert slurm.SlurmOptions().parameters() == {"stderr_to_stdout": True, "time": None}  # the partition's limit
 
 
+def test_job_states_from_the_queue_then_from_the_outcome_files(tmp_path):
+    import pickle
+
+    logs = tmp_path / slurm.LOGS
+    logs.mkdir()
+    traceback = ("Traceback (most recent call last):\n  File ...\nmcmi_lab.cli.NotebookError: 02_concentration.ipynb "
+                 "failed at cell 3 (In [4]): KeyError: 'x' (executed notebook: /r/seed_0/notebooks/02.ipynb)\n")
+    for job, outcome in (("11", ("success", 12.5)), ("12", ("error", traceback)),
+                         ("13", ("error", "Traceback ...\nModuleNotFoundError: No module named 'mcmi_lab'\n"))):
+        (logs / f"{job}_0_result.pkl").write_bytes(pickle.dumps(outcome))
+    queue = {"10": "PENDING", "11": "COMPLETING"}  # a job SLURM still holds is read from the queue, outcome or not
+    assert slurm.job_state(tmp_path, "10", queue) == ("pending", "PENDING")
+    assert slurm.job_state(tmp_path, "11", queue) == ("running", "COMPLETING")
+    assert slurm.job_state(tmp_path, "11", {}) == ("done", 12.5)
+    assert slurm.job_state(tmp_path, "12", {}) == ("failed", "02_concentration.ipynb failed at cell 3 (In [4]): "
+                                                   "KeyError: 'x' (executed notebook: /r/seed_0/notebooks/02.ipynb)")
+    assert slurm.job_state(tmp_path, "13", {}) == ("failed", "ModuleNotFoundError: No module named 'mcmi_lab'")
+    assert slurm.job_state(tmp_path, "14", {}) == ("stopped", None)  # gone without an outcome: SLURM ended it
+    record = {"job_id": "14", "log": "/r/slurm/14_0_log.out"}
+    assert slurm.failure_message("seed_3/05_few_shot", record, "stopped", None) == (
+        "seed 3, 05_few_shot: SLURM job 14 ended before the notebook finished (scancel, time limit, preemption or a "
+        "node failure; log /r/slurm/14_0_log.out): rerun the same command to resume")
+
+
+def test_the_lock_of_a_run_folder_is_held_by_its_live_slurm_jobs(tmp_path, monkeypatch):
+    """Without a cluster: squeue's answer stands in for it (the cluster tests below use the real one)."""
+    from mcmi_lab import runs
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / LOCK).write_text(f"{int(dead.stdout)} 2026-01-01T00:00:00\nslurm 7 8\nslurm 9\n")
+    monkeypatch.setattr(runs, "slurm_queue", lambda: {"8": "RUNNING", "9": "PENDING", "10": "RUNNING"})
+    with pytest.raises(ValueError, match=rf"run folder '{tmp_path}' is being written by SLURM jobs 8, 9 of an "
+                                         rf"earlier mcmi-lab run: wait for them \(mcmi-lab status {tmp_path}\)"):
+        with runs.run_folder_lock(tmp_path):
+            pass
+
+    def no_squeue():
+        raise OSError("squeue did not answer (no such file)")
+    monkeypatch.setattr(runs, "slurm_queue", no_squeue)
+    with pytest.raises(ValueError, match=r"is held by SLURM jobs 7, 8, 9 and squeue did not answer \(no such file\): "
+                                         r"run where SLURM answers, or remove its \.run\.lock if none of them runs"):
+        with runs.run_folder_lock(tmp_path):
+            pass
+    # the jobs have ended: the lock is taken over; this process's own jobs keep it after it lets go (--detach)
+    monkeypatch.setattr(runs, "slurm_queue", lambda: {"10": "RUNNING"})
+    with runs.run_folder_lock(tmp_path):
+        assert (tmp_path / LOCK).read_text().split()[0] == str(os.getpid())
+        runs.hold_run_folder(tmp_path, ["10", "11"])
+    assert (tmp_path / LOCK).read_text().splitlines()[1:] == ["slurm 10"]
+    monkeypatch.setattr(runs, "slurm_queue", lambda: {})
+    with runs.run_folder_lock(tmp_path):
+        pass
+    assert not (tmp_path / LOCK).exists()
+
+
 # ---- on the cluster ---------------------------------------------------------------------------------------------
 
 SMOKE = ["--notebooks", "01_teachers", "02_concentration", "--seeds", "0", "-p", "train_size", "200",

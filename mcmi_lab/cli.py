@@ -36,7 +36,7 @@ from .report import build_report
 from .report_card import format_card, inspect_checkpoint
 from .runs import (check_run_folder, clear_run_folder, completed, describe_device, merge_results, now, read_run_info,
                    run_folder_lock, seed_dir, write_run_info)
-from .slurm import JobFailed, SlurmOptions, run_study, study_status
+from .slurm import JobFailed, SlurmOptions, add_slurm_arguments, run_study, slurm_options, study_status
 from .utils import disk_full, write_json
 
 #: Where the notebooks are: $MCMI_LAB_NOTEBOOKS, else ``notebooks/`` next to the package (a source checkout).
@@ -327,26 +327,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     for name, value in args.param or []:
         overrides[name] = parse_value(value)
     page = run_pipeline(args.pipeline, args.out, overrides, args.seeds, args.notebooks, args.jobs, force=args.force,
-                        slurm=_slurm_options(args))
+                        slurm=slurm_options(args))
     if page is not None:
         print(f"mcmi-lab: report written to {page} (and {page.with_suffix('.md')})")
     return 0
-
-
-def _slurm_options(args: argparse.Namespace) -> SlurmOptions | None:
-    """--executor slurm and its options (refused, in one line, with the local executor)."""
-    given = [f"--{k.replace('_', '-')}" for k in ("partition", "gpus_per_job", "cpus_per_job", "mem", "time",
-                                                 "slurm_option", "detach") if getattr(args, k) not in (None, False)]
-    if args.executor == "local":
-        if given:
-            raise ValueError(f"{given[0]} is not accepted with --executor local: it is an option of --executor slurm")
-        return None
-    options = []
-    for item in args.slurm_option or []:
-        key, _, value = item.partition("=")
-        options.append((key.strip().lstrip("-"), value.strip()))
-    return SlurmOptions(args.partition, args.gpus_per_job or 0, args.cpus_per_job, args.mem, args.time,
-                        tuple(options), args.detach)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -414,20 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "parameters in --out (without it that is refused; the same parameters resume)")
     run.add_argument("--jobs", type=int, help="notebooks executed at once (default: one per core, at most 4; "
                      "paper: 1)")
-    slurm = run.add_argument_group("SLURM (--executor slurm: every seed's notebook a job; --out on a file system "
-                                   "every node sees)")
-    slurm.add_argument("--executor", choices=("local", "slurm"), default="local", help="where the notebooks run "
-                       "(default: local, this machine)")
-    slurm.add_argument("--partition", help="sbatch --partition")
-    slurm.add_argument("--gpus-per-job", type=int, metavar="N", help="GPUs of each job (sbatch --gpus-per-node)")
-    slurm.add_argument("--cpus-per-job", type=int, metavar="N", help="cores of each job (sbatch --cpus-per-task; "
-                       "the kernel's threads)")
-    slurm.add_argument("--mem", help="memory of each job, SLURM syntax (sbatch --mem, e.g. 16G)")
-    slurm.add_argument("--time", help="time limit of each job: minutes or [D-]HH:MM[:SS] (sbatch --time)")
-    slurm.add_argument("--slurm-option", action="append", metavar="KEY=VALUE", help="another sbatch option, e.g. "
-                       "account=proj or qos=high (repeatable; KEY alone for a flag)")
-    slurm.add_argument("--detach", action="store_true", help="return once the jobs are submitted (a last job "
-                       "writes the report; `mcmi-lab status DIR` says what is done)")
+    add_slurm_arguments(run)
     run.set_defaults(func=_cmd_run)
 
     data = sub.add_parser("data", help="make Fashion-MNIST available offline and say where it is")

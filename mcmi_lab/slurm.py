@@ -15,6 +15,7 @@ submitting environment (sbatch exports it), so they import the same mcmi_lab.
 """
 from __future__ import annotations
 
+import argparse
 import importlib
 import importlib.util
 import json
@@ -324,6 +325,42 @@ def run_study(out: Path, tasks: Sequence[Task], parameters: Mapping, options: Sl
         echo(f"mcmi-lab: interrupted; the study's SLURM jobs were cancelled (rerun the same command to resume)")
         raise
     return True
+
+
+# ---- the command line ---------------------------------------------------------------------------------------
+
+def add_slurm_arguments(run: argparse.ArgumentParser) -> None:
+    """The options of `mcmi-lab run` that send the notebooks to SLURM."""
+    slurm = run.add_argument_group("SLURM (--executor slurm: every seed's notebook a job; --out on a file system "
+                                   "every node sees)")
+    slurm.add_argument("--executor", choices=("local", "slurm"), default="local", help="where the notebooks run "
+                       "(default: local, this machine)")
+    slurm.add_argument("--partition", help="sbatch --partition")
+    slurm.add_argument("--gpus-per-job", type=int, metavar="N", help="GPUs of each job (sbatch --gpus-per-node)")
+    slurm.add_argument("--cpus-per-job", type=int, metavar="N", help="cores of each job (sbatch --cpus-per-task; "
+                       "the kernel's threads)")
+    slurm.add_argument("--mem", help="memory of each job, SLURM syntax (sbatch --mem, e.g. 16G)")
+    slurm.add_argument("--time", help="time limit of each job: minutes or [D-]HH:MM[:SS] (sbatch --time)")
+    slurm.add_argument("--slurm-option", action="append", metavar="KEY=VALUE", help="another sbatch option, e.g. "
+                       "account=proj or qos=high (repeatable; KEY alone for a flag)")
+    slurm.add_argument("--detach", action="store_true", help="return once the jobs are submitted (a last job "
+                       "writes the report; `mcmi-lab status DIR` says what is done)")
+
+
+def slurm_options(args: argparse.Namespace) -> SlurmOptions | None:
+    """--executor slurm and its options (refused, in one line, with the local executor)."""
+    given = [f"--{k.replace('_', '-')}" for k in ("partition", "gpus_per_job", "cpus_per_job", "mem", "time",
+                                                 "slurm_option", "detach") if getattr(args, k) not in (None, False)]
+    if args.executor == "local":
+        if given:
+            raise ValueError(f"{given[0]} is not accepted with --executor local: it is an option of --executor slurm")
+        return None
+    options = []
+    for item in args.slurm_option or []:
+        key, _, value = item.partition("=")
+        options.append((key.strip().lstrip("-"), value.strip()))
+    return SlurmOptions(args.partition, args.gpus_per_job or 0, args.cpus_per_job, args.mem, args.time,
+                        tuple(options), args.detach)
 
 
 # ---- mcmi-lab status --------------------------------------------------------------------------------------------

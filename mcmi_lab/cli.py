@@ -3,6 +3,8 @@
     mcmi-lab run demo --out runs/demo [-p lam 0.25 -p fractions "[0.05, 1.0]"] [--seeds 0 1 2]
     mcmi-lab data
     mcmi-lab report runs/demo
+    mcmi-lab run paper --out /shared/runs/paper --executor slurm --gpus-per-job 1 --time 12:00:00 [--detach]
+    mcmi-lab status /shared/runs/paper
     mcmi-lab inspect runs/train/model.pt --data fashion-mnist [--json card.json]
 
 `run` checks every parameter before any notebook starts, runs the pipeline's notebooks for each seed (each seed in
@@ -34,6 +36,7 @@ from .report import build_report
 from .report_card import format_card, inspect_checkpoint
 from .runs import (check_run_folder, clear_run_folder, completed, describe_device, merge_results, now, read_run_info,
                    run_folder_lock, seed_dir, write_run_info)
+from .slurm import JobFailed, SlurmOptions, add_slurm_arguments, run_study, slurm_options, study_status
 from .utils import disk_full, write_json
 
 #: Where the notebooks are: $MCMI_LAB_NOTEBOOKS, else ``notebooks/`` next to the package (a source checkout).
@@ -206,7 +209,8 @@ def _schedule(tasks: list[tuple[int, str]], jobs: int, run: Callable[[int, str],
 
 def run_pipeline(pipeline: str, out: str | os.PathLike, overrides: Mapping | None = None,
                  seeds: Sequence[int] | None = None, notebooks: Sequence[str] | None = None,
-                 jobs: int | None = None, echo: Callable[[str], None] = print, force: bool = False) -> Path:
+                 jobs: int | None = None, echo: Callable[[str], None] = print, force: bool = False,
+                 slurm: SlurmOptions | None = None) -> Path | None:
     """Run `pipeline` for every seed into `out`, then merge the results and write the report; returns report.html.
 
     overrides: parameter values over the pipeline's (checked first, a ValueError names the bad one); seeds: run
@@ -217,6 +221,9 @@ def run_pipeline(pipeline: str, out: str | os.PathLike, overrides: Mapping | Non
     A run folder holds one configuration: `out` with a run of other parameters is refused (``force``: that run's
     results are deleted first); the same parameters resume, keeping every notebook whose results they already made.
     One run writes a folder at a time (a lock file holding its pid).
+
+    slurm: run every (seed, notebook) as a SLURM job instead (mcmi_lab.slurm; `jobs` does not apply); with
+    ``slurm.detach`` returns None once they are submitted (a last job writes the report).
     """
     pipe = get_pipeline(pipeline)
     params = resolve_parameters(pipe, {"interactive": False, **dict(overrides or {})})
@@ -224,6 +231,10 @@ def run_pipeline(pipeline: str, out: str | os.PathLike, overrides: Mapping | Non
     if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds) \
             or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds={seeds!r} are not accepted: expected distinct integers >= 0")
+    if slurm is not None and jobs is not None:
+        raise ValueError("--jobs is not accepted with --executor slurm: SLURM runs as many jobs at once as it gives")
+    if slurm is not None:
+        slurm.check_available()
     jobs = default_jobs(pipe.name) if jobs is None else jobs
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs={jobs!r} is not accepted: expected an integer >= 1")
@@ -243,17 +254,19 @@ def run_pipeline(pipeline: str, out: str | os.PathLike, overrides: Mapping | Non
         data = data_fingerprint(params.get("dataset"))  # a data file changed under the same path is refused too
         check_run_folder(out, pipe.name, params, data)
         earlier = read_run_info(out)
-        threads = max(1, (os.cpu_count() or 1) // jobs)
+        threads = max(1, (os.cpu_count() or 1) // jobs) if slurm is None else slurm.cpus_per_job or 1
         info = {"pipeline": pipe.name, "description": pipe.description,
                 "notebooks": list(dict.fromkeys(earlier.get("notebooks", []) + names)),
                 "seeds": sorted(set(earlier.get("seeds", [])) | set(seeds)),
                 "parameters": params, "data": data, "device": describe_device(params["device"]), "jobs": jobs,
+                "executor": "local" if slurm is None else slurm.describe(),
                 "threads_per_kernel": int(os.environ.get("OMP_NUM_THREADS", threads)), "started": now(),
                 "command": " ".join(["mcmi-lab"] + sys.argv[1:]), "status": "running",
                 "timings_s": dict(earlier.get("timings_s", {}))}
         write_run_info(out, info)
         start = time.perf_counter()
-        echo(f"mcmi-lab: pipeline {pipe.name!r}, seeds {seeds}, {len(names)} notebooks, {jobs} at a time -> {out}")
+        echo(f"mcmi-lab: pipeline {pipe.name!r}, seeds {seeds}, {len(names)} notebooks, "
+             f"{f'{jobs} at a time' if slurm is None else 'as SLURM jobs'} -> {out}")
 
         def run_one(seed: int, name: str) -> None:
             t0 = time.perf_counter()
@@ -267,14 +280,20 @@ def run_pipeline(pipeline: str, out: str | os.PathLike, overrides: Mapping | Non
                     if completed(seed_dir(out, seed), name, {**params, "seed": seed}, data)]
             for seed, name in done:  # the same configuration ran these to the end before: a rerun resumes
                 echo(f"  seed {seed}  {name:<18} done before with these parameters, kept (--force reruns it)")
-            with _kernel_environment(threads, out / "kernels.log"):
-                rank = {name: i for i, name in enumerate(START_ORDER)}
-                tasks = sorted(((seed, name) for seed in seeds for name in names if (seed, name) not in done),
-                               key=lambda task: (rank.get(task[1], len(rank)), task[0]))
-                _schedule(tasks, jobs, run_one)
+            rank = {name: i for i, name in enumerate(START_ORDER)}
+            tasks = sorted(((seed, name) for seed in seeds for name in names if (seed, name) not in done),
+                           key=lambda task: (rank.get(task[1], len(rank)), task[0]))
+            if slurm is None:
+                with _kernel_environment(threads, out / "kernels.log"):
+                    _schedule(tasks, jobs, run_one)
+            elif not run_study(out, tasks, params, slurm, "mcmi_lab.cli:execute_notebook",
+                               {NOTEBOOKS_ENV: str(notebooks_dir())}, echo, info["timings_s"]):
+                info["status"] = "submitted"
+                return None  # its last job writes the report
             info["status"] = "finished"
         except BaseException as err:
-            info["status"] = f"failed: {err}" if isinstance(err, NotebookError) else f"stopped: {type(err).__name__}"
+            info["status"] = (f"failed: {err}" if isinstance(err, (NotebookError, JobFailed))
+                              else f"stopped: {type(err).__name__}")
             raise
         finally:
             info["finished"] = now()
@@ -308,8 +327,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
     overrides = {}
     for name, value in args.param or []:
         overrides[name] = parse_value(value)
-    page = run_pipeline(args.pipeline, args.out, overrides, args.seeds, args.notebooks, args.jobs, force=args.force)
-    print(f"mcmi-lab: report written to {page} (and {page.with_suffix('.md')})")
+    page = run_pipeline(args.pipeline, args.out, overrides, args.seeds, args.notebooks, args.jobs, force=args.force,
+                        slurm=slurm_options(args))
+    if page is not None:
+        print(f"mcmi-lab: report written to {page} (and {page.with_suffix('.md')})")
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    print("\n".join(study_status(args.dir)))
     return 0
 
 
@@ -373,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "parameters in --out (without it that is refused; the same parameters resume)")
     run.add_argument("--jobs", type=int, help="notebooks executed at once (default: one per core, at most 4; "
                      "paper: 1)")
+    add_slurm_arguments(run)
     run.set_defaults(func=_cmd_run)
 
     data = sub.add_parser("data", help="make Fashion-MNIST available offline and say where it is")
@@ -381,6 +408,11 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="rebuild results.json, report.md and report.html of a run folder")
     report.add_argument("dir", type=Path, help="run folder written by `mcmi-lab run`")
     report.set_defaults(func=_cmd_report)
+
+    status = sub.add_parser("status", help="say which notebooks of a run folder are done, pending, running, "
+                            "failed or stopped (SLURM jobs with their ids and logs)")
+    status.add_argument("dir", type=Path, help="run folder written by `mcmi-lab run`")
+    status.set_defaults(func=_cmd_status)
 
     inspect = sub.add_parser("inspect", help="print a checkpoint's teacher report card: accuracy, NLL, ECE, Brier, "
                              "CMI, NCMI, Γ (train and test), per-class CMI; KL(P* ‖ P) on --data synthetic")
@@ -404,7 +436,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except NotebookError as err:
+    except (NotebookError, JobFailed) as err:
         print(f"mcmi-lab: {err}", file=sys.stderr)
         return 1
     except (ValueError, FileNotFoundError) as err:

@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
@@ -294,8 +295,10 @@ def _lock_holder(text: str) -> tuple[int, str | None, str | None]:
 @contextlib.contextmanager
 def run_folder_lock(out: str | os.PathLike) -> Iterator[None]:
     """Only one `mcmi-lab run` writes a run folder at a time: ``<out>/.run.lock`` holds the writer's pid, its start
-    time and the host; a lock left by a process that no longer exists (killed), or whose pid now belongs to a process
-    started later (the pid reused), is taken over. A refusal says how to clear a lock left behind."""
+    time and the host, and the ids of the SLURM jobs it submitted (:func:`hold_run_folder`), which hold the folder
+    after the command has ended (``--detach``, or killed) while SLURM still runs them. A lock left by a process that
+    no longer exists (killed), or whose pid now belongs to a process started later (the pid reused), and whose jobs
+    have all ended, is taken over. A refusal says how to clear a lock left behind."""
     path = Path(out) / LOCK
     host = platform.node()
     for _ in range(2):
@@ -303,13 +306,20 @@ def run_folder_lock(out: str | os.PathLike) -> Iterator[None]:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             break
         except FileExistsError:
+            text = ""
             try:
-                pid, start, holder_host = _lock_holder(path.read_text())
+                text = path.read_text()
+                pid, start, holder_host = _lock_holder(text)
                 if holder_host in (None, host):
                     os.kill(pid, 0)
                     if start is not None and _process_start(pid) not in (None, start):
                         raise ProcessLookupError  # the pid was reused by another process
-            except (OSError, ValueError, IndexError):  # gone, reused, or an unreadable lock: stale
+            except (OSError, ValueError, IndexError):  # gone, reused, or an unreadable lock: stale unless its jobs run
+                jobs = live_slurm_jobs(_lock_jobs(text), f"run folder {str(out)!r}")
+                if jobs:
+                    raise ValueError(f"run folder {str(out)!r} is being written by SLURM jobs {', '.join(jobs)} of an "
+                                     f"earlier mcmi-lab run: wait for them (mcmi-lab status {out}), scancel them, or "
+                                     "use another --out") from None
                 path.unlink(missing_ok=True)
                 continue
             where = f" on {holder_host}" if holder_host not in (None, host) else ""
@@ -324,4 +334,56 @@ def run_folder_lock(out: str | os.PathLike) -> Iterator[None]:
         os.close(fd)
         yield
     finally:
-        path.unlink(missing_ok=True)
+        try:  # jobs SLURM still runs keep the folder theirs (and those squeue cannot tell about)
+            jobs = _lock_jobs(path.read_text())
+        except OSError:
+            jobs = []
+        try:
+            keep = live_slurm_jobs(jobs)
+        except ValueError:
+            keep = jobs
+        if not keep:
+            path.unlink(missing_ok=True)
+        else:  # this process lets go (--detach): from now on the jobs alone hold the folder
+            path.write_text(f"- {now()}\nslurm {' '.join(keep)}\n")
+
+
+def hold_run_folder(out: str | os.PathLike, job_ids: Iterable[str]) -> None:
+    """Record SLURM jobs in the lock of a run folder this process holds (see :func:`run_folder_lock`)."""
+    with open(Path(out) / LOCK, "a") as lock:
+        lock.write(f"slurm {' '.join(job_ids)}\n")
+
+
+def _lock_jobs(text: str) -> list[str]:
+    return [job for line in text.splitlines() if line.startswith("slurm ") for job in line.split()[1:]]
+
+
+#: squeue states of a job that may still write (anything else has ended)
+LIVE_JOB_STATES = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "REQUEUE_HOLD",
+                   "REQUEUE_FED", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED")
+
+
+def slurm_queue() -> dict[str, str]:
+    """This user's SLURM jobs that have not ended, job id -> state, from ``squeue``; OSError when it cannot answer."""
+    try:
+        done = subprocess.run(["squeue", "--me", "--noheader", "--format=%i %T"], capture_output=True, text=True,
+                              timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise OSError(f"squeue did not answer ({err})") from None
+    if done.returncode != 0:
+        raise OSError(f"squeue failed: {(done.stderr.strip().splitlines() or ['?'])[0]}")
+    pairs = (line.split() for line in done.stdout.splitlines() if line.strip())
+    return {job: state for job, state in pairs if state in LIVE_JOB_STATES}
+
+
+def live_slurm_jobs(job_ids: Iterable[str], where: str = "the run folder") -> list[str]:
+    """Those of `job_ids` that SLURM has not ended; a ValueError naming `where` when squeue cannot tell."""
+    job_ids = list(job_ids)
+    if not job_ids:
+        return []
+    try:
+        queue = slurm_queue()
+    except OSError as err:
+        raise ValueError(f"{where} is held by SLURM jobs {', '.join(job_ids)} and {err}: run where SLURM answers, "
+                         f"or remove its {LOCK} if none of them runs") from None
+    return [job for job in job_ids if job in queue]

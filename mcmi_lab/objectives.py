@@ -143,9 +143,9 @@ class MCMIObjective(Objective):
     "frozen" with it is the reference code's centroid step.
     A collapse guard stops the run when the train accuracy falls below half the starting model's eval-mode train
     accuracy (:func:`collapse_floor`). With a CMI target it reads the controller's eval-mode probe (the signal the
-    dose selection reads; two probes in a row below the floor, so one noisy probe does not stop a run): the
-    training batches' own accuracy, with BatchNorm's batch statistics, stayed high in a teacher that had collapsed
-    in eval mode (issue 34). With a fixed λ, where no eval pass runs, it reads the running accuracy of the batches.
+    dose selection reads, smoothed over ~50 steps as the batches' accuracy is, so that a brief dip does not stop a
+    run that recovers): the training batches' own accuracy, with BatchNorm's batch statistics, stayed high in a
+    teacher that had collapsed in eval mode (issue 34). With a fixed λ, where no eval pass runs, it reads the running accuracy of the batches.
 
     target_cmi: instead of a fixed `lam`, hold the model's train CMI at this dose (nats). λ starts at 0 and is
     adapted by a proportional-integral controller, the integral part being projected dual ascent on the Lagrange
@@ -191,7 +191,7 @@ class MCMIObjective(Objective):
         # is shorter than that (a per-epoch count never reached 25 on data of < 1,600 images at batch 64, so λ
         # stayed 0); kept in a buffer at each epoch end, so a resume continues the count exactly
         self.register_buffer("control_count", torch.zeros((), dtype=torch.long))
-        self._probe, self._probe_acc = None, None
+        self._probe = None
         self._control_count = 0
         self.update = check_choice("update", update, UPDATES)
         self.ema_decay = check_float("ema_decay", ema_decay, 0.0, 1.0, high_open=True)
@@ -224,9 +224,10 @@ class MCMIObjective(Objective):
         """One PI step of λ from the probe's eval-mode CMI (a host sync, once per `control_steps`)."""
         probe = measure_cmi(getattr(model, "module", model), self._probe)
         probe_cmi = float(probe["cmi"])
-        # the guard's eval-mode signal: the better of the last two probes (one noisy probe does not stop a run)
-        last, self._probe_acc = self._probe_acc, probe["accuracy"]
-        self.recent_acc.fill_(max(self._probe_acc, last if last is not None else self._probe_acc))
+        # the guard's eval-mode signal, smoothed over ~50 steps as the batches' running accuracy is (a brief dip of
+        # a recovering run does not stop it): the weight of one probe is that of its `control_steps` steps
+        self.recent_acc.lerp_(torch.tensor(float(probe["accuracy"])).to(self.recent_acc),
+                              1 - 0.98 ** self.control_steps)
         if self.start_cmi < 0:
             self.start_cmi.fill_(probe_cmi)
         start = float(self.start_cmi)

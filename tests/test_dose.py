@@ -91,7 +91,8 @@ def test_the_controller_step_is_the_pi_formula_with_a_ramped_set_point(monkeypat
     """λ_I ← clip(λ_I + g·e, 0, max), λ = clip(λ_I + kp·e, 0, max), e = clip((s − ĉ)/c, −2, 1), the set-point s
     ramping from the first probe's CMI to c over `ramp_updates` updates: checked step by step by hand."""
     measured = iter([0.02, 0.05, 0.12, 0.30, 0.10])
-    monkeypatch.setattr("mcmi_lab.objectives.measure_cmi", lambda model, data: {"cmi": next(measured)})
+    monkeypatch.setattr("mcmi_lab.objectives.measure_cmi",
+                        lambda model, data: {"cmi": next(measured), "accuracy": 1.0})
     obj = MCMIObjective(target_cmi=0.2, control_gain=0.1, control_kp=0.5, ramp_updates=4, max_lam=3.0)
     start, c, lam_i, seen = 0.02, 0.2, 0.0, []
     for n, cmi in enumerate([0.02, 0.05, 0.12, 0.30, 0.10]):
@@ -243,7 +244,11 @@ def test_the_guard_stops_on_the_eval_mode_probe_not_the_training_batches(converg
 
     model, data = converged
     with pytest.raises(StopTraining, match="eval-mode probe accuracy fell"):
-        _floor_run(model, data, guard=True, callbacks=[_break_eval({1})])
+        _floor_run(model, data, epochs=12, guard=True, callbacks=[_break_eval()])
+    # the probe's accuracy is smoothed over ~50 steps (8 an epoch here), as the batches' was: 2 epochs do not stop
+    with pytest.warns(UserWarning, match="collapsed"):
+        _, hist = _floor_run(model, data, epochs=2, guard=True, callbacks=[_break_eval()])
+    assert hist[-1]["collapsed"] is True
 
 
 def test_dose_teachers_returns_collapsed_teachers_as_rows():
@@ -290,3 +295,39 @@ def test_lam_beside_doses_is_refused_in_one_line(converged):
         finetune_mcmi_doses(model, data, [0.1], lam=0.2)
     with pytest.raises(ValueError, match=match):
         dose_teachers(model, data, [0.1], 1, lam=0.2)
+
+
+# ---- omitted_mass: the zero-shot mechanism as a teacher metric ----------------------------------------------
+
+def test_omitted_mass_against_a_loop():
+    from mcmi_lab import omitted_mass
+
+    g = torch.Generator().manual_seed(0)
+    logits, labels = 3 * torch.randn(50, 5, generator=g), torch.randint(0, 5, (50,), generator=g)
+    for omitted, t in (([3], 4.0), ([0, 3], 1.0), (2, 2.5)):
+        classes = omitted if isinstance(omitted, list) else [omitted]
+        total, count = 0.0, 0
+        for z, y in zip(logits.tolist(), labels.tolist()):
+            if y in classes:
+                continue
+            e = [math.exp(v / t) for v in z]
+            total += sum(e[c] for c in classes) / sum(e)
+            count += 1
+        assert omitted_mass(logits, labels, omitted, t) == pytest.approx(total / count, rel=1e-12)
+    for bad in ([], [5], [0, 1, 2, 3, 4], [True]):
+        with pytest.raises(ValueError, match=r"omitted=.* is not accepted: expected a non-empty list of class"):
+            omitted_mass(logits, labels, bad)
+    with pytest.raises(ValueError, match="every sample's label is omitted"):
+        omitted_mass(logits[labels == 1], labels[labels == 1], [1])
+
+
+def test_the_card_carries_the_omitted_mass(converged):
+    from mcmi_lab import omitted_mass, predict, report_card
+    from mcmi_lab.report_card import TEACHER_METRICS, format_card
+
+    model, data = converged
+    card = report_card(model, data, data, omitted=[1], temperature=4.0)
+    logits, labels = predict(model, data, precision="fp32")
+    assert card["train"]["omitted_mass"] == pytest.approx(omitted_mass(logits, labels, [1], 4.0))
+    assert card["omitted"] == [1] and "omitted classes' mass" in format_card(card)
+    assert "omitted_mass" not in report_card(model, data, data)["train"] and "omitted_mass" in TEACHER_METRICS

@@ -18,7 +18,8 @@ from .cmi import (CMIMeter, class_centroids, conditional_mutual_information, kl_
                   per_class_cmi, probabilities, separation)
 from .data import ImageData, batches, few_shot, from_dataset, from_tensors, omit_classes, stratified_split, subset
 from .datasets import DATASETS, load_dataset
-from .dose import SmoothingSearch, dose_students, dose_teachers, match_label_smoothing, match_temperature, matched
+from .dose import (SmoothingSearch, dose_students, dose_teachers, match_label_smoothing, match_temperature, matched,
+                   save_dose_teacher)
 from .evaluate import evaluate, measure_cmi, metrics_from_logits, predict, teacher_omitted_mass
 from .explore import ExploreData, concentration_figure, prepare_explore, select_images, teacher_figure
 from .explore_results import load_run_results, results_figure, results_table
@@ -46,6 +47,7 @@ __all__ = [
     "__version__", "get_device", "set_seed",
     # data
     "SmoothingSearch", "dose_students", "dose_teachers", "match_label_smoothing", "match_temperature", "matched",
+    "save_dose_teacher",
     "DATASETS", "ImageData", "load_dataset", "from_tensors", "from_dataset", "few_shot", "omit_classes",
     "subset", "stratified_split", "batches", "SyntheticTask",
     # models

@@ -25,6 +25,7 @@ from .cmi import conditional_mutual_information, probabilities
 from .data import ImageData, few_shot, omit_classes
 from .evaluate import evaluate, measure_cmi, predict
 from .models.wrappers import TemperatureScaled
+from .runs import save_teacher
 from .objectives import StopTraining, check_target_cmi, collapse_floor
 from .recipes import (DOSE_TOLERANCE, _refuse_lam, check_doses, finetune_control, finetune_label_smoothing,
                       finetune_mcmi, finetune_mcmi_doses, matched, train_students)
@@ -203,6 +204,16 @@ def dose_teachers(teacher: nn.Module, data: ImageData, doses: list[float], epoch
         out.append(({"method": "temperature", "dose": dose, "temperature": float(scaled.temperature),
                      "collapsed": False}, scaled))
     return out
+
+
+def save_dose_teacher(run_dir, row: dict, model: nn.Module, prefix: str = "dose") -> str:
+    """Save a study teacher as ``checkpoints/teacher_<prefix>_<method>[_<dose>].pt`` under `run_dir`
+    (:func:`mcmi_lab.runs.save_teacher`: a temperature-scaled teacher as its base model plus T, so load_teacher,
+    ``mcmi-lab inspect`` and the explorers open it) and return that path relative to `run_dir`: the row's
+    ``checkpoint``. The control (dose 0) is named without a dose."""
+    name = f"{prefix}_{row['method']}" + ("" if row["method"] == "control" else f"_{row['dose']:g}")
+    path = save_teacher(run_dir, name, model, method=row["method"], dose=float(row["dose"]))
+    return path.relative_to(run_dir).as_posix()
 
 
 def dose_students(teachers: list[nn.Module], train: ImageData, test: ImageData, few: float, omitted: list[int],

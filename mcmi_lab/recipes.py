@@ -258,7 +258,7 @@ class _DoseRecorder:
 
     def select(self, model: nn.Module, hist: list[dict]) -> float:
         last = hist[-1]
-        if "train_cmi" not in last:  # no epoch recorded (a resume of a finished run): measure the final weights
+        if "train_cmi" not in last or "train_acc_eval" not in last:  # not recorded here: measure the final weights
             stats = measure_cmi(model, self.data)
             last["train_cmi"], last["train_acc_eval"] = float(stats["cmi"]), float(stats["accuracy"])
         floor = self.floor()

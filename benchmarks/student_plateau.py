@@ -33,7 +33,9 @@ def main() -> None:
     seeds = derive_seeds(args.seed)
     train, _, test = load_run_data("fashion-mnist", 2500, 5000, 0.1, seeds["teacher"])
     t0 = time.time()
-    mll, _ = train_teacher(train, "cnn_small", 40, seed=seeds["teacher"], lr=0.05, progress="off")
+    # the demo's teachers train without augmentation (parameter augment=False: they converge, DESIGN.md §2)
+    mll, _ = train_teacher(train, "cnn_small", 40, seed=seeds["teacher"], lr=0.05, augment=False, progress="off",
+                           log=False)
     start = measure_cmi(mll, train)
     print(f"teacher: 40 epochs {time.time() - t0:.0f} s; eval-mode train acc {start['accuracy']:.4f} "
           f"CMI {float(start['cmi']):.4f}; test acc {evaluate(mll, test)['accuracy']:.4f}", flush=True)
@@ -42,7 +44,8 @@ def main() -> None:
         record["eval_train_acc"] = measure_cmi(getattr(model, "module", model), train)["accuracy"]
 
     t0 = time.time()
-    fine = dict(seed=seeds["finetune"], lr=0.05, schedule="cosine", progress="off", callbacks=[eval_acc])
+    fine = dict(seed=seeds["finetune"], lr=0.05, schedule="cosine", augment=False, progress="off", log=False,
+                callbacks=[eval_acc])
     control, _ = finetune_control(mll, train, 8, **fine)
     mcmi, hist = finetune_mcmi(mll, train, target_cmi=args.dose, epochs=8, **fine)
     print(f"fine-tunes: {time.time() - t0:.0f} s; MCMI {args.dose:g} per epoch (train CMI, eval-mode train acc, "
@@ -58,7 +61,7 @@ def main() -> None:
             t0 = time.time()
             e = epochs * 4 if kind.startswith("few") else epochs
             students = train_students(list(teachers.values()), data, "kd", "cnn_tiny", e, seed=seeds["student"],
-                                      temperature=4.0, lr=0.05, augment=True, progress="off")
+                                      temperature=4.0, lr=0.05, augment=True, progress="off", log=False)
             accs = []
             for (student, _), name in zip(students, teachers):
                 result = evaluate(student, test)

@@ -14,12 +14,13 @@ ipywidgets): ``from mcmi_lab.cam import plot_cam_grid``. The notebooks use nothi
 __version__ = "0.1.0"
 
 from .checkpoint import UnsafeCheckpointError, load_checkpoint, load_model, save_checkpoint, save_model
-from .cmi import (CMIMeter, class_centroids, conditional_mutual_information, kl_to_centroids, ncmi, per_class_cmi,
-                  probabilities, separation)
+from .cmi import (CMIMeter, class_centroids, conditional_mutual_information, kl_to_centroids, ncmi, omitted_mass,
+                  per_class_cmi, probabilities, separation)
 from .data import ImageData, batches, few_shot, from_dataset, from_tensors, omit_classes, stratified_split, subset
 from .datasets import DATASETS, load_dataset
-from .dose import SmoothingSearch, dose_students, dose_teachers, match_label_smoothing, match_temperature, matched
-from .evaluate import evaluate, measure_cmi, metrics_from_logits, predict
+from .dose import (SmoothingSearch, dose_students, dose_teachers, match_label_smoothing, match_temperature, matched,
+                   save_dose_teacher)
+from .evaluate import evaluate, measure_cmi, metrics_from_logits, predict, teacher_omitted_mass
 from .explore import ExploreData, concentration_figure, prepare_explore, select_images, teacher_figure
 from .explore_results import load_run_results, results_figure, results_table
 from .features import capture, feature_shapes
@@ -46,13 +47,14 @@ __all__ = [
     "__version__", "get_device", "set_seed",
     # data
     "SmoothingSearch", "dose_students", "dose_teachers", "match_label_smoothing", "match_temperature", "matched",
+    "save_dose_teacher",
     "DATASETS", "ImageData", "load_dataset", "from_tensors", "from_dataset", "few_shot", "omit_classes",
     "subset", "stratified_split", "batches", "SyntheticTask",
     # models
     "MODELS", "build_model", "feature_layers", "classifier_layer", "cam_layer", "capture", "feature_shapes",
     # CMI and losses
     "CMIMeter", "probabilities", "class_centroids", "kl_to_centroids", "conditional_mutual_information",
-    "per_class_cmi", "separation", "ncmi", "mcmi_loss", "kd_loss", "mse_teacher_loss", "cmim_loss", "ncmi_loss",
+    "per_class_cmi", "separation", "ncmi", "omitted_mass", "teacher_omitted_mass", "mcmi_loss", "kd_loss", "mse_teacher_loss", "cmim_loss", "ncmi_loss",
     # training
     "TrainConfig", "fit", "Objective", "MCMIObjective", "StopTraining", "mll_objective", "mcmi_objective",
     "fit_stack", "ModelStack", "stack_models", "stack_problem", "unstack",

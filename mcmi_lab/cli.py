@@ -375,7 +375,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     """Print the report card of a checkpoint (report_card.inspect_checkpoint); --json writes it atomically."""
-    card = inspect_checkpoint(args.model, args.data, args.train_size, args.test_size, args.data_root)
+    card = inspect_checkpoint(args.model, args.data, args.train_size, args.test_size, args.data_root,
+                              omitted=args.omit, temperature=args.temperature)
     print(format_card(card))
     if args.json is not None:
         print(f"mcmi-lab: card written to {write_json(args.json, card)}")
@@ -425,6 +426,10 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--test-size", type=int, metavar="N", help="N test samples (a seeded subset; default: all)")
     inspect.add_argument("--data-root", metavar="DIR", help="directory holding the data set files")
     inspect.add_argument("--json", type=Path, metavar="FILE", help="also write the card as JSON (atomically)")
+    inspect.add_argument("--omit", type=int, nargs="+", metavar="CLASS", help="classes a zero-shot student would not "
+                         "see: the card adds their mass on the other classes' images (omitted_mass)")
+    inspect.add_argument("--temperature", type=float, default=4.0, metavar="T", help="KD temperature of --omit's "
+                         "mass (default 4)")
     inspect.set_defaults(func=_cmd_inspect)
 
     add_train_command(sub)  # `mcmi-lab train` (torchrun, resumable training): mcmi_lab/launch.py

@@ -104,6 +104,29 @@ def conditional_mutual_information(probs: torch.Tensor, labels: torch.Tensor, nu
     return kl_to_centroids(probs, labels, class_centroids(probs, labels, num_classes)).mean()
 
 
+def omitted_mass(logits: torch.Tensor, labels: torch.Tensor, omitted, temperature: float = 1.0) -> float:
+    """The zero-shot mechanism as a teacher metric: the mean, over the samples whose label is not in `omitted`, of
+    softmax(logits / T) summed over the `omitted` classes. A student that never sees those classes learns them
+    only from this mass, at the KD temperature T (issue 34: over 15 digit teachers it ordered the zero-shot
+    accuracy with Spearman ρ 0.78, the train CMI 0.51). logits (N, K), labels (N,); float64 sums."""
+    k = logits.shape[1] if logits.dim() == 2 else None
+    if k is None or labels.shape != (logits.shape[0],):
+        raise ValueError(f"logits of shape {tuple(logits.shape)} with labels of shape {tuple(labels.shape)} are not "
+                         "accepted: expected (N, K) and (N,)")
+    classes = [omitted] if isinstance(omitted, int) and not isinstance(omitted, bool) else omitted
+    if (not isinstance(classes, (list, tuple)) or not classes or any(
+            isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < k for c in classes) or len(set(classes)) >= k):
+        raise ValueError(f"omitted={omitted!r} is not accepted: expected a non-empty list of class indices in "
+                         f"[0, {k - 1}] that leaves at least one class")
+    index = torch.tensor(sorted(set(classes)), device=labels.device)
+    kept = ~torch.isin(labels, index)
+    if not kept.any():
+        raise ValueError(f"omitted={omitted!r} is not accepted here: every sample's label is omitted, so no sample "
+                         "shows the mass a student would learn from")
+    probs = probabilities(logits[kept], temperature)
+    return float(probs[:, index.to(probs.device)].sum(1).mean())
+
+
 def _check_pairs(pairs: str) -> None:
     if pairs not in _PAIRS:
         raise ValueError(f"pairs={pairs!r} is not accepted: expected one of {', '.join(map(repr, _PAIRS))}")

@@ -25,9 +25,10 @@ from .cmi import conditional_mutual_information, probabilities
 from .data import ImageData, few_shot, omit_classes
 from .evaluate import evaluate, measure_cmi, predict
 from .models.wrappers import TemperatureScaled
-from .objectives import StopTraining, check_target_cmi
-from .recipes import (DOSE_TOLERANCE, finetune_control, finetune_label_smoothing, finetune_mcmi,
-                      finetune_mcmi_doses, matched, train_students)
+from .runs import save_teacher
+from .objectives import StopTraining, check_target_cmi, collapse_floor
+from .recipes import (DOSE_TOLERANCE, _refuse_lam, check_doses, finetune_control, finetune_label_smoothing,
+                      finetune_mcmi, finetune_mcmi_doses, matched, train_students)
 from .utils import check_float, check_int
 
 # ---- temperature ------------------------------------------------------------------------------------------------
@@ -145,12 +146,19 @@ def _closest(search: SmoothingSearch, target: float) -> tuple[nn.Module, float, 
 # ---- the study's teachers -----------------------------------------------------------------------------------------
 
 def dose_teachers(teacher: nn.Module, data: ImageData, doses: list[float], epochs: int, *, echo=print,
-                  **finetune_kwargs) -> list[tuple[dict, nn.Module]]:
+                  **finetune_kwargs) -> list[tuple[dict, nn.Module | None]]:
     """The dose-response study's teachers from one MLL `teacher`: the λ = 0 control (dose 0), then at each dose an
     MCMI teacher (CMI target), the matched label-smoothing teacher (one search shared by all doses) and the matched
-    temperature-scaled teacher. Returns (row, model) pairs, the row naming method, dose and what was set (λ at the
-    end and the selected epoch, ε, T). A method that misses a dose is still returned (the warning goes to `echo`
-    as one line; the caller checks ``matched``); an MCMI run the collapse guard stops is left out, with a line."""
+    temperature-scaled teacher. Returns (row, model) pairs, the row naming method, dose, what was set (λ at the
+    end and the selected epoch, ε, T) and ``collapsed``: True when the teacher does not work in eval mode (its
+    eval-mode train accuracy below :func:`mcmi_lab.objectives.collapse_floor` of the MLL teacher's at every epoch
+    of an MCMI fine-tune, or at the end of the control's and of the chosen label-smoothing fine-tune; an MCMI run
+    the collapse guard stops is collapsed too and has no model: None). A collapsed teacher is never a dose: the
+    caller records it with ``matched`` False and distils nothing from it. A method that misses a dose is still
+    returned (the warning goes to `echo` as one line; the caller checks ``matched``)."""
+    doses = check_doses(doses)
+    _refuse_lam(finetune_kwargs)
+
     def quietly(make):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -159,8 +167,13 @@ def dose_teachers(teacher: nn.Module, data: ImageData, doses: list[float], epoch
             echo(f"  note: {str(w.message).splitlines()[0]}")
         return out
 
+    floor = collapse_floor(measure_cmi(teacher, data)["accuracy"], data.num_classes)
+
+    def broken(model: nn.Module) -> bool:  # one eval-mode pass of a trained control teacher
+        return floor is not None and measure_cmi(model, data)["accuracy"] < floor
+
     control, _ = finetune_control(teacher, data, epochs, **finetune_kwargs)
-    out = [({"method": "control", "dose": 0.0}, control)]
+    out = [({"method": "control", "dose": 0.0, "collapsed": broken(control)}, control)]
     try:  # the MCMI teachers of all doses as one stack where the architecture allows
         dosed = dict(zip(doses, quietly(lambda: finetune_mcmi_doses(teacher, data, doses, epochs, **finetune_kwargs))))
     except StopTraining as stop:  # a member collapsed: one at a time, so that the other doses are kept
@@ -172,18 +185,35 @@ def dose_teachers(teacher: nn.Module, data: ImageData, doses: list[float], epoch
                                                             **finetune_kwargs))
             except StopTraining as stop:
                 echo(f"  MCMI at {dose:g}: collapsed ({stop})")
+                dosed[dose] = (None, str(stop))
     search = SmoothingSearch()
     for dose in doses:
-        if dose in dosed:
-            mcmi, hist = dosed[dose]
+        mcmi, hist = dosed[dose]
+        if mcmi is None:  # stopped by the collapse guard: no teacher
+            out.append(({"method": "mcmi", "dose": dose, "collapsed": True, "stopped": hist}, None))
+        else:
             out.append(({"method": "mcmi", "dose": dose, "lam_final": hist[-1]["lam"],
-                         "selected_epoch": hist[-1]["selected_epoch"]}, mcmi))
+                         "selected_epoch": hist[-1]["selected_epoch"], "collapsed": bool(hist[-1]["collapsed"])},
+                        mcmi))
         smoothed, eps, _ = quietly(lambda: match_label_smoothing(teacher, data, dose, epochs, search=search,
                                                                  **finetune_kwargs))
-        out.append(({"method": "label_smoothing", "dose": dose, "epsilon": eps}, smoothed))
+        out.append(({"method": "label_smoothing", "dose": dose, "epsilon": eps, "collapsed": broken(smoothed)},
+                    smoothed))
         scaled, _ = quietly(lambda: match_temperature(teacher, data, dose))
-        out.append(({"method": "temperature", "dose": dose, "temperature": float(scaled.temperature)}, scaled))
+        # T > 0 keeps every argmax: a temperature-scaled teacher has the MLL teacher's accuracy
+        out.append(({"method": "temperature", "dose": dose, "temperature": float(scaled.temperature),
+                     "collapsed": False}, scaled))
     return out
+
+
+def save_dose_teacher(run_dir, row: dict, model: nn.Module, prefix: str = "dose") -> str:
+    """Save a study teacher as ``checkpoints/teacher_<prefix>_<method>[_<dose>].pt`` under `run_dir`
+    (:func:`mcmi_lab.runs.save_teacher`: a temperature-scaled teacher as its base model plus T, so load_teacher,
+    ``mcmi-lab inspect`` and the explorers open it) and return that path relative to `run_dir`: the row's
+    ``checkpoint``. The control (dose 0) is named without a dose."""
+    name = f"{prefix}_{row['method']}" + ("" if row["method"] == "control" else f"_{row['dose']:g}")
+    path = save_teacher(run_dir, name, model, method=row["method"], dose=float(row["dose"]))
+    return path.relative_to(run_dir).as_posix()
 
 
 def dose_students(teachers: list[nn.Module], train: ImageData, test: ImageData, few: float, omitted: list[int],

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from . import distributed as dist_utils
-from .cmi import CMIMeter
+from .cmi import CMIMeter, omitted_mass
 from .data import ImageData, batches
 from .runtime import check_model_input, memory_format, precision_context
 from .utils import check_float
@@ -111,3 +111,10 @@ def evaluate(model: nn.Module, data: ImageData, temperature: float = 1.0, batch_
     check_float("temperature", temperature, 0.0, low_open=True)
     logits, labels = predict(model, data, batch_size)
     return metrics_from_logits(logits, labels, data.num_classes, temperature)
+
+
+def teacher_omitted_mass(model: nn.Module, data: ImageData, omitted, temperature: float = 4.0) -> float:
+    """:func:`mcmi_lab.cmi.omitted_mass` of `model` on `data` (one `predict` pass) at the KD temperature: the mean
+    probability of the `omitted` classes on the other classes' images, what a zero-shot student learns them from."""
+    logits, labels = predict(model, data)
+    return omitted_mass(logits, labels, omitted, temperature)

@@ -100,6 +100,20 @@ def reference_centroids(model: nn.Module, data: ImageData, epoch: int = 0, batch
     return meter.compute()["centroids"]
 
 
+#: The collapse floor: a fine-tune whose eval-mode train accuracy falls below this fraction of its starting teacher's
+#: is collapsed (issue 34: measured on the demo teacher, README "A broken teacher is never a dose": healthy dose
+#: fine-tunes kept 0.85-0.95 of it at every epoch, collapsed ones fell to chance, 0.1-0.2 of it).
+COLLAPSE_FRACTION = 0.5
+
+
+def collapse_floor(start_acc: float, num_classes: int) -> float | None:
+    """The eval-mode train accuracy below which a fine-tune of a teacher at `start_acc` has collapsed:
+    :data:`COLLAPSE_FRACTION` of it; None when that is not clearly above chance (1.5/K): such a teacher cannot
+    collapse, and no epoch of it is refused."""
+    floor = COLLAPSE_FRACTION * float(start_acc)
+    return floor if floor > 1.5 / max(int(num_classes), 2) else None
+
+
 def check_target_cmi(target_cmi: float, num_classes: int) -> float:
     """A CMI target must lie in (0, log K): one line naming the bound otherwise."""
     if isinstance(target_cmi, bool) or not isinstance(target_cmi, (int, float)) or not math.isfinite(target_cmi):
@@ -127,7 +141,11 @@ class MCMIObjective(Objective):
     as it is evaluated and distilled from. "reference": as the authors' code (:func:`reference_centroids`): train
     mode over augmented batches, so BatchNorm uses batch statistics and the pass shifts its running statistics;
     "frozen" with it is the reference code's centroid step.
-    A collapse guard stops the run when the running train accuracy falls below half the starting model's.
+    A collapse guard stops the run when the train accuracy falls below half the starting model's eval-mode train
+    accuracy (:func:`collapse_floor`). With a CMI target it reads the controller's eval-mode probe (the signal the
+    dose selection reads, smoothed over ~50 steps as the batches' accuracy is, so that a brief dip does not stop a
+    run that recovers): the training batches' own accuracy, with BatchNorm's batch statistics, stayed high in a
+    teacher that had collapsed in eval mode (issue 34). With a fixed λ, where no eval pass runs, it reads the running accuracy of the batches.
 
     target_cmi: instead of a fixed `lam`, hold the model's train CMI at this dose (nats). λ starts at 0 and is
     adapted by a proportional-integral controller, the integral part being projected dual ascent on the Lagrange
@@ -204,7 +222,12 @@ class MCMIObjective(Objective):
 
     def _control(self, model) -> None:
         """One PI step of λ from the probe's eval-mode CMI (a host sync, once per `control_steps`)."""
-        probe_cmi = float(measure_cmi(getattr(model, "module", model), self._probe)["cmi"])
+        probe = measure_cmi(getattr(model, "module", model), self._probe)
+        probe_cmi = float(probe["cmi"])
+        # the guard's eval-mode signal, smoothed over ~50 steps as the batches' running accuracy is (a brief dip of
+        # a recovering run does not stop it): the weight of one probe is that of its `control_steps` steps
+        self.recent_acc.lerp_(torch.tensor(float(probe["accuracy"])).to(self.recent_acc),
+                              1 - 0.98 ** self.control_steps)
         if self.start_cmi < 0:
             self.start_cmi.fill_(probe_cmi)
         start = float(self.start_cmi)
@@ -248,7 +271,8 @@ class MCMIObjective(Objective):
             terms["lam"] = self.lam_t.detach().clone()
         acc = accuracy(logits, labels)
         with torch.no_grad():
-            self.recent_acc.lerp_(acc, 0.02)
+            if self.target_cmi is None:  # with a target, the probe's eval-mode accuracy is the guard's signal
+                self.recent_acc.lerp_(acc, 0.02)
             if self.update == "ema":
                 sums, counts = self._class_sums(logits, labels)
                 self._set_means(sums, counts, self.ema_decay)
@@ -297,12 +321,12 @@ class MCMIObjective(Objective):
             return
         if dist_utils.is_distributed():  # one decision for all ranks: the mean of their running accuracies
             self.recent_acc.copy_(dist_utils.all_reduce_sum(self.recent_acc.clone()) / dist_utils.world_size())
-        k = max(self.centroids.shape[0], 2)
-        floor = 0.5 * float(self.start_acc)
+        floor = collapse_floor(float(self.start_acc), self.centroids.shape[0])
         recent = float(self.recent_acc)
-        if floor > 1.5 / k and recent < floor:  # only a teacher well above chance can collapse
+        if floor is not None and recent < floor:  # only a teacher well above chance can collapse
+            signal = "eval-mode probe accuracy" if self.target_cmi is not None else "running train accuracy"
             raise StopTraining(
-                f"{self.label} training collapsed with {self._knob()} (update={self.update!r}): running train accuracy fell "
+                f"{self.label} training collapsed with {self._knob()} (update={self.update!r}): {signal} fell "
                 f"to {recent:.1%} from {float(self.start_acc):.1%}. KL(P_x ‖ Q_y) is unbounded, so a large λ pushes mass "
                 f"onto classes the centroids barely cover; use a smaller lam, fresher centroids "
                 f"(update='running' with fewer refresh_steps than {self.refresh_steps or REFRESH_STEPS}), or guard=False "

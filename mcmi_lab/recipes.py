@@ -24,7 +24,7 @@ from .evaluate import measure_cmi, metrics_from_logits, predict
 from .kd import build_objective, distill, method_hparams
 from .models import build_model
 from .models.wrappers import TemperatureScaled
-from .objectives import mcmi_objective, mll_objective
+from .objectives import collapse_floor, mcmi_objective, mll_objective
 from .stack import stack_problem
 from .stack_fit import fit_stack
 from .stats import brier_score, expected_calibration_error
@@ -140,10 +140,13 @@ def finetune_mcmi(teacher: nn.Module, data: ImageData, lam: float | None = None,
 
     target_cmi: instead of `lam` (give exactly one), the dose: λ is adapted during the fine-tune so that the train
     CMI reaches `target_cmi` nats and stays there (:class:`mcmi_lab.objectives.MCMIObjective`; `control` passes its
-    options, e.g. ``{"control_gain": 0.5}``). λ and the train CMI per epoch are in the history ("lam",
-    "train_cmi"). The model returned is the last epoch's when its train CMI is within ±25% of the dose, else the
-    last epoch that was (history[-1]["selected_epoch"]; train data only), else the last epoch's with a warning
-    naming the CMI reached.
+    options, e.g. ``{"control_gain": 0.5}``). λ, the train CMI and the eval-mode train accuracy per epoch are in
+    the history ("lam", "train_cmi", "train_acc_eval"). An epoch whose eval-mode train accuracy is below half the
+    starting teacher's (:func:`mcmi_lab.objectives.collapse_floor`) is never selected. The model returned is the
+    last epoch's when its train CMI is within ±25% of the dose, else the last epoch that was (history[-1]
+    ["selected_epoch"]; train data only), else the last epoch above the floor with a warning naming the CMI
+    reached; when no epoch was above the floor, history[-1]["collapsed"] is True (a warning says so) and the model
+    is the final one: not a teacher to distil.
     update, refresh_steps: the centroid update: "running" (default: class means of the training outputs, refreshed
     every `refresh_steps` steps and per epoch, no extra pass), "epoch" (a full pass per epoch), "frozen" (the
     reference code's step) or "ema". centroid_pass: "eval" (default) or "reference" (the reference code's pass:
@@ -158,7 +161,7 @@ def finetune_mcmi(teacher: nn.Module, data: ImageData, lam: float | None = None,
     cfg = TrainConfig(epochs=epochs, seed=seed, lr=lr, schedule=schedule,
                       name=fit_kwargs.pop("name", f"mcmi CMI→{target_cmi:g}" if target_cmi is not None
                                           else "control λ=0" if lam == 0 else f"mcmi λ={lam:g}"))
-    dosed = _DoseRecorder(target_cmi, data) if target_cmi is not None else None
+    dosed = _DoseRecorder(target_cmi, data, objective) if target_cmi is not None else None
     callbacks = [*fit_kwargs.pop("callbacks", ()), *([dosed] if dosed else [])]
     hist = fit(model, data, objective, cfg, eval_data=eval_data, checkpoint=checkpoint, resume=resume,
                callbacks=callbacks, **fit_kwargs)
@@ -178,57 +181,102 @@ def finetune_mcmi_doses(teacher: nn.Module, data: ImageData, targets: Sequence[f
     (to rounding, tests/test_stack.py). A member the collapse guard stops stops the stack: StopTraining is raised
     and the caller can run the doses one at a time (as ``dose.dose_teachers`` does) to keep the others.
     Returns [(fine-tuned copy, history)] in the order of `targets`; `teacher` is not modified."""
-    targets = list(targets)
+    targets = check_doses(targets)
+    _refuse_lam(fit_kwargs)
     kw = dict(update=update, seed=seed, lr=lr, schedule=schedule, ema_decay=ema_decay, guard=guard,
               refresh_steps=refresh_steps, centroid_pass=centroid_pass, control=control)
     models = [copy.deepcopy(teacher).requires_grad_(True) for _ in targets]
-    if (len(targets) < 2 or {"checkpoint", "resume", "callbacks", "name"} & fit_kwargs.keys()
+    if (len(targets) < 2 or {"checkpoint", "resume", "name"} & fit_kwargs.keys()
             or stack_problem(models) is not None):
         return [finetune_mcmi(teacher, data, target_cmi=c, epochs=epochs, **kw, **fit_kwargs) for c in targets]
     objectives = [mcmi_objective(None, update=update, ema_decay=ema_decay, guard=guard, refresh_steps=refresh_steps,
                                  target_cmi=c, centroid_pass=centroid_pass, **(control or {})) for c in targets]
     configs = [TrainConfig(epochs=epochs, seed=seed, lr=lr, schedule=schedule, name=f"mcmi CMI→{c:g}")
                for c in targets]
-    recorders = {id(m): _DoseRecorder(c, data) for m, c in zip(models, targets)}
-    eval_data = fit_kwargs.pop("eval_data", None)
+    recorders = {id(m): _DoseRecorder(c, data, o) for m, c, o in zip(models, targets, objectives)}
+    eval_data, callbacks = fit_kwargs.pop("eval_data", None), list(fit_kwargs.pop("callbacks", ()))
     histories = fit_stack(models, data, objectives, configs, eval_data=eval_data,
-                          callbacks=[lambda record, model: recorders[id(model)](record, model)], **fit_kwargs)
+                          callbacks=[*callbacks, lambda record, model: recorders[id(model)](record, model)],
+                          **fit_kwargs)
     for model, hist, target in zip(models, histories, targets):
         _warn_unreached(recorders[id(model)].select(model, hist), target, hist)
     return list(zip(models, histories))
 
 
+def check_doses(doses, name: str = "doses") -> list[float]:
+    """A non-empty list of train-CMI doses (positive numbers); one ValueError line otherwise."""
+    if not isinstance(doses, (list, tuple)) or not doses or any(
+            isinstance(d, bool) or not isinstance(d, (int, float)) or not d > 0 for d in doses):
+        raise ValueError(f"{name}={doses!r} is not accepted: expected a non-empty list of train-CMI doses in nats "
+                         f"(positive numbers), e.g. [0.1, 0.3]")
+    return [float(d) for d in doses]
+
+
+def _refuse_lam(kwargs: dict) -> None:
+    if "lam" in kwargs or "target_cmi" in kwargs:
+        key = "lam" if "lam" in kwargs else "target_cmi"
+        raise ValueError(f"{key}={kwargs[key]!r} is not accepted beside doses: each dose is a CMI target whose λ the "
+                         "controller adapts; for a fixed λ call finetune_mcmi(teacher, data, lam=...)")
+
+
 def _warn_unreached(reached: float, target: float, hist: list[dict]) -> None:
-    if not matched(reached, target):
+    if not matched(reached, target) and not hist[-1].get("collapsed"):
         warnings.warn(f"MCMI did not reach train CMI {target:g} within ±25%: it reached {reached:.4f} nats after "
                       f"{hist[-1]['epoch']} epochs (final λ {hist[-1]['lam']:.3g}); more epochs or a larger control_gain may "
                       "reach it", stacklevel=3)
 
 
 class _DoseRecorder:
-    """Per epoch of a dose-targeted fine-tune: the train CMI (into the history as "train_cmi") and a copy of the
-    weights of the last epoch within ±25% of the target. `select` leaves in the model the final weights when they
-    are within the dose, else that last matched epoch's (history[-1]["selected_epoch"] says which), else the final
-    ones. Train data only: no test-set selection. Epochs trained before a resume are not candidates."""
+    """Per epoch of a dose-targeted fine-tune: the train CMI and the eval-mode train accuracy, from one pass (into
+    the history as "train_cmi" and "train_acc_eval"), and copies of the weights of the last epoch that is eligible
+    (eval-mode train accuracy at or above the collapse floor, :func:`mcmi_lab.objectives.collapse_floor` of the
+    starting teacher's, which `objective` measured before its first step) and of the last eligible one within ±25%
+    of the target. An epoch below the floor is never selected: `select` leaves in the model the final weights when
+    they are eligible and within the dose, else the last eligible matched epoch's, else the last eligible epoch's,
+    else (no epoch passed the floor: history[-1]["collapsed"] is True) the final ones. history[-1]
+    ["selected_epoch"] says which. Train data only: no test-set selection. Epochs trained before a resume are not
+    candidates."""
 
-    def __init__(self, target: float, data: ImageData):
-        self.target, self.data, self.kept, self.kept_epoch = target, data, None, None
+    def __init__(self, target: float, data: ImageData, objective):
+        self.target, self.data, self.objective = target, data, objective
+        self.kept = self.eligible = None  # (epoch, state) of the last eligible matched epoch / last eligible epoch
+
+    def floor(self) -> float | None:
+        start = float(getattr(self.objective, "start_acc", -1.0))
+        return collapse_floor(start, self.data.num_classes) if start > 0 else None
 
     def __call__(self, record: dict, model: nn.Module) -> None:
-        record["train_cmi"] = float(measure_cmi(getattr(model, "module", model), self.data)["cmi"])
+        stats = measure_cmi(getattr(model, "module", model), self.data)
+        record["train_cmi"], record["train_acc_eval"] = float(stats["cmi"]), float(stats["accuracy"])
+        floor = self.floor()
+        if floor is not None and record["train_acc_eval"] < floor:
+            return  # a teacher that does not work in eval mode is never a dose
+        state = (record["epoch"], {k: v.detach().clone() for k, v in model.state_dict().items()})
+        self.eligible = state
         if matched(record["train_cmi"], self.target):
-            self.kept = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            self.kept_epoch = record["epoch"]
+            self.kept = state
 
     def select(self, model: nn.Module, hist: list[dict]) -> float:
-        final = hist[-1].get("train_cmi")
-        final = float(measure_cmi(model, self.data)["cmi"]) if final is None else final
-        hist[-1]["selected_epoch"] = hist[-1]["epoch"]
-        if matched(final, self.target) or self.kept is None:
-            return final
-        model.load_state_dict(self.kept)
-        hist[-1]["selected_epoch"] = self.kept_epoch
-        return next(r["train_cmi"] for r in hist if r["epoch"] == self.kept_epoch)
+        last = hist[-1]
+        if "train_cmi" not in last or "train_acc_eval" not in last:  # not recorded here: measure the final weights
+            stats = measure_cmi(model, self.data)
+            last["train_cmi"], last["train_acc_eval"] = float(stats["cmi"]), float(stats["accuracy"])
+        floor = self.floor()
+        last["collapse_floor"] = floor
+        last["collapsed"] = False
+        final_ok = floor is None or last["train_acc_eval"] >= floor
+        choice = None if final_ok and matched(last["train_cmi"], self.target) else self.kept or (
+            None if final_ok else self.eligible)
+        last["selected_epoch"] = last["epoch"] if choice is None else choice[0]
+        if choice is None and not final_ok:
+            last["collapsed"] = True
+            warnings.warn(f"MCMI at train CMI {self.target:g} collapsed: no epoch kept the eval-mode train accuracy "
+                          f"at or above the floor {floor:.1%} (half the starting teacher's); the final epoch had "
+                          f"{last['train_acc_eval']:.1%}", stacklevel=3)
+            return last["train_cmi"]
+        if choice is not None:
+            model.load_state_dict(choice[1])
+        return next(r["train_cmi"] for r in hist if r["epoch"] == last["selected_epoch"])
 
 
 def finetune_control(teacher: nn.Module, data: ImageData, epochs: int = 20, **kwargs) -> tuple[nn.Module, list[dict]]:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .checkpoint import load_checkpoint, load_model
-from .cmi import probabilities
+from .cmi import omitted_mass, probabilities
 from .data import ImageData, subset
 from .datasets import load_dataset
 from .evaluate import metrics_from_logits, predict
@@ -39,6 +39,7 @@ CARD_ROWS = {
     "ncmi": ("NCMI = CMI / Γ", "ratio"),
     "kl_to_posterior": ("KL(P* ‖ P), Bayes posterior to model", "nats"),
     "mse_to_posterior": ("squared error to P*, Σ_k (p_k − P*_k)², mean", "0 to 2"),
+    "omitted_mass": ("omitted classes' mass on the others' images (zero-shot)", "prob"),
 }
 SPLIT_NAMES = ("train", "test")
 
@@ -59,12 +60,15 @@ def split_card(logits: torch.Tensor, labels: torch.Tensor, num_classes: int,
 
 
 def report_card(model: nn.Module, train: ImageData, test: ImageData,
-                posterior: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, Any]:
+                posterior: Callable[[torch.Tensor], torch.Tensor] | None = None, omitted: Sequence[int] | None = None,
+                temperature: float = 4.0) -> dict[str, Any]:
     """The report card of `model` on `train` and `test`: one :func:`predict` pass per split (fp32 logits).
 
     posterior: the Bayes posterior P*(y|x) as a function of the raw stored images, (N, C, H, W) -> (N, K)
     probabilities (e.g. ``SyntheticTask().posterior``); then each split also gets KL(P* ‖ P) and the squared error
-    to P*. Returns a JSON-ready dict: ``{"model", "classes", "train": {...}, "test": {...}}``.
+    to P*. omitted: classes a zero-shot student would not see; then each split also gets "omitted_mass"
+    (:func:`mcmi_lab.cmi.omitted_mass` at the KD `temperature`, from the same logits) and the card names both.
+    Returns a JSON-ready dict: ``{"model", "classes", "train": {...}, "test": {...}}``.
     """
     net = model.model if isinstance(model, TemperatureScaled) else model  # the spec is the base model's
     card: dict[str, Any] = {"model": dict(getattr(net, "spec", None) or {"name": type(net).__name__}),
@@ -75,6 +79,10 @@ def report_card(model: nn.Module, train: ImageData, test: ImageData,
         logits, labels = predict(model, data, precision="fp32")
         true_probs = posterior(data.images) if posterior is not None else None
         card[name] = split_card(logits, labels, data.num_classes, true_probs)
+        if omitted is not None:
+            card[name]["omitted_mass"] = omitted_mass(logits, labels, list(omitted), temperature)
+    if omitted is not None:
+        card["omitted"], card["omitted_temperature"] = sorted(set(omitted)), float(temperature)
     return card
 
 
@@ -93,6 +101,9 @@ def format_card(card: Mapping[str, Any]) -> str:
         model += f", temperature-scaled T = {card['temperature']:.3g}"
     lines = [f"teacher report card: {model}" + (f" — {card['checkpoint']}" if card.get("checkpoint") else ""),
              f"data: {card.get('data')}, {card['train']['n']} train and {card['test']['n']} test samples", ""]
+    if card.get("omitted") is not None:
+        lines.insert(2, f"omitted classes {card['omitted']}: their probability at T = {card['omitted_temperature']:g} "
+                        "summed, mean over the other classes' images")
     width = max(len(words) for words, _ in CARD_ROWS.values())
     lines.append(f"{'metric':<{width}}  {'unit':<7} {'train':>9} {'test':>9}")
     for key, (words, unit) in CARD_ROWS.items():
@@ -144,7 +155,8 @@ def _check_fits(model: nn.Module, data: ImageData, path: str, dataset: str) -> N
 
 def inspect_checkpoint(path: str | os.PathLike, dataset: str, train_size: int | None = None,
                        test_size: int | None = None, root: str | os.PathLike | None = None,
-                       seed: int = 0) -> dict[str, Any]:
+                       seed: int = 0, omitted: Sequence[int] | None = None, temperature: float = 4.0
+                       ) -> dict[str, Any]:
     """The report card of the checkpoint at `path` on data set `dataset` (a registered name or a path): its
     training split (or `train_size` samples of it, a seeded class-interleaved subset) and test split (`test_size`).
     For "synthetic" the card includes KL(P* ‖ P) and the squared error to P* (the default SyntheticTask's P*)."""
@@ -158,7 +170,7 @@ def inspect_checkpoint(path: str | os.PathLike, dataset: str, train_size: int | 
     _check_fits(model, splits[0], str(path), str(dataset))
     posterior = SyntheticTask().posterior if dataset == "synthetic" else None
     try:
-        card = report_card(model, *splits, posterior=posterior)
+        card = report_card(model, *splits, posterior=posterior, omitted=omitted, temperature=temperature)
     except RuntimeError as err:  # e.g. an image size the model's layers do not take
         first = (str(err).strip().splitlines() or [""])[0]
         raise ValueError(f"checkpoint {str(path)!r} could not run on --data {dataset} images "
@@ -174,6 +186,7 @@ TEACHER_METRICS = {
     "test_nll": "test NLL", "test_ece": "test ECE", "ece": "test ECE", "test_brier": "test Brier score",
     "train_cmi": "train CMI", "test_cmi": "test CMI", "train_ncmi": "train NCMI", "test_ncmi": "test NCMI",
     "train_separation": "train Γ", "test_separation": "test Γ", "kl_to_bayes": "KL(P* ‖ P) on test",
+    "omitted_mass": "omitted classes' mass at the KD T (train)",
 }
 STUDENT_METRICS = {"student_acc": "KD student accuracy", "few_shot_acc": "few-shot student accuracy",
                    "zero_shot_omitted_acc": "zero-shot accuracy on the omitted classes"}

@@ -91,7 +91,8 @@ def test_the_controller_step_is_the_pi_formula_with_a_ramped_set_point(monkeypat
     """λ_I ← clip(λ_I + g·e, 0, max), λ = clip(λ_I + kp·e, 0, max), e = clip((s − ĉ)/c, −2, 1), the set-point s
     ramping from the first probe's CMI to c over `ramp_updates` updates: checked step by step by hand."""
     measured = iter([0.02, 0.05, 0.12, 0.30, 0.10])
-    monkeypatch.setattr("mcmi_lab.objectives.measure_cmi", lambda model, data: {"cmi": next(measured)})
+    monkeypatch.setattr("mcmi_lab.objectives.measure_cmi",
+                        lambda model, data: {"cmi": next(measured), "accuracy": 1.0})
     obj = MCMIObjective(target_cmi=0.2, control_gain=0.1, control_kp=0.5, ramp_updates=4, max_lam=3.0)
     start, c, lam_i, seen = 0.02, 0.2, 0.0, []
     for n, cmi in enumerate([0.02, 0.05, 0.12, 0.30, 0.10]):
@@ -198,3 +199,135 @@ def test_a_teacher_that_has_taught_a_student_can_still_be_fine_tuned(converged):
                      finetune_label_smoothing(teacher, data, 0.1, 1, log=False, progress="off", batch_size=32)):
         assert any(not torch.equal(a, b) for a, b in zip(tuned.parameters(), teacher.parameters()))
     assert not any(p.requires_grad for p in teacher.parameters())
+
+
+# ---- the collapse floor (issue 34): a teacher that does not work in eval mode is never a dose -----------------
+
+def _break_eval(epochs=None):
+    """A fit callback that shifts every BatchNorm's running mean after the given epochs (all: None): the model then
+    fails in eval mode while its training batches, normalised by their own statistics, look as fine as before."""
+    def corrupt(record, model):
+        if epochs is None or record["epoch"] in epochs:
+            for layer in getattr(model, "module", model).modules():
+                if isinstance(layer, nn.BatchNorm2d):
+                    layer.running_mean.add_(50.0)
+    return corrupt
+
+
+def _floor_run(model, data, target=0.05, epochs=3, guard=False, **kw):
+    return finetune_mcmi(model, data, target_cmi=target, epochs=epochs, augment=False, log=False, progress="off",
+                         precision="fp32", batch_size=32, guard=guard, control={"control_steps": 2}, **kw)
+
+
+def test_an_epoch_below_the_eval_mode_floor_is_never_selected(converged):
+    model, data = converged
+    start = measure_cmi(model, data)["accuracy"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # whether the dose is matched is not the question here
+        tuned, hist = _floor_run(model, data, callbacks=[_break_eval({3})])
+    assert [r["train_acc_eval"] >= 0.5 * start for r in hist] == [True, True, False]
+    assert min(r["train_acc"] for r in hist) > 0.9  # the training batches never showed it
+    assert hist[-1]["selected_epoch"] == 2 and hist[-1]["collapsed"] is False
+    assert hist[-1]["collapse_floor"] == pytest.approx(0.5 * start)
+    assert measure_cmi(tuned, data)["accuracy"] == pytest.approx(hist[1]["train_acc_eval"])
+
+
+def test_a_fine_tune_below_the_floor_at_every_epoch_is_collapsed(converged):
+    model, data = converged
+    with pytest.warns(UserWarning, match=r"MCMI at train CMI 0.05 collapsed: no epoch kept the eval-mode train"):
+        _, hist = _floor_run(model, data, callbacks=[_break_eval()])
+    assert hist[-1]["collapsed"] is True and max(r["train_acc_eval"] for r in hist) < 0.5
+
+
+def test_the_guard_stops_on_the_eval_mode_probe_not_the_training_batches(converged):
+    from mcmi_lab.objectives import StopTraining
+
+    model, data = converged
+    with pytest.raises(StopTraining, match="eval-mode probe accuracy fell"):
+        _floor_run(model, data, epochs=12, guard=True, callbacks=[_break_eval()])
+    # the probe's accuracy is smoothed over ~50 steps (8 an epoch here), as the batches' was: 2 epochs do not stop
+    with pytest.warns(UserWarning, match="collapsed"):
+        _, hist = _floor_run(model, data, epochs=2, guard=True, callbacks=[_break_eval()])
+    assert hist[-1]["collapsed"] is True
+
+
+def test_dose_teachers_returns_collapsed_teachers_as_rows():
+    """Every fine-tune broken in eval mode: the control and label smoothing are collapsed by their final pass, the
+    MCMI dose by its epochs (4 steps: no probe, so no guard); temperature scaling cannot be."""
+    from mcmi_lab.dose import dose_teachers
+
+    torch.manual_seed(0)
+    data = random_images(n=128, k=4, size=12)
+    model = tiny_cnn(num_classes=4, width=8)
+    fit(model, data, epochs=10, lr=0.05, augment=False, log=False, progress="off", precision="fp32", batch_size=32)
+    lines = []
+    kw = dict(augment=False, log=False, progress="off", precision="fp32", batch_size=32, callbacks=[_break_eval()])
+    rows = dose_teachers(model, data, [0.05], 1, echo=lines.append, **kw)
+    got = {r["method"]: (r["collapsed"], m is None) for r, m in rows}
+    assert got == {"control": (True, False), "mcmi": (True, False), "label_smoothing": (True, False),
+                   "temperature": (False, False)}
+    assert any("MCMI at train CMI 0.05 collapsed" in line for line in lines)
+
+
+@pytest.mark.parametrize("doses, match", [
+    ([], r"doses=\[\] is not accepted: expected a non-empty list of train-CMI doses"),
+    (0.1, r"doses=0.1 is not accepted: expected a non-empty list of train-CMI doses"),
+    ([0.1, -0.2], r"doses=\[0.1, -0.2\] is not accepted"),
+])
+def test_doses_must_be_a_list(converged, doses, match):
+    from mcmi_lab.dose import dose_teachers
+    from mcmi_lab.recipes import finetune_mcmi_doses
+
+    model, data = converged
+    with pytest.raises(ValueError, match=match):
+        finetune_mcmi_doses(model, data, doses)
+    with pytest.raises(ValueError, match=match):
+        dose_teachers(model, data, doses, 1)
+
+
+def test_lam_beside_doses_is_refused_in_one_line(converged):
+    from mcmi_lab.dose import dose_teachers
+    from mcmi_lab.recipes import finetune_mcmi_doses
+
+    model, data = converged
+    match = r"lam=0.2 is not accepted beside doses: each dose is a CMI target"
+    with pytest.raises(ValueError, match=match):
+        finetune_mcmi_doses(model, data, [0.1], lam=0.2)
+    with pytest.raises(ValueError, match=match):
+        dose_teachers(model, data, [0.1], 1, lam=0.2)
+
+
+# ---- omitted_mass: the zero-shot mechanism as a teacher metric ----------------------------------------------
+
+def test_omitted_mass_against_a_loop():
+    from mcmi_lab import omitted_mass
+
+    g = torch.Generator().manual_seed(0)
+    logits, labels = 3 * torch.randn(50, 5, generator=g), torch.randint(0, 5, (50,), generator=g)
+    for omitted, t in (([3], 4.0), ([0, 3], 1.0), (2, 2.5)):
+        classes = omitted if isinstance(omitted, list) else [omitted]
+        total, count = 0.0, 0
+        for z, y in zip(logits.tolist(), labels.tolist()):
+            if y in classes:
+                continue
+            e = [math.exp(v / t) for v in z]
+            total += sum(e[c] for c in classes) / sum(e)
+            count += 1
+        assert omitted_mass(logits, labels, omitted, t) == pytest.approx(total / count, rel=1e-12)
+    for bad in ([], [5], [0, 1, 2, 3, 4], [True]):
+        with pytest.raises(ValueError, match=r"omitted=.* is not accepted: expected a non-empty list of class"):
+            omitted_mass(logits, labels, bad)
+    with pytest.raises(ValueError, match="every sample's label is omitted"):
+        omitted_mass(logits[labels == 1], labels[labels == 1], [1])
+
+
+def test_the_card_carries_the_omitted_mass(converged):
+    from mcmi_lab import omitted_mass, predict, report_card
+    from mcmi_lab.report_card import TEACHER_METRICS, format_card
+
+    model, data = converged
+    card = report_card(model, data, data, omitted=[1], temperature=4.0)
+    logits, labels = predict(model, data, precision="fp32")
+    assert card["train"]["omitted_mass"] == pytest.approx(omitted_mass(logits, labels, [1], 4.0))
+    assert card["omitted"] == [1] and "omitted classes' mass" in format_card(card)
+    assert "omitted_mass" not in report_card(model, data, data)["train"] and "omitted_mass" in TEACHER_METRICS

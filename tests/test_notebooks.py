@@ -216,6 +216,7 @@ def test_06_zero_shot(run):
     assert [(r["omitted"], r["teacher"]) for r in rows] == [([3], "control"), ([3], "mcmi"), ([0, 3], "control"),
                                                             ([0, 3], "mcmi")]
     assert all(set(r["omitted_acc"]) == {str(c) for c in r["omitted"]} for r in rows)
+    assert all(0 < r["omitted_mass"] < 1 for r in rows)  # the teacher's mass on the omitted classes (issue 34)
     assert len(_figures(run_dir, "06_zero_shot")) == 4
 
 
@@ -226,11 +227,16 @@ def test_07_dose_response(run):
             "zero-shot_student_control"} <= logged, logged
     rows = results["dose_response"]
     assert rows[0]["method"] == "control" and rows[0]["dose"] == 0
-    for method in ("label_smoothing", "temperature"):  # MCMI rows may be missing where the guard stopped a dose
+    for method in ("mcmi", "label_smoothing", "temperature"):  # a collapsed dose is a row too (issue 34)
         assert [r["dose"] for r in rows if r["method"] == method] == params["doses"]
     for r in rows:
-        assert r["matched"] == (r["method"] == "control" or abs(r["train_cmi"] - r["dose"]) <= 0.25 * r["dose"])
         students = ("student_acc", "few_shot_acc", "zero_shot_omitted_acc")
+        if r["collapsed"] and "checkpoint" not in r:  # stopped by the collapse guard: no teacher
+            assert not r["matched"] and not any(k in r for k in students)
+            continue
+        assert r["matched"] == (not r["collapsed"] and (r["method"] == "control"
+                                                        or abs(r["train_cmi"] - r["dose"]) <= 0.25 * r["dose"]))
+        assert (run_dir / r["checkpoint"]).is_file() and 0 < r["omitted_mass"] < 1
         assert 0 <= r["test_acc"] <= 1
         if r["matched"]:
             assert all(0 <= r[k] <= 1 for k in students)
@@ -249,11 +255,15 @@ def test_08_known_bcpd(run):
     assert results["bayes_accuracy"] == pytest.approx(bayes_accuracy(params["synthetic_separation"], 10))
     dosed = results["dose_response"]  # the dose-response on the known posterior
     assert dosed[0]["method"] == "control" and 0 < results["bayes_train_cmi"] < math.log(10)
-    for method in ("label_smoothing", "temperature"):
+    for method in ("mcmi", "label_smoothing", "temperature"):
         assert [r["dose"] for r in dosed if r["method"] == method] == params["doses"]
+    assert all((run_dir / r["checkpoint"]).is_file() for r in results["known_bcpd"] if r["teacher"] != "bayes")
     for r in dosed:
-        assert r["kl_to_bayes"] > 0 and 0 <= r["test_acc"] <= 1
-        assert r["matched"] == (r["method"] == "control" or abs(r["train_cmi"] - r["dose"]) <= 0.25 * r["dose"])
+        if r["collapsed"] and "checkpoint" not in r:  # stopped by the collapse guard: no teacher
+            continue
+        assert r["kl_to_bayes"] > 0 and 0 <= r["test_acc"] <= 1 and (run_dir / r["checkpoint"]).is_file()
+        assert r["matched"] == (not r["collapsed"] and (r["method"] == "control"
+                                                        or abs(r["train_cmi"] - r["dose"]) <= 0.25 * r["dose"]))
     assert _figures(run_dir, "08_known_bcpd") == ["dose_response.png", "kl_ece.png"]
 
 

@@ -336,3 +336,40 @@ def test_a_compiled_stack_trains_the_members_it_trains_uncompiled():
     compiled = fit_stack(twins, data, config=dataclasses.replace(BASE, epochs=1, compile=True), seeds=[0, 1, 2])
     assert counters["stats"]["unique_graphs"] >= 1  # dynamo did compile the fused forward
     _assert_same(models, plain, twins, compiled)
+
+
+def test_stacked_doses_never_select_an_epoch_below_the_eval_mode_floor():
+    """Issue 34 in a stack: member 0 is broken in eval mode (BatchNorm running means shifted) after every epoch,
+    member 1 after its last: member 0 is collapsed, member 1 comes back with its first epoch's weights; the
+    training batches (batch statistics) never show either."""
+    import warnings
+
+    from mcmi_lab.evaluate import measure_cmi
+    from mcmi_lab.recipes import finetune_mcmi_doses
+
+    data = _data(96)
+    teacher = _teacher(data, epochs=8)
+    start = measure_cmi(teacher, data)["accuracy"]
+    calls = []
+
+    def corrupt(record, model):  # fit_stack calls the callbacks member by member, in order, every epoch
+        member = len(calls) % 2
+        calls.append(member)
+        if member == 0 or record["epoch"] == 2:
+            for layer in model.modules():
+                if isinstance(layer, torch.nn.BatchNorm2d):
+                    layer.running_mean.add_(50.0)
+
+    kw = dict(epochs=2, lr=0.02, control={"control_steps": 2, "probe_size": 32}, batch_size=16, precision="fp32",
+              log=False, progress="off", guard=False, augment=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = finetune_mcmi_doses(teacher, data, [0.05, 0.2], callbacks=[corrupt], **kw)
+    assert start > 0.8 and calls == [0, 1, 0, 1]
+    (_, broken), (model, kept) = out
+    assert len({h[0]["time"] for _, h in out}) == 1  # one stack
+    assert broken[-1]["collapsed"] is True and all(r["train_acc_eval"] < 0.5 * start for r in broken)
+    assert any("MCMI at train CMI 0.05 collapsed" in str(w.message) for w in caught)
+    assert kept[-1]["collapsed"] is False and kept[-1]["selected_epoch"] == 1
+    assert kept[0]["train_acc_eval"] >= 0.5 * start > kept[1]["train_acc_eval"]
+    assert measure_cmi(model, data)["accuracy"] == pytest.approx(kept[0]["train_acc_eval"])

@@ -60,7 +60,7 @@ def _train_test_note(results: Mapping[str, Mapping]) -> str:
     """How far train CMI sits below test CMI (the mean over models of the ratio of their means), or ""."""
     ratios = [mean_std(_floats(r["test_cmi"]))[0] / mean_std(_floats(r["train_cmi"]))[0] for r in results.values()
               if "train_cmi" in r and "test_cmi" in r and mean_std(_floats(r["train_cmi"]))[0] > 0]
-    if not ratios:
+    if not ratios or max(ratios) < 2:  # no remark where train and test CMI are alike
         return ""
     lo, hi = min(ratios), max(ratios)
     times = f"{lo:.0f}×" if round(lo) == round(hi) else f"{lo:.0f}–{hi:.0f}×"

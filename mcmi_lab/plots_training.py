@@ -75,7 +75,8 @@ def _draw_curves(ax, histories, key: str, scale: float, starts: Mapping[str, flo
             for pts in seeds:
                 ax.plot([x for x, _ in pts], [y for _, y in pts], color=color, alpha=0.25, lw=0.8)
         if mean:
-            ax.plot(list(mean), list(mean.values()), color=color, lw=1.8, label=name)
+            ax.plot(list(mean), list(mean.values()), color=color, lw=1.8, label=name,
+                    marker=method_style(name)["marker"], ms=3 if len(mean) > 12 else 5)
 
 
 def plot_training_curves(histories: Mapping[str, Sequence[Sequence[Mapping]]], starts: Mapping[str, int] | None = None,

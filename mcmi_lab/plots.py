@@ -64,8 +64,8 @@ def _train_test_note(results: Mapping[str, Mapping]) -> str:
         return ""
     lo, hi = min(ratios), max(ratios)
     times = f"{lo:.0f}×" if round(lo) == round(hi) else f"{lo:.0f}–{hi:.0f}×"
-    return (f"train CMI is {times} below test CMI (a teacher near 100% train accuracy is tight on the images it "
-            "learnt): doses are measured on train data, so they read small")
+    return (f"train CMI is {times} below test CMI (a teacher is tighter on the images it learnt from); "
+            "doses are measured on train data")
 
 
 def plot_cmi_bars(results: Mapping[str, Mapping], keys: Sequence[str] = ("cmi", "ncmi"), path=None) -> Figure:

@@ -141,6 +141,11 @@ def plot_dose_response(rows: Sequence[Mapping], ys: Sequence[str] = ("test_acc",
         ax.grid(alpha=0.3)
     if axes:
         handles, labels = axes[0].get_legend_handles_labels()
+        for method in methods:  # a method with no matched dose still needs its colour named
+            if METHOD_LABELS.get(method, method) not in labels:
+                style = method_style(method)
+                handles.append(Line2D([], [], marker=style["marker"], mfc="none", mec=style["color"], ls="none"))
+                labels.append(METHOD_LABELS.get(method, method) + " (no matched dose)")
         if unmatched:
             handles.append(Line2D([], [], marker="o", mfc="none", mec="0.3", ls="none"))
             labels.append(f"unmatched: train CMI off its dose ({len(unmatched)})")

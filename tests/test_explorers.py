@@ -299,7 +299,7 @@ def test_results_figure_of_every_view_draws_the_seeds_and_means(run):
     dots = [line for line in ax.lines if line.get_linestyle() == "None" and line.get_marker() == "."]
     assert sorted(dots[0].get_ydata()) == pytest.approx([71.0, 73.0])
     assert "95% interval over 2 seeds" in ax.get_title()
-    means = [line for line in ax.lines if line.get_marker() == "o"]  # the mean in the teacher's METHOD_STYLES colour
+    means = [line for line in ax.lines if line.get_marker() == METHOD_STYLES["mll"]["marker"]]  # its own marker
     assert means and {to_hex(line.get_color()) for line in means} == {METHOD_STYLES["mll"]["color"]}
     confusion = results_figure(run, "zero_shot_confusion", teachers=["mcmi"])
     assert "omitted classes: 25.0% correct" in confusion.axes[0].get_title()

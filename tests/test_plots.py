@@ -149,8 +149,9 @@ def test_fraction_curve_averages_seeds():
 
 def _means(ax, marker):
     """y data of the errorbar mean lines drawn with `marker` (no line style: the line joining them is separate)."""
-    return [list(line.get_ydata()) for line in ax.lines if line.get_marker() == marker and line.get_linestyle() == "None"
-            and len(line.get_xdata()) and line.get_alpha() is None and line.get_markersize() >= 6]
+    return [list(line.get_ydata()) for line in ax.lines if line.get_marker() == marker
+            and line.get_linestyle() == "None" and len(line.get_xdata()) and line.get_alpha() is None
+            and line.get_markersize() >= 6]
 
 
 def test_dose_response_lines_intervals_and_reference():
@@ -238,7 +239,8 @@ def test_one_colour_and_marker_per_method_in_every_figure():
         assert marks and hexes(line.get_color() for line in marks) == {color(key)}, key
     # names outside the dict keep one colour whatever the order; a dose suffix keeps the method's
     assert plots.method_style("my_teacher") == plots.method_style("my_teacher")
-    assert plots.method_style("mcmi_0.1") == styles["mcmi"] and plots.method_style("MCMI (CMI target)") == styles["mcmi"]
+    assert plots.method_style("mcmi_0.1") == styles["mcmi"]
+    assert plots.method_style("MCMI (CMI target)") == styles["mcmi"]
     assert plots.method_key("mllx") is None and plots.method_key("label smoothing") == "label_smoothing"
 
 

@@ -15,7 +15,6 @@ from typing import Mapping, Sequence
 import matplotlib.cm
 import matplotlib.colors
 import torch
-from matplotlib import colormaps
 from matplotlib.figure import Figure
 from torch import nn
 
@@ -24,7 +23,7 @@ from .cmi import class_centroids, kl_to_centroids, probabilities
 from .data import ImageData
 from .evaluate import predict
 from .models.wrappers import TemperatureScaled
-from .plots import TEACHER_LABELS, log_probabilities, project_2d, save_figure
+from .plots import TEACHER_LABELS, log_probabilities, method_color, project_2d, save_figure
 from .utils import check_choice, check_float, check_int, mpl_text
 
 __all__ = [
@@ -170,10 +169,9 @@ def _label(name: str) -> str:
     return TEACHER_LABELS.get(name, name)
 
 
-def teacher_colors(names: Sequence[str]) -> dict[str, tuple]:
-    """One tab10 colour per teacher, in the order given (the same teacher keeps its colour across panels)."""
-    cmap = colormaps["tab10"]
-    return {n: cmap(i % cmap.N) for i, n in enumerate(names)}
+def teacher_colors(names: Sequence[str]) -> dict[str, str]:
+    """Each teacher's colour from METHOD_STYLES (the same in every figure, report and explorer)."""
+    return {n: method_color(n) for n in names}
 
 
 def _picture(explore: ExploreData, index: int):

@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from .explore import teacher_colors
-from .plots import TEACHER_LABELS, dose_points, plot_dose_response, save_figure
+from .plots import TEACHER_LABELS, dose_points, method_style, plot_dose_response, save_figure
 from .report import omitted_mean, seed_rows, values
 from .runs import collect_results, read_results, seed_dirs
 from .stats import paired_difference
@@ -269,8 +269,8 @@ def _metric_figure(results: Results, view: str, table: list[dict]) -> Figure:
         err = None
         if r["n"] > 1 and math.isfinite(r["low"]):
             err = [[r["mean"] - r["low"]], [r["high"] - r["mean"]]]
-        ax.errorbar([x], [r["mean"]], yerr=err, fmt="o", ms=7, capsize=4, color=colors[r["teacher"]],
-                    mec="black", label=TEACHER_LABELS.get(r["teacher"], r["teacher"]))
+        ax.errorbar([x], [r["mean"]], yerr=err, fmt=method_style(r["teacher"])["marker"], ms=7, capsize=4,
+                    color=colors[r["teacher"]], mec="black", label=TEACHER_LABELS.get(r["teacher"], r["teacher"]))
     classes = _classes(results)
     if metric.group:
         ax.set_xticks(range(len(groups)), [_group_text(metric.group, g, classes) for g in groups],

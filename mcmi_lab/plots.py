@@ -4,23 +4,32 @@ Every function returns a ``matplotlib.figure.Figure`` built with the Figure API,
 kept open, it works without a display, and a notebook shows the returned figure once. Nothing is written unless
 ``path=`` is given, and then atomically (a temporary sibling renamed over the target). Inputs are plain Python
 numbers, lists or tensors; a value given as a list (one per seed) is drawn as mean ± standard deviation.
+
+One colour and one marker per method and teacher in every figure: :data:`METHOD_STYLES` (defined in
+:mod:`mcmi_lab.plots_common`, looked up through :func:`method_style`). The training-curve figures live in
+:mod:`mcmi_lab.plots_training`, the dose-response figure in :mod:`mcmi_lab.plots_dose`; all are importable from here.
 """
 from __future__ import annotations
 
-import math
-import os
-from collections import defaultdict
 from typing import Mapping, Sequence
 
 import torch
-from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from .stats import mean_std, paired_difference
-from .utils import atomic_write, check_choice, mpl_text
+from .plots_common import (DOSE_LABELS, MARKERS, METHOD_LABELS, METHOD_STYLES, PERCENT, TEACHER_LABELS,
+                           _class_names, _colors, _finish, _floats, _panels, method_color, method_key, method_style,
+                           save_figure)
+from .plots_dose import dose_points, plot_dose_response
+from .plots_training import CURVE_PANELS, HISTORY_UNITS, plot_fraction_curve, plot_history, plot_training_curves
+from .stats import mean_std
+from .utils import check_choice
 
 __all__ = [
+    "METHOD_STYLES",
+    "method_style",
+    "method_color",
+    "method_key",
     "save_figure",
     "plot_cmi_bars",
     "plot_per_class_cmi",
@@ -35,49 +44,8 @@ __all__ = [
     "plot_dose_response",
     "dose_points",
     "plot_fraction_curve",
+    "DOSE_LABELS", "PERCENT", "TEACHER_LABELS", "METHOD_LABELS", "CURVE_PANELS", "HISTORY_UNITS", "MARKERS",
 ]
-
-MARKERS = "osD^vP*Xh<>"
-
-
-def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 150) -> None:
-    """Write `fig` atomically; the format follows the suffix (png when there is none)."""
-    fmt = os.path.splitext(str(path))[1].lstrip(".").lower() or "png"
-    atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=dpi, bbox_inches="tight"))
-
-
-def _finish(fig: Figure, path) -> Figure:
-    if path is not None:
-        save_figure(fig, path)
-    return fig
-
-
-def _panels(n: int, size: tuple[float, float] = (4.2, 3.2), ncols: int | None = None):
-    ncols = ncols or min(n, 3)
-    nrows = math.ceil(n / ncols)
-    fig = Figure(figsize=(size[0] * ncols, size[1] * nrows), layout="constrained")
-    axes = fig.subplots(nrows, ncols, squeeze=False).flatten()
-    for ax in axes[n:]:
-        ax.set_visible(False)
-    return fig, list(axes[:n])
-
-
-def _floats(value) -> list[float]:
-    """A number, a sequence or a tensor -> list of floats."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().double().cpu().flatten().tolist()
-    if isinstance(value, (list, tuple)):
-        return [float(v) for v in value]
-    return [float(value)]
-
-
-def _colors(n: int) -> list:
-    cmap = colormaps["tab10" if n <= 10 else "tab20"]
-    return [cmap(i % cmap.N) for i in range(n)]
-
-
-def _class_names(classes, k: int) -> list[str]:
-    return [mpl_text(c) for c in classes] if classes is not None else [str(i) for i in range(k)]  # "$" literal
 
 
 # ---- CMI of teachers --------------------------------------------------------------------------------------------
@@ -88,24 +56,44 @@ BAR_LABELS = {"cmi": ("CMI", "nats"), "train_cmi": ("train CMI", "nats"), "test_
               "ece": ("top-label ECE", "fraction of samples")}
 
 
+def _train_test_note(results: Mapping[str, Mapping]) -> str:
+    """How far train CMI sits below test CMI (the mean over models of the ratio of their means), or ""."""
+    ratios = [mean_std(_floats(r["test_cmi"]))[0] / mean_std(_floats(r["train_cmi"]))[0] for r in results.values()
+              if "train_cmi" in r and "test_cmi" in r and mean_std(_floats(r["train_cmi"]))[0] > 0]
+    if not ratios or max(ratios) < 2:  # no remark where train and test CMI are alike
+        return ""
+    lo, hi = min(ratios), max(ratios)
+    times = f"{lo:.0f}×" if round(lo) == round(hi) else f"{lo:.0f}–{hi:.0f}×"
+    return (f"train CMI is {times} below test CMI (a teacher is tighter on the images it learnt from); "
+            "doses are measured on train data")
+
+
 def plot_cmi_bars(results: Mapping[str, Mapping], keys: Sequence[str] = ("cmi", "ncmi"), path=None) -> Figure:
-    """One panel per key (CMI, NCMI), one bar per model. results: name -> {"cmi": v, "ncmi": v}, v a number or
-    a list over seeds (bar = mean, error bar = std, dots = seeds)."""
+    """One panel per key (CMI, NCMI), one bar per model in its METHOD_STYLES colour. results: name -> {"cmi": v,
+    "ncmi": v}, v a number or a list over seeds (bar = mean, error bar = std, dots = seeds, said in the title).
+    With both "train_cmi" and "test_cmi" among `keys`, the title also says how far train CMI sits below test CMI."""
     names = list(results)
     fig, axes = _panels(len(keys))
+    several = False
     for ax, key in zip(axes, keys):
-        for i, (name, color) in enumerate(zip(names, _colors(len(names)))):
+        for i, name in enumerate(names):
             if key not in results[name]:
                 continue
             values = _floats(results[name][key])
             mean, std = mean_std(values)
-            ax.bar(i, mean, yerr=std if len(values) > 1 else None, color=color, capsize=4, alpha=0.85)
+            ax.bar(i, mean, yerr=std if len(values) > 1 else None, color=method_color(name), capsize=4, alpha=0.85)
             if len(values) > 1:
+                several = True
                 ax.plot([i] * len(values), values, "k.", ms=4)
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
         title, unit = BAR_LABELS.get(key, (key.replace("_", " "), ""))
         ax.set_title(title)
         ax.set_ylabel(unit or title)
+    notes = ["bars: mean over seeds; error bars: standard deviation; dots: seeds"] if several else []
+    if "train_cmi" in keys and "test_cmi" in keys and _train_test_note(results):
+        notes.append(_train_test_note(results))
+    if notes:
+        fig.suptitle("\n".join(notes), fontsize=9)
     return _finish(fig, path)
 
 
@@ -117,7 +105,8 @@ def plot_per_class_cmi(per_class: Mapping[str, torch.Tensor], classes: Sequence[
     names = _class_names(classes, k)
     fig, (ax,) = _panels(1, size=(max(6.0, 0.6 * k * max(1, len(values)) ** 0.5), 3.6))
     width = 0.8 / len(values)
-    for j, ((name, v), color) in enumerate(zip(values.items(), _colors(len(values)))):
+    for j, (name, v) in enumerate(values.items()):
+        color = method_color(name)
         ax.bar([c - 0.4 + width * (j + 0.5) for c in range(len(v))], v, width, label=name, color=color)
     ax.set_xticks(range(k), names, rotation=45, ha="right")
     ax.set_ylabel("per-class CMI (nats)")
@@ -140,7 +129,7 @@ def plot_kl_distributions(kl_a: torch.Tensor, labels_a: torch.Tensor, kl_b: torc
     k = max(int(labels.max()) + 1 for _, labels in pairs if len(labels)) if any(len(p[1]) for p in pairs) else 0
     k = len(classes) if classes is not None else k
     fig, (ax,) = _panels(1, size=(max(6.0, 0.8 * k), 3.6))
-    for (kl, labels), shift, color in zip(pairs, (-0.2, 0.2), _colors(2)):
+    for (kl, labels), shift, color in zip(pairs, (-0.2, 0.2), [method_color(n) for n in names]):
         groups = [(c + shift, kl[labels == c].numpy()) for c in range(k) if bool((labels == c).any())]
         if not groups:
             continue
@@ -159,7 +148,7 @@ def plot_kl_distributions(kl_a: torch.Tensor, labels_a: torch.Tensor, kl_b: torc
     if log:
         ax.set_yscale("symlog", linthresh=1e-3)
         ax.set_ylim(bottom=0)  # KL >= 0: no empty negative half
-    ax.legend(handles=[Patch(color=c, label=n) for n, c in zip(names, _colors(2))])
+    ax.legend(handles=[Patch(color=method_color(n), label=n) for n in names])
     return _finish(fig, path)
 
 
@@ -242,7 +231,7 @@ def plot_student_vs_teacher_cmi(points: Sequence[Mapping], path=None) -> Figure:
     optionally "method" (the KD method: one marker each); one colour per teacher."""
     teachers = list(dict.fromkeys(str(p["teacher"]) for p in points))
     methods = list(dict.fromkeys(str(p.get("method", "")) for p in points))
-    color = dict(zip(teachers, _colors(len(teachers))))
+    color = {t: method_color(t) for t in teachers}
     marker = {m: MARKERS[i % len(MARKERS)] for i, m in enumerate(methods)}
     fig, (ax,) = _panels(1, size=(5.2, 4.0))
     seen = set()
@@ -283,217 +272,4 @@ def plot_confusion(confusion: torch.Tensor, classes: Sequence[str] | None = None
     ax.set_yticks(range(k), names)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    return _finish(fig, path)
-
-
-# ---- training runs and sweeps -----------------------------------------------------------------------------------
-
-_LR_KEYS, _TIME_KEYS, _X_KEYS = ("lr", "learning_rate"), ("time", "seconds", "epoch_time"), ("epoch", "step")
-
-
-def _number(v) -> float | None:
-    if isinstance(v, bool):
-        return None
-    if isinstance(v, (int, float)):
-        return float(v)
-    if isinstance(v, torch.Tensor) and v.numel() == 1:
-        return float(v)
-    return None
-
-
-HISTORY_UNITS = {"loss": "nats per sample", "accuracy": "%", "CMI": "nats", "learning rate": "learning rate",
-                 "seconds": "seconds per epoch"}
-
-
-def plot_history(history: Sequence[Mapping], path=None) -> Figure:
-    """Training curves of a ``fit`` history (one dict per epoch): panels for the loss terms, accuracies, CMI-like
-    metrics, learning rate and epoch time, each only where such keys exist. x = "epoch" (else the record number)."""
-    keys = list(dict.fromkeys(k for r in history for k, v in r.items() if _number(v) is not None))
-    x_key = next((k for k in _X_KEYS if k in keys), None)
-    groups: dict[str, list[str]] = {"loss": [], "accuracy": [], "CMI": [], "learning rate": [], "seconds": []}
-    for k in keys:
-        if k in _X_KEYS:
-            continue
-        low = k.lower()
-        group = ("learning rate" if k in _LR_KEYS else "seconds" if k in _TIME_KEYS else
-                 "accuracy" if "acc" in low else "CMI" if "cmi" in low or "separation" in low else "loss")
-        groups[group].append(k)
-    groups = {g: ks for g, ks in groups.items() if ks}
-    fig, axes = _panels(max(1, len(groups)))
-    for ax, (group, ks) in zip(axes, groups.items()):
-        for k in ks:
-            scale = 100.0 if group == "accuracy" else 1.0  # accuracy in %, as in every table
-            pts = [(_number(r.get(x_key)) if x_key else i + 1, scale * _number(r[k])) for i, r in enumerate(history)
-                   if _number(r.get(k)) is not None]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=k.replace("_", " "))
-        ax.set_title(group)
-        ax.set_ylabel(HISTORY_UNITS[group])
-        ax.set_xlabel(x_key or "record")
-        values = [_number(r.get(k)) for r in history for k in ks]
-        if group == "learning rate" and min((v for v in values if v is not None), default=0) > 0:
-            ax.set_yscale("log")  # schedules decay by factors
-        ax.legend(fontsize=8)
-    return _finish(fig, path)
-
-
-#: Panels of plot_training_curves: record key -> (title, y label, scale).
-CURVE_PANELS = {"ce": ("cross-entropy on the training batches", "nats", 1.0),
-                "train_acc": ("training-batch accuracy", "%", 100.0),
-                "kl": ("mean KL(P_x ‖ Q_y) on the training batches", "nats", 1.0)}
-
-
-def plot_training_curves(histories: Mapping[str, Sequence[Sequence[Mapping]]], starts: Mapping[str, int] | None = None,
-                         keys: Sequence[str] = ("ce", "train_acc", "kl"), path=None) -> Figure:
-    """Training curves of several runs over seeds: histories[name] is one ``fit`` history per seed; one panel per
-    key of `keys` that some history has, one colour per name (mean over seeds, each seed faint). starts[name]: the
-    epoch the run continues from (a fine-tune after the MLL teacher's epochs), so the curves join up."""
-    starts = starts or {}
-    keys = [k for k in keys if any(k in r for runs in histories.values() for h in runs for r in h)]
-    fig, axes = _panels(max(1, len(keys)))
-    for ax, key in zip(axes, keys):
-        title, unit, scale = CURVE_PANELS.get(key, (key.replace("_", " "), "", 1.0))
-        for (name, runs), color in zip(histories.items(), _colors(len(histories))):
-            by_epoch: dict[float, list[float]] = defaultdict(list)
-            for h in runs:
-                pts = [(starts.get(name, 0) + _number(r["epoch"]), scale * _number(r[key])) for r in h
-                       if _number(r.get(key)) is not None and _number(r.get("epoch")) is not None]
-                for x, y in pts:
-                    by_epoch[x].append(y)
-                if len(runs) > 1:
-                    ax.plot([x for x, _ in pts], [y for _, y in pts], color=color, alpha=0.25, lw=0.8)
-            xs = sorted(by_epoch)
-            if xs:
-                ax.plot(xs, [sum(by_epoch[x]) / len(by_epoch[x]) for x in xs], color=color, lw=1.8, label=name)
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(unit or title)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    n_seeds = max((len(runs) for runs in histories.values()), default=0)
-    fig.suptitle("Training curves: " + ("one seed" if n_seeds < 2 else f"mean over {n_seeds} seeds (faint: each seed)"),
-                 fontsize=11)
-    return _finish(fig, path)
-
-
-def _curves(ax, rows: Sequence[Mapping], x: str, y: str, group: str | None, scale: float = 1.0) -> list[float]:
-    """Mean ± std of scale·y over rows sharing (group, x), raw rows as faint dots, one line per group; returns the
-    x values drawn."""
-    by_group: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for r in rows:
-        if _number(r.get(x)) is not None and _number(r.get(y)) is not None:
-            by_group[str(r.get(group, "")) if group else ""][_number(r[x])].append(scale * _number(r[y]))
-    for (name, points), color in zip(by_group.items(), _colors(len(by_group))):
-        xs = sorted(points)
-        stats = [mean_std(points[v]) for v in xs]
-        ax.errorbar(xs, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", ms=4, capsize=3,
-                    color=color, label=name or None)
-        for v in xs:
-            ax.plot([v] * len(points[v]), points[v], ".", color=color, alpha=0.35)
-    if group and by_group:
-        ax.legend(fontsize=8)
-    return sorted({v for points in by_group.values() for v in points})
-
-
-#: Axis labels of the dose-response metrics: words and units, never variable names.
-DOSE_LABELS = {
-    "train_cmi": "teacher train CMI (nats)",
-    "test_acc": "teacher test accuracy (%)",
-    "test_cmi": "teacher test CMI (nats)",
-    "test_ece": "teacher test ECE (%)",
-    "kl_to_posterior": "KL(P* ‖ teacher) on test (nats)",
-    "kl_to_bayes": "KL(P* ‖ teacher) on test (nats)",
-    "student_acc": "KD student test accuracy (%)",
-    "few_shot_acc": "few-shot student test accuracy (%)",
-    "zero_shot_omitted_acc": "zero-shot student, omitted class (%)",
-    "zero_shot_acc": "zero-shot student test accuracy (%)",
-}
-#: Metrics given in [0, 1] and shown in %.
-PERCENT = {"test_acc", "test_ece", "student_acc", "few_shot_acc", "zero_shot_omitted_acc", "zero_shot_acc"}
-#: the teachers' names in tables and figures
-TEACHER_LABELS = {"none": "no teacher (labels only)", "mll": "MLL", "control": "control (λ = 0)",
-                  "label_smoothing": "label smoothing", "temperature": "temperature-scaled MLL", "mcmi": "MCMI"}
-METHOD_LABELS = {"control": "control (λ = 0)", "mcmi": "MCMI (CMI target)", "label_smoothing": "label smoothing",
-                 "temperature": "temperature scaling"}
-
-
-def dose_points(rows: Sequence[Mapping], y: str, x: str = "train_cmi") -> dict[str, list[dict]]:
-    """Per method, per dose: x and y over the seeds with the mean and a 95% t interval of y, clipped to the metric's
-    range (the control, one dose, joins every method's line as its first point). rows: dose-response rows with
-    "method", "dose", "seed"."""
-    groups: dict[str, dict] = defaultdict(lambda: defaultdict(lambda: {"x": [], "y": []}))
-    for r in rows:
-        if _number(r.get(x)) is not None and _number(r.get(y)) is not None:
-            cell = groups[str(r["method"])][r.get("dose")]
-            cell["x"].append(_number(r[x]))
-            cell["y"].append(_number(r[y]) * (100.0 if y in PERCENT else 1.0))
-    out = {}
-    for method, doses in groups.items():
-        points = []
-        for dose, cell in doses.items():
-            d = paired_difference(cell["y"], [0.0] * len(cell["y"]))
-            top = 100.0 if y in PERCENT else math.inf  # every dose metric is >= 0 (and a percentage <= 100): an
-            points.append({"dose": dose, "x": mean_std(cell["x"])[0], "y": d["mean"],  # interval of 2 seeds is
-                           "low": max(d["low"], 0.0), "high": min(d["high"], top),  # clipped to what can happen
-                           "xs": cell["x"], "ys": cell["y"]})
-        out[method] = sorted(points, key=lambda p: p["x"])
-    return out
-
-
-def plot_dose_response(rows: Sequence[Mapping], ys: Sequence[str] = ("test_acc", "student_acc", "few_shot_acc",
-                                                                      "zero_shot_omitted_acc"),
-                       x: str = "train_cmi", reference: Mapping[str, float] | None = None, path=None) -> Figure:
-    """Each metric in `ys` against the teacher's train CMI, one line per method: the mean per dose with its 95%
-    interval over seeds (bars; none with one seed) and the seeds as faint dots. Shared x axis across panels. Rows
-    with ``matched`` false (a dose the method did not reach) are left out. `reference`: label -> x of a dashed
-    vertical line in every panel (e.g. the Bayes posterior's own train CMI)."""
-    rows = [r for r in rows if r.get("matched", True)]
-    n_seeds = len({r.get("seed") for r in rows})
-    present = [y for y in ys if any(_number(r.get(y)) is not None for r in rows)] or list(ys[:1])
-    fig, axes = _panels(len(present), size=(4.6, 3.6), ncols=min(len(present), 2))
-    methods = list(dict.fromkeys(str(r["method"]) for r in rows))
-    colors = dict(zip(methods, _colors(len(methods))))
-    for ax, y in zip(axes, present):
-        points = dose_points(rows, y, x)
-        control = points.pop("control", [])
-        for i, (method, pts) in enumerate(points.items()):
-            line = control + pts
-            err = [[p["y"] - p["low"] for p in line], [p["high"] - p["y"] for p in line]]
-            has_ci = all(math.isfinite(e) for side in err for e in side)
-            ax.errorbar([p["x"] for p in line], [p["y"] for p in line], yerr=err if has_ci else None,
-                        marker=MARKERS[i % len(MARKERS)], ms=5, capsize=3, color=colors[method],
-                        label=METHOD_LABELS.get(method, method))
-            for p in pts:
-                ax.plot(p["xs"], p["ys"], ".", color=colors[method], alpha=0.3)
-        for p in control:
-            ax.plot(p["xs"], p["ys"], "k.", alpha=0.3)
-            ax.plot([p["x"]], [p["y"]], "k*", ms=10, label=METHOD_LABELS["control"], zorder=5)
-        for j, (label, at) in enumerate((reference or {}).items()):
-            ax.axvline(at, color="0.4", ls="--" if j == 0 else ":", lw=1.2, label=label)
-        ax.set_xlabel(DOSE_LABELS.get(x, x))
-        ax.set_ylabel(DOSE_LABELS.get(y, y))
-        ax.grid(alpha=0.3)
-    if axes:
-        axes[0].legend(fontsize=9)
-    spread = ("one seed: no intervals" if n_seeds < 2 else f"mean and 95% interval over {n_seeds} seeds per dose")
-    fig.suptitle(f"Dose-response: {spread}", fontsize=11)
-    return _finish(fig, path)
-
-
-def plot_fraction_curve(rows: Sequence[Mapping], x: str = "fraction", y: str = "student_acc",
-                        group: str = "teacher", logx: bool = False, path=None) -> Figure:
-    """Student accuracy (in %) against the training fraction it saw (few-shot), one line per teacher, mean ± std over
-    seeds; the fractions are the ticks, written as percentages of the training data."""
-    fig, (ax,) = _panels(1, size=(5.2, 3.8))
-    xs = _curves(ax, rows, x, y, group, scale=100.0 if y in PERCENT else 1.0)
-    if logx:
-        ax.set_xscale("log")
-    if x == "fraction" and xs:
-        ax.set_xticks(xs, [f"{100 * v:g}%" for v in xs])
-        ax.minorticks_off()
-        ax.set_xlabel("share of the training data the student saw")
-    else:
-        ax.set_xlabel(DOSE_LABELS.get(x, x.replace("_", " ")))
-    ax.set_ylabel(DOSE_LABELS.get(y, y.replace("_", " ")))
-    ax.set_title("Few-shot students: accuracy by the data they saw" if x == "fraction" else "")
-    ax.grid(alpha=0.3)
     return _finish(fig, path)

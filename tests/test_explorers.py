@@ -5,6 +5,7 @@ import math
 import numpy
 import pytest
 import torch
+from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 
 from conftest import random_images, tiny_cnn
@@ -15,7 +16,7 @@ from mcmi_lab.explore import (ALL_CLASSES, class_order, concentration_figure, pr
                               teacher_figure)
 from mcmi_lab.explore_results import (available_views, load_run_results, results_figure, results_table,
                                       view_choices, zero_shot_confusions)
-from mcmi_lab.plots import dose_points
+from mcmi_lab.plots import METHOD_STYLES, dose_points
 from mcmi_lab.runs import write_results
 
 K = 4
@@ -116,6 +117,8 @@ def test_teacher_figure_draws_the_softmax_the_centroid_and_the_kl(explore, teach
             ends = torch.tensor([b.get_x() + b.get_width() for b in bars], dtype=torch.float64)
             torch.testing.assert_close(ends, probs, rtol=0, atol=1e-6)  # a bar ends at the model's softmax
             assert bars[true].get_facecolor()[:3] == (0.0, 0.0, 0.0)  # the true class in black
+            other = next(b for c, b in enumerate(bars) if c != true)  # the others in the teacher's own colour
+            assert to_hex(other.get_facecolor()) == METHOD_STYLES[name]["color"]
         ticks = _panel(fig, 1, j, 1 + len(names)).lines[0].get_xdata()
         expected = explore.centroids[name][true].clamp_min(_panel(fig, 1, 1, 3).get_xlim()[0] if log else 0.0)
         torch.testing.assert_close(torch.as_tensor(ticks, dtype=torch.float64), expected, rtol=0, atol=0)
@@ -296,6 +299,8 @@ def test_results_figure_of_every_view_draws_the_seeds_and_means(run):
     dots = [line for line in ax.lines if line.get_linestyle() == "None" and line.get_marker() == "."]
     assert sorted(dots[0].get_ydata()) == pytest.approx([71.0, 73.0])
     assert "95% interval over 2 seeds" in ax.get_title()
+    means = [line for line in ax.lines if line.get_marker() == METHOD_STYLES["mll"]["marker"]]  # its own marker
+    assert means and {to_hex(line.get_color()) for line in means} == {METHOD_STYLES["mll"]["color"]}
     confusion = results_figure(run, "zero_shot_confusion", teachers=["mcmi"])
     assert "omitted classes: 25.0% correct" in confusion.axes[0].get_title()
     red = [t.get_text() for t in confusion.axes[0].get_yticklabels() if t.get_color() == "red"]

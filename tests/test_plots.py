@@ -140,11 +140,18 @@ def test_fraction_curve_averages_seeds():
     rows = [{"teacher": t, "fraction": f, "student_acc": (acc + s) / 100, "seed": s}
             for t, acc in (("MLL", 70), ("MCMI", 72)) for f in (0.05, 0.25) for s in (0, 2)]
     (ax,) = plots.plot_fraction_curve(rows, logx=True).axes
-    means = [list(line.get_ydata()) for line in ax.lines if len(line.get_xdata()) == 2 and line.get_marker() == "o"]
+    means = [list(line.get_ydata()) for line in ax.lines if len(line.get_xdata()) == 2 and line.get_linestyle() == "-"]
     assert means == [pytest.approx([71.0, 71.0]), pytest.approx([73.0, 73.0])]  # in %, mean over the two seeds
     assert [t.get_text() for t in ax.get_xticklabels()] == ["5%", "25%"]  # the fractions, not 5×10⁻²
     assert ax.get_ylabel() == "KD student test accuracy (%)"
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["MLL", "MCMI"]
+
+
+def _means(ax, marker):
+    """y data of the errorbar mean lines drawn with `marker` (no line style: the line joining them is separate)."""
+    return [list(line.get_ydata()) for line in ax.lines if line.get_marker() == marker
+            and line.get_linestyle() == "None" and len(line.get_xdata()) and line.get_alpha() is None
+            and line.get_markersize() >= 6]
 
 
 def test_dose_response_lines_intervals_and_reference():
@@ -153,11 +160,14 @@ def test_dose_response_lines_intervals_and_reference():
     rows += [{"method": "mcmi", "dose": 0.1, "seed": s, "train_cmi": 0.1, "kl_to_bayes": 0.05 + s / 100,
               "matched": True} for s in (0, 1)]
     rows += [{"method": "label_smoothing", "dose": 0.1, "seed": 0, "train_cmi": 0.03, "kl_to_bayes": 9.0,
-              "matched": False}]  # not matched: left out
+              "matched": False}]  # not matched: in no mean, drawn hollow at its own value
     fig = plots.plot_dose_response(rows, ("kl_to_bayes",), reference={"P*": 0.2})
     (ax,) = fig.axes
-    means = [list(line.get_ydata()) for line in ax.lines if line.get_marker() == "o"]
-    assert means == [pytest.approx([0.105, 0.055])]  # control then MCMI, mean over the two seeds
+    assert _means(ax, "*") == [pytest.approx([0.105])] and _means(ax, "s") == [pytest.approx([0.055])]
+    joined = [line for line in ax.lines if line.get_linestyle() == "-" and line.get_color() == "#d62728"]
+    assert [list(line.get_ydata()) for line in joined] == [pytest.approx([0.105, 0.055])]  # the line starts at control
+    hollow = [line for line in ax.lines if line.get_markerfacecolor() == "none"]
+    assert [list(line.get_ydata()) for line in hollow] == [[9.0]]
     assert [list(line.get_xdata()) for line in ax.lines if line.get_linestyle() == "--"] == [[0.2, 0.2]]
     assert "2 seeds" in fig._suptitle.get_text() and ax.get_ylabel() == "KL(P* ‖ teacher) on test (nats)"
     one = plots.plot_dose_response([r for r in rows if r["seed"] == 0], ("kl_to_bayes",))
@@ -167,6 +177,80 @@ def test_dose_response_lines_intervals_and_reference():
              for s, a in ((0, 0.0), (1, 0.9))]
     (point,) = plots.dose_points(split, "zero_shot_omitted_acc")["mcmi"]
     assert point["y"] == pytest.approx(45.0) and point["low"] == 0.0 and point["high"] == 100.0
+    assert point["raw_high"] > 100.0 and point["raw_low"] < 0.0
+
+
+def test_dose_response_axis_from_the_data_cut_intervals_and_dropped_teachers():
+    rows = [{"method": "control", "dose": 0.0, "seed": s, "train_cmi": 0.003, "test_acc": a, "matched": True}
+            for s, a in ((0, 0.95), (1, 0.97))]  # t interval of two seeds: 96 ± 12.7 points, past the axis
+    rows += [{"method": "mcmi", "dose": 0.1, "seed": s, "train_cmi": 0.1, "test_acc": a, "matched": True}
+             for s, a in ((0, 0.956), (1, 0.956))]
+    rows += [{"method": "mcmi", "dose": 0.3, "seed": 1, "train_cmi": 0.31, "collapsed": True, "matched": False},
+             {"method": "label_smoothing", "dose": 0.1, "seed": 0, "train_cmi": 0.04, "matched": False}]
+    fig = plots.plot_dose_response(rows, ("test_acc", "student_acc"))
+    (ax,) = [a for a in fig.axes if a.get_visible()]
+    low, high = ax.get_ylim()
+    assert 94.0 < low < 95.0 and 97.0 < high < 98.0  # the 94-98% band, not 0-100 (nor the interval's ±12.7)
+    carets = [line for line in ax.lines if line.get_marker() in ("^", "v") and not line.get_clip_on()
+              and line.get_markerfacecolor() != "none"]
+    assert sorted(line.get_marker() for line in carets) == ["^", "v"]  # the control's interval, cut both sides
+    assert "cut" in fig._suptitle.get_text()
+    crosses = [line for line in ax.lines if line.get_marker() == "x"]
+    assert [float(line.get_xdata()[0]) for line in crosses] == [0.31] and crosses[0].get_color() == "#d62728"
+    floor = [line for line in ax.lines if line.get_markerfacecolor() == "none"]  # LS has no accuracy: on the floor
+    assert [(line.get_marker(), line.get_markeredgecolor()) for line in floor] == [("^", "#2ca02c")]
+    assert ax.get_xlim()[1] > 0.31  # the collapsed teacher is inside the x range
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert any(t.startswith("collapsed") for t in legend) and any(t.startswith("unmatched") for t in legend)
+
+
+def test_one_colour_and_marker_per_method_in_every_figure():
+    """Every figure draws a method in its METHOD_STYLES colour, whatever order the methods come in."""
+    styles = plots.METHOD_STYLES
+    color = lambda key: styles[key]["color"]  # noqa: E731
+    from matplotlib.colors import to_hex
+
+    hexes = lambda artists: {to_hex(a) for a in artists}  # noqa: E731
+    # bars: one per teacher, named by key or by label
+    for order in (["MCMI", "MLL", "label smoothing"], ["label smoothing", "MLL", "MCMI"]):
+        bars = plots.plot_cmi_bars({n: {"cmi": 0.1} for n in order}, ("cmi",)).axes[0].patches
+        assert [to_hex(p.get_facecolor()) for p in bars] == [color(plots.method_key(n)) for n in order]
+    per_class = plots.plot_per_class_cmi({"temperature": [0.1, 0.2], "mcmi": [0.2, 0.1]}).axes[0].patches
+    assert [to_hex(p.get_facecolor()) for p in per_class] == [color("temperature")] * 2 + [color("mcmi")] * 2
+    kl = plots.plot_kl_distributions(torch.rand(6), torch.arange(6) % 2, torch.rand(6), torch.arange(6) % 2,
+                                     names=("control", "MCMI"))
+    assert [to_hex(p.get_facecolor()) for p in kl.axes[0].get_legend().get_patches()] == [color("control"),
+                                                                                         color("mcmi")]
+    points = [{"teacher": t, "teacher_cmi": 0.1, "student_acc": 0.8} for t in ("mcmi", "mll", "label_smoothing")]
+    scatter = plots.plot_student_vs_teacher_cmi(points).axes[0].collections
+    assert [to_hex(c.get_facecolor()[0]) for c in scatter] == [color("mcmi"), color("mll"), color("label_smoothing")]
+    curves = plots.plot_training_curves({"MCMI": [[{"epoch": 1, "ce": 1.0}]], "MLL": [[{"epoch": 1, "ce": 2.0}]]})
+    assert [(to_hex(line.get_color()), line.get_marker()) for line in curves.axes[0].lines] == [
+        (color("mcmi"), styles["mcmi"]["marker"]), (color("mll"), styles["mll"]["marker"])]
+    fraction = plots.plot_fraction_curve([{"teacher": t, "fraction": 0.1, "student_acc": 0.5}
+                                          for t in ("temperature", "control")])
+    assert [to_hex(line.get_color()) for line in fraction.axes[0].lines if line.get_linestyle() == "-"] == [
+        color("temperature"), color("control")]
+    rows = [{"method": m, "dose": d, "seed": 0, "train_cmi": d + 0.01, "test_acc": 0.9, "matched": True}
+            for m, d in (("temperature", 0.05), ("mcmi", 0.1), ("label_smoothing", 0.05), ("control", 0.0))]
+    (ax,) = [a for a in plots.plot_dose_response(rows, ("test_acc",)).axes if a.get_visible()]
+    for key in ("control", "mcmi", "label_smoothing", "temperature"):
+        marks = [line for line in ax.lines if line.get_marker() == styles[key]["marker"]]
+        assert marks and hexes(line.get_color() for line in marks) == {color(key)}, key
+    # names outside the dict keep one colour whatever the order; a dose suffix keeps the method's
+    assert plots.method_style("my_teacher") == plots.method_style("my_teacher")
+    assert plots.method_style("mcmi_0.1") == styles["mcmi"]
+    assert plots.method_style("MCMI (CMI target)") == styles["mcmi"]
+    assert plots.method_key("mllx") is None and plots.method_key("label smoothing") == "label_smoothing"
+
+
+def test_cmi_bars_say_what_the_bars_are_and_how_far_train_is_below_test():
+    fig = plots.plot_cmi_bars({"MLL": {"train_cmi": [0.003, 0.003], "test_cmi": [0.09, 0.09]}},
+                              ("train_cmi", "test_cmi"))
+    text = fig._suptitle.get_text()
+    assert "standard deviation" in text and "30× below test CMI" in text and "train data" in text
+    alike = plots.plot_cmi_bars({"MLL": {"train_cmi": 0.05, "test_cmi": 0.06}}, ("train_cmi", "test_cmi"))
+    assert alike._suptitle is None  # one seed, train and test alike: nothing to say
 
 
 def test_nothing_goes_through_pyplot():
@@ -210,9 +294,17 @@ def test_training_curves_join_fine_tunes_to_the_teacher_and_average_seeds():
     mll = [[{"epoch": e, "ce": 1.0 / e + s, "train_acc": 0.5 + 0.1 * e} for e in (1, 2)] for s in (0, 1)]
     mcmi = [[{"epoch": 1, "ce": 0.2 + s, "kl": 0.3, "train_acc": 0.8}] for s in (0, 1)]
     fig = plots.plot_training_curves({"MLL": mll, "MCMI": mcmi}, starts={"MCMI": 2})
-    ce_ax, acc_ax, kl_ax = [ax for ax in fig.axes if ax.get_visible()]
+    ce_ax, acc_ax, kl_ax, ce_tune, acc_tune, kl_tune = [ax for ax in fig.axes if ax.get_visible()]
     means = [(list(line.get_xdata()), list(line.get_ydata())) for line in ce_ax.lines if line.get_lw() > 1]
     assert means == [([1, 2], [pytest.approx(1.5), pytest.approx(1.0)]), ([3], [pytest.approx(0.7)])]
     assert acc_ax.get_ylabel() == "%" and list(acc_ax.lines[-1].get_ydata()) == [pytest.approx(80.0)]
     assert [line.get_label() for line in kl_ax.lines if line.get_lw() > 1] == ["MCMI"]  # only MCMI has kl
     assert "2 seeds" in fig._suptitle.get_text()
+    # the fine-tune on its own axis: its epochs from 1, the MLL teacher's mean at epoch 2 as its start (x = 0)
+    tune = [(list(line.get_xdata()), list(line.get_ydata())) for line in ce_tune.lines if line.get_label() == "MCMI"]
+    assert tune == [([1], [pytest.approx(0.7)])]
+    start = [line for line in ce_tune.lines if line.get_label().startswith("start")]
+    assert [list(line.get_ydata()) for line in start] == [[pytest.approx(1.0)]] and list(start[0].get_xdata()) == [0]
+    assert "fine-tunes alone" in ce_tune.get_title()
+    plain = plots.plot_training_curves({"MLL": mll})  # no fine-tune: one row
+    assert len([ax for ax in plain.axes if ax.get_visible()]) == 2

@@ -339,24 +339,6 @@ def _summary_figures(rep: Report) -> list[tuple[Path | None, str]]:
     return figs
 
 
-#: run.json's keys that the report reads, with the types it accepts (anything else: one line naming the key).
-RUN_KEYS = {"pipeline": (str,), "description": (str,), "notebooks": (list,), "seeds": (list,), "parameters": (dict,),
-            "device": (str,), "started": (str,), "finished": (str,), "status": (str,), "wall_time_s": (int, float)}
-
-
-def check_run_info(run: Any, out: Path) -> dict:
-    """run.json as the report reads it, or one ValueError line naming the file, the key and what is accepted."""
-    where = repr(str(out / RUN_INFO))
-    if not isinstance(run, Mapping):
-        raise ValueError(f"{where} holds a {type(run).__name__}: expected a JSON object as mcmi-lab run writes it")
-    for key, types in RUN_KEYS.items():
-        v = run.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, types)):
-            raise ValueError(f"{where}: {key!r} is {clean_text(repr(v))[:80]} ({type(v).__name__}): expected "
-                             f"{' or '.join(t.__name__ for t in types)}; fix the file or rerun into a fresh --out")
-    return dict(run)
-
-
 def _header(rep: Report) -> None:
     run = rep.results.get("run", {})
     wall = number(run.get("wall_time_s"))
@@ -458,7 +440,6 @@ def build_report(out: str | os.PathLike) -> tuple[Path, Path]:
     results = collect_results(out)
     if not any(results["seeds"].values()):
         raise FileNotFoundError(f"run folder {str(out)!r} holds no results (expected seed_<n>/results/*.json)")
-    results["run"] = check_run_info(results["run"], out)
     write_json(out / RESULTS, results)
     rep = Report(results, out)
     for section in (_teachers, _students, _few_shot, _zero_shot, _known_bcpd, _eigencam, dose_response,

@@ -151,6 +151,8 @@ _RUN_INFO_TYPES = {
     "parameters": (lambda v: isinstance(v, dict), "an object of parameters"),
     "timings_s": (lambda v: isinstance(v, dict), "an object of timings"),
     "data": (lambda v: isinstance(v, dict), "an object (the data's fingerprint)"),
+    **{key: (lambda v: isinstance(v, str), "a string") for key in ("device", "started", "finished", "status")},
+    "wall_time_s": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number of seconds"),
 }
 
 

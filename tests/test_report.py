@@ -316,8 +316,10 @@ def test_missing_keys_strings_for_numbers_and_surrogates_render(tmp_path):
     assert _table_row(md, "| MLL |").startswith("| MLL | — |")
 
 
-@pytest.mark.parametrize("key, value, expected", [("notebooks", 5, "list"), ("wall_time_s", "600", "int or float"),
-                                                  ("parameters", ["lam"], "dict"), ("seeds", "0 1", "list")])
+@pytest.mark.parametrize("key, value, expected", [("notebooks", 5, "a list of notebook names"),
+                                                  ("wall_time_s", "600", "a number of seconds"),
+                                                  ("parameters", ["lam"], "an object of parameters"),
+                                                  ("seeds", "0 1", "a list of integers >= 0")])
 def test_run_json_of_the_wrong_shape_fails_in_one_line(tmp_path, key, value, expected):
     out = tmp_path / "run"
     write_run_info(out, {"pipeline": "demo", key: value})
@@ -325,7 +327,7 @@ def test_run_json_of_the_wrong_shape_fails_in_one_line(tmp_path, key, value, exp
     with pytest.raises(ValueError) as err:
         build_report(out)
     text = str(err.value)
-    assert "\n" not in text and text.startswith(f"{str(out / 'run.json')!r}: {key!r} is ") and \
+    assert "\n" not in text and text.startswith(f"{str(out / 'run.json')!r}: {key!r} holds a ") and \
         f"expected {expected}" in text
     (out / "run.json").write_text(json.dumps([1, 2]))
     with pytest.raises(ValueError, match=r"run.json' holds a list: expected the JSON object mcmi-lab run writes$"):

@@ -260,20 +260,37 @@ def test_compile_is_refused_where_it_cannot_pay():
         TrainConfig(compile="fast").validate()
 
 
+def _kernel_stream():
+    """A Jupyter kernel's stderr (ipykernel's OutStream) that keeps what is written instead of sending it."""
+    from ipykernel.iostream import OutStream
+
+    class KernelStream(OutStream):
+        def __init__(self):  # no session, no publishing thread
+            self._isatty, self.text = False, []
+
+        def write(self, s):
+            self.text.append(s)
+            return len(s)
+
+        def flush(self):
+            pass
+    return KernelStream()
+
+
 def test_progress_bars_are_text_bars_even_in_a_kernel(monkeypatch):
     """Widget bars leave saved views of widget models that no longer exist ("Error displaying widget: model not
-    found" when a notebook is reopened); the bar is tqdm's text bar wherever it runs."""
+    found" when a notebook is reopened); the bar is tqdm's text bar wherever it runs, in a kernel on its stream."""
     import sys
 
+    import IPython
     import tqdm.std
 
     from mcmi_lab.train import TrainConfig, _progress
 
-    import IPython
-
     class Kernel:  # what tqdm.auto takes for a Jupyter kernel (it would then give its ipywidgets bar)
         config = {"IPKernelApp": {}}
-    monkeypatch.setitem(sys.modules, "ipykernel", sys.modules.get("ipykernel") or object())
+    stream = _kernel_stream()  # not a tty: the kernel's stream is what says "JupyterLab shows the bar"
+    monkeypatch.setattr(sys, "stderr", stream)
     monkeypatch.setattr(IPython, "get_ipython", lambda: Kernel())
     for name in ("tqdm.auto", "tqdm.autonotebook"):
         monkeypatch.delitem(sys.modules, name, raising=False)
@@ -282,3 +299,25 @@ def test_progress_bars_are_text_bars_even_in_a_kernel(monkeypatch):
         assert type(bar) is tqdm.std.tqdm
     finally:
         bar.close()
+    assert any("x:   0%" in t for t in stream.text), stream.text
+
+
+@pytest.mark.parametrize("progress, shown", [("auto", False), ("off", False), ("bar", True)])
+def test_progress_to_a_file_or_pipe_is_no_bar(progress, shown, monkeypatch):
+    """stderr a file, a pipe or a capture, with ipykernel imported in the process (as in the test suite, where the
+    old check `"ipykernel" in sys.modules` gave bars before the one-line error): "auto" draws no bar, only a bar the
+    caller forces with progress="bar"."""
+    import io
+    import sys
+
+    import ipykernel.iostream  # noqa: F401  (imported, but stderr is not its stream)
+
+    from mcmi_lab.train import TrainConfig, _progress
+
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    bar = _progress(TrainConfig(progress=progress), 3, "x")
+    assert (bar is not None) is shown
+    if bar is not None:
+        bar.close()
+    assert ("\r" in stream.getvalue()) is shown

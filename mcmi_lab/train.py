@@ -99,7 +99,7 @@ def _redraws_in_place(stream) -> bool:
     """True when `stream` shows tqdm's redrawn bar as one line: a terminal, or a Jupyter kernel's stream (JupyterLab
     renders the carriage returns in place). A file, a pipe, CI or pytest's capture would keep every redraw as a line
     and the bar's last state after a one-line error, so there `progress="auto"` shows no bar (the log line remains)."""
-    kernel_io = sys.modules.get("ipykernel.iostream")  # imported is not enough (pytest imports it): it must be the stream
+    kernel_io = sys.modules.get("ipykernel.iostream")  # imported is not enough (pytest imports it): the stream must be
     if kernel_io is not None and isinstance(stream, kernel_io.OutStream):
         return True
     try:

@@ -53,8 +53,8 @@ class Objective(nn.Module):
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The batch accuracy as a 0-dim tensor (no host sync)."""
-    return (logits.argmax(1) == labels).float().mean()
+    """The batch accuracy as a 0-dim tensor (no host sync), in the default dtype (float64 when a test trains in it)."""
+    return (logits.argmax(1) == labels).to(torch.get_default_dtype()).mean()
 
 
 class MLLObjective(Objective):

@@ -52,7 +52,8 @@ class TrainConfig:
     channels_last: bool = True        # memory format of conv models (faster on CUDA and on this CPU)
     check_every: int = 50             # steps between host syncs that check for non-finite losses / collapse
     eval_every: int = 1               # epochs between evaluations on `eval_data`
-    progress: str = "auto"            # "auto" (bar in a terminal or notebook), "bar", "off"
+    progress: str = "auto"            # "auto": a bar in a terminal or a Jupyter kernel, none when stderr is a file
+                                      # or a pipe; "bar": always; "off": never
     log: bool = True                  # one plain line per epoch
     sync_bn: bool = False             # DDP: BatchNorm statistics over all ranks (CUDA only; no-op in one process)
     name: str = ""                    # what is trained ("mcmi λ=0.5", "student kd ← mcmi"): prefixes log lines and bars
@@ -94,8 +95,23 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 
 # ---- the loop ---------------------------------------------------------------------------------------------------
 
+def _redraws_in_place(stream) -> bool:
+    """True when `stream` shows tqdm's redrawn bar as one line: a terminal, or a Jupyter kernel's stream (JupyterLab
+    renders the carriage returns in place). A file, a pipe, CI or pytest's capture would keep every redraw as a line
+    and the bar's last state after a one-line error, so there `progress="auto"` shows no bar (the log line remains)."""
+    kernel_io = sys.modules.get("ipykernel.iostream")  # imported is not enough (pytest imports it): the stream must be
+    if kernel_io is not None and isinstance(stream, kernel_io.OutStream):
+        return True
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
 def _progress(cfg: TrainConfig, total: int, desc: str):
-    enabled = cfg.progress == "bar" or (cfg.progress == "auto" and (sys.stderr.isatty() or "ipykernel" in sys.modules))
+    """tqdm's text bar on stderr, or None. progress="auto": only where stderr redraws in place; "bar": always (what
+    the caller asked for; nothing in the package asks for it); "off": never."""
+    enabled = cfg.progress == "bar" or (cfg.progress == "auto" and _redraws_in_place(sys.stderr))
     if not enabled or dist_utils.rank() != 0:
         return None
     # the text bar, also in JupyterLab: tqdm's widget bar leaves a saved view of a widget model that is gone, shown

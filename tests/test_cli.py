@@ -222,13 +222,18 @@ def test_schedule_respects_needs_and_job_count():
     import time
 
     events, lock, active, peak = [], threading.Lock(), [0], [0]
+    beside = threading.Event()  # set when seed 0's 08 has started: its 01 waits for it, however slow the machine
 
     def run(seed, name):
         with lock:
             events.append(("start", seed, name))
             active[0] += 1
             peak[0] = max(peak[0], active[0])
-        time.sleep(0.05 if name == "01_teachers" else 0.01)
+        if (seed, name) == (0, "08_known_bcpd"):
+            beside.set()
+        if (seed, name) == (0, "01_teachers"):
+            assert beside.wait(timeout=600), "08 never started beside seed 0's teachers"
+        time.sleep(0.01)
         with lock:
             active[0] -= 1
             events.append(("end", seed, name))

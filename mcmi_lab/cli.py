@@ -25,7 +25,7 @@ import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from .datasets import DATASETS, data_fingerprint, fashion_mnist_root
 from .launch import add_train_command
@@ -122,9 +122,9 @@ def execute_notebook(name: str, run_dir: str | os.PathLike, parameters: Mapping,
     try:
         # the kernel's working directory through nbclient's resources, not papermill's cwd=, which chdirs this whole
         # process: with notebooks running in threads that moved the others' relative paths
-        papermill.execute_notebook(str(source), str(partial), parameters=inject, kernel_name=kernel_name,
-                                   progress_bar=False, resources={"metadata": {"path": str(source.parent)}},
-                                   engine_name=HEADLESS_ENGINE)
+        _start_again_if_the_kernel_never_answered(lambda: papermill.execute_notebook(
+            str(source), str(partial), parameters=inject, kernel_name=kernel_name, progress_bar=False,
+            resources={"metadata": {"path": str(source.parent)}}, engine_name=HEADLESS_ENGINE))
         os.replace(partial, executed)
     except PapermillExecutionError as err:
         _keep_partial(partial, executed)
@@ -141,6 +141,23 @@ def execute_notebook(name: str, run_dir: str | os.PathLike, parameters: Mapping,
         raise NotebookError(f"{name}.ipynb did not run to the end: {type(err).__name__}: {first} "
                             f"(executed notebook: {executed})") from err
     return executed
+
+
+#: how often a notebook is started when its kernel dies before answering (see below)
+KERNEL_STARTS = 3
+
+
+def _start_again_if_the_kernel_never_answered(execute: Callable[[], Any]) -> Any:
+    """`execute()`, started again (at most KERNEL_STARTS times in all) when the kernel died before it answered:
+    jupyter_client picks free ports, closes them and hands them to the new kernel, and a kernel started at the same
+    moment by another process can bind one first ("Address already in use", seen with a test suite and a run side by
+    side). No cell has run then, so starting again is safe."""
+    for start in range(1, KERNEL_STARTS + 1):
+        try:
+            return execute()
+        except RuntimeError as err:
+            if start == KERNEL_STARTS or "before replying to kernel_info" not in str(err):
+                raise
 
 
 def _keep_partial(partial: Path, executed: Path) -> None:

@@ -658,3 +658,29 @@ def test_a_lock_holding_a_reused_pid_is_taken_over_and_a_refusal_says_how_to_cle
     (out / ".run.lock").write_text(f"{live} start={int(start) + 1} host={platform.node()} 2026-01-01T00:00:00\n")
     cli.run_pipeline("smoke", out, **quiet)  # the pid now belongs to a process started at another time: stale
     assert calls == [("01_teachers", 0, 0.5)] and not (out / ".run.lock").exists()
+
+
+def test_a_kernel_that_died_before_answering_is_started_again(monkeypatch):
+    """jupyter_client's free-port race ("Address already in use" when another process starts a kernel at the same
+    moment) kills a kernel before any cell runs: the notebook is started again, at most KERNEL_STARTS times in all;
+    any other error, or a cell's error, is not retried."""
+    calls = []
+
+    def dies(times, error=RuntimeError("Kernel died before replying to kernel_info")):
+        def execute():
+            calls.append(1)
+            if len(calls) <= times:
+                raise error
+            return "ran"
+        return execute
+
+    assert cli._start_again_if_the_kernel_never_answered(dies(cli.KERNEL_STARTS - 1)) == "ran"
+    assert len(calls) == cli.KERNEL_STARTS
+    calls.clear()
+    with pytest.raises(RuntimeError, match="kernel_info"):
+        cli._start_again_if_the_kernel_never_answered(dies(cli.KERNEL_STARTS))
+    assert len(calls) == cli.KERNEL_STARTS
+    calls.clear()
+    with pytest.raises(RuntimeError, match="out of memory"):
+        cli._start_again_if_the_kernel_never_answered(dies(1, RuntimeError("out of memory")))
+    assert len(calls) == 1

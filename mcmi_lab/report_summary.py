@@ -78,12 +78,13 @@ def cell(vals: Mapping[str, float], scale: float = 1.0, digits: int = 3) -> str:
 
 def difference(a: Mapping[str, float], b: Mapping[str, float], scale: float = 1.0) -> dict | None:
     """Paired difference a − b over the seeds both have (stats.paired_difference), scaled, with ``flat``: every
-    value of both sides equal (no signal); None without pairs."""
+    value of both sides equal, and ``same``: both sides equal seed by seed (no signal either way); None without
+    pairs."""
     common = [s for s in a if s in b]
     if not common:
         return None
     xs, ys = [scale * a[s] for s in common], [scale * b[s] for s in common]
-    return {**paired_difference(xs, ys), "flat": len(set(xs + ys)) == 1}
+    return {**paired_difference(xs, ys), "flat": len(set(xs + ys)) == 1, "same": xs == ys}
 
 
 def format_difference(d: dict | None, digits: int = 2) -> str:
@@ -109,6 +110,8 @@ def _undecided(d: dict | None, span: float | None = None) -> str | None:
         return "not measured"
     if d.get("flat"):
         return "no signal (every value equal)"
+    if d.get("same"):  # e.g. two teachers of the same test accuracy in every seed: a 0 .. 0 interval decides nothing
+        return "no signal (no difference in any seed)"
     if d["n"] < 2 or math.isnan(d["low"]):
         return "no verdict (one seed: no interval)"
     if d["n"] == 2:

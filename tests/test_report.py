@@ -389,3 +389,13 @@ def test_every_paired_list_line_carries_its_verdict(tmp_path):
     m, low, high = _ci(d)
     assert (f"- fraction 1: {m:+.2f} (95% CI {low:+.2f} .. {high:+.2f}, n=3) — **not shown** (±2 points needs "
             f"{next(n for n in range(2, 12) if T_975[n - 1] * 1.0 / math.sqrt(n) <= 2)} seeds)") in section
+
+
+def test_a_pair_equal_in_every_seed_is_no_signal_not_a_verdict():
+    from mcmi_lab.report_summary import difference, verdict
+
+    same = difference({"0": 0.9, "1": 0.95, "2": 0.97}, {"0": 0.9, "1": 0.95, "2": 0.97}, scale=100.0)
+    assert (same["mean"], same["low"], same["high"]) == (0.0, 0.0, 0.0)
+    assert verdict(same) == "no signal (no difference in any seed)"
+    moved = difference({"0": 0.91, "1": 0.96, "2": 0.98}, {"0": 0.9, "1": 0.95, "2": 0.97}, scale=100.0)
+    assert verdict(moved) == "held"  # the same +1 point in every seed: an interval of zero width on one side

@@ -22,10 +22,10 @@ import time
 
 import torch
 
-from mcmi_lab.recipes import load_run_data, model_metrics
-from mcmi_lab.recipes import finetune_mcmi, train_teacher
-from mcmi_lab.stats import derive_seeds
-from mcmi_lab.objectives import StopTraining, UPDATES
+from mcmi_lab.study.recipes import load_run_data, model_metrics
+from mcmi_lab.study.recipes import finetune_mcmi, train_teacher
+from mcmi_lab.metrics.stats import derive_seeds
+from mcmi_lab.training.objectives import StopTraining, UPDATES
 from mcmi_lab.utils import write_json
 
 from .common import table

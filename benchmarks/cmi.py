@@ -2,7 +2,7 @@
 
 For every case, in one process and interleaved:
 
-* measure_cmi — ``mcmi_lab.evaluate.measure_cmi`` over the training set (streaming CMIMeter: CMI, Γ, NCMI,
+* measure_cmi — ``mcmi_lab.training.evaluate.measure_cmi`` over the training set (streaming CMIMeter: CMI, Γ, NCMI,
                 centroids, accuracy);
 * inference   — the model's forward over the same batches in the same precision and memory format, inputs already
                 normalised and resident, nothing kept: the compute limit of a pass.
@@ -18,9 +18,9 @@ import sys
 import torch
 from torch import nn
 
-from mcmi_lab.data import ImageData, batches
-from mcmi_lab.evaluate import eval_batch_size, measure_cmi, predict
-from mcmi_lab.runtime import autocast_dtype
+from mcmi_lab.data.core import ImageData, batches
+from mcmi_lab.training.evaluate import eval_batch_size, measure_cmi, predict
+from mcmi_lab.training.runtime import autocast_dtype
 
 from . import common
 

@@ -18,10 +18,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from mcmi_lab.data import ImageData
-from mcmi_lab.datasets import load_dataset
+from mcmi_lab.data.core import ImageData
+from mcmi_lab.data.registry import load_dataset
 from mcmi_lab.models import build_model
-from mcmi_lab.runtime import autocast_dtype
+from mcmi_lab.training.runtime import autocast_dtype
 from mcmi_lab.utils import get_device
 
 #: Data sets a case can use: real Fashion-MNIST (28x28x1) or random CIFAR-shaped images (32x32x3).

@@ -14,9 +14,9 @@ import sys
 import torch
 from torch import nn
 
-from mcmi_lab.data import ImageData, batches
-from mcmi_lab.train import fit
-from mcmi_lab.objectives import StopTraining
+from mcmi_lab.data.core import ImageData, batches
+from mcmi_lab.training.loop import fit
+from mcmi_lab.training.objectives import StopTraining
 
 from . import common
 

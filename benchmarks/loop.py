@@ -2,7 +2,7 @@
 
 For every case, in one process and interleaved:
 
-* fit      — one epoch of ``mcmi_lab.train.fit`` (MLL objective, batch augmentation, precision "auto", channels-last);
+* fit      — one epoch of ``mcmi_lab.training.loop.fit`` (MLL objective, batch augmentation, precision "auto", channels-last);
 * limit    — the same number of bare forward + backward + SGD steps of the same model on one resident random batch
              of the same shape, same precision and memory format: what the hardware allows;
 * usual    — RepDistiller's loop: a torchvision dataset with per-sample transforms RandomCrop(padding) +
@@ -29,10 +29,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from mcmi_lab.data import ImageData
-from mcmi_lab.datasets import fashion_mnist_root
-from mcmi_lab.train import COMPILE_MODES, fit
-from mcmi_lab.runtime import autocast_dtype
+from mcmi_lab.data.core import ImageData
+from mcmi_lab.data.registry import fashion_mnist_root
+from mcmi_lab.training.loop import COMPILE_MODES, fit
+from mcmi_lab.training.runtime import autocast_dtype
 
 from . import common
 

@@ -21,9 +21,9 @@ import sys
 
 import torch
 
-from mcmi_lab.evaluate import measure_cmi
-from mcmi_lab.train import fit
-from mcmi_lab.objectives import mcmi_objective, mll_objective
+from mcmi_lab.training.evaluate import measure_cmi
+from mcmi_lab.training.loop import fit
+from mcmi_lab.training.objectives import mcmi_objective, mll_objective
 
 from . import common
 

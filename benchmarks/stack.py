@@ -2,8 +2,8 @@
 
 For every case and every N in ``--members`` (default 4 and 8), in one process and interleaved:
 
-* sequential — N calls of ``mcmi_lab.train.fit``, one epoch each, seeds 0..N-1 (what a study does one at a time);
-* stack      — one ``mcmi_lab.stack_fit.fit_stack`` of the same N models, seeds and data: one epoch.
+* sequential — N calls of ``mcmi_lab.training.loop.fit``, one epoch each, seeds 0..N-1 (what a study does one at a time);
+* stack      — one ``mcmi_lab.training.stack_fit.fit_stack`` of the same N models, seeds and data: one epoch.
 
 Both with the same objective (``--objective``: "mll" by default; "kd" distils every member from its own copy of a
 cnn_small teacher, the study's students, whose teachers the stack fuses too), precision ("auto"), batch size and
@@ -23,10 +23,10 @@ import sys
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mcmi_lab.objectives import kd_objective, mll_objective
-from mcmi_lab.stack import stack_problem
-from mcmi_lab.stack_fit import fit_stack
-from mcmi_lab.train import TrainConfig, fit
+from mcmi_lab.training.objectives import kd_objective, mll_objective
+from mcmi_lab.training.stack import stack_problem
+from mcmi_lab.training.stack_fit import fit_stack
+from mcmi_lab.training.loop import TrainConfig, fit
 
 from . import common
 

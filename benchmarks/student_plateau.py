@@ -20,7 +20,7 @@ import time
 import torch
 
 from mcmi_lab import derive_seeds, evaluate, few_shot, load_run_data, measure_cmi, omit_classes
-from mcmi_lab.recipes import finetune_control, finetune_mcmi, train_students, train_teacher
+from mcmi_lab.study.recipes import finetune_control, finetune_mcmi, train_students, train_teacher
 
 
 def main() -> None:

@@ -5,7 +5,7 @@ fine-tune (λ = 0.5, running centroids) of the MLL teacher; KD students from eac
 (class 3; classes 0, 3, 6) students from the control and the MCMI teacher: 4 teachers and 12 students per seed, the
 same library calls the notebooks make, without papermill.
 
-By default every step trains all seeds' models of that step as one stack (:func:`mcmi_lab.stack_fit.fit_stack`:
+By default every step trains all seeds' models of that step as one stack (:func:`mcmi_lab.training.stack_fit.fit_stack`:
 each member its own data split, seed, objective and teacher; the same weights as one-at-a-time runs, to rounding,
 tests/test_stack.py): the 2·S teachers, the 2·S fine-tunes, and per data view the students of every seed.
 `--sequential` trains every model one at a time, seed after seed (the reference). Prints each step's time and the
@@ -21,14 +21,14 @@ import time
 import torch
 
 from mcmi_lab import few_shot, omit_classes
-from mcmi_lab.evaluate import evaluate
+from mcmi_lab.training.evaluate import evaluate
 from mcmi_lab.kd import build_objective
 from mcmi_lab.models import build_model
-from mcmi_lab.objectives import StopTraining, mcmi_objective, mll_objective
-from mcmi_lab.recipes import finetune_control, finetune_mcmi, load_run_data, train_student, train_teacher
-from mcmi_lab.stack_fit import fit_stack
-from mcmi_lab.stats import derive_seeds
-from mcmi_lab.train import COMPILE_MODES, TrainConfig
+from mcmi_lab.training.objectives import StopTraining, mcmi_objective, mll_objective
+from mcmi_lab.study.recipes import finetune_control, finetune_mcmi, load_run_data, train_student, train_teacher
+from mcmi_lab.training.stack_fit import fit_stack
+from mcmi_lab.metrics.stats import derive_seeds
+from mcmi_lab.training.loop import COMPILE_MODES, TrainConfig
 from mcmi_lab.utils import get_device, set_seed
 
 TEACHERS = ("mll", "label_smoothing", "control", "mcmi")

@@ -1,46 +1,48 @@
 """mcmi_lab: knowledge distillation with MCMI teachers.
 
-Where things live: ``data`` (data sets as tensors, views, batches), ``models`` (zoo + ``build_model``),
-``cmi`` (centroids, CMI, separation, NCMI, streaming meter), ``losses`` (MCMI and KD losses),
-``train`` (``fit`` and its objectives), ``evaluate`` (``predict`` and metrics), ``recipes`` (teacher, MCMI
-fine-tune, controls), ``kd`` (the KD methods and ``distill``), ``cam`` (Eigen-CAM), ``plots``, ``stats``,
-``synthetic`` (known-posterior task), ``runs``/``report`` (artifacts), ``explore``/``explore_results`` (the
-explorers' figures: what a teacher knows, a finished run's results), ``cli`` (``mcmi-lab``).
+Where things live, one sub-package per layer (lowest first; a layer imports only from those before it):
+``metrics`` (CMI, NCMI, the statistics), ``losses`` (pure MCMI, KD and feature losses), ``data`` (data sets as
+tensors, views, batches, the user's files, the synthetic task), ``models`` (zoo + ``build_model``, feature hooks),
+``training`` (``fit``, objectives, stacks, ``predict``, checkpoints), ``kd`` (the KD methods and ``distill``),
+``study`` (recipes, dose-matched teachers, pipelines, run folders, the teacher card), ``figures`` (plots,
+Eigen-CAM), ``report`` (report.md/html), ``explorers`` (widgets and the functions behind them), ``cli``
+(``mcmi-lab``).
 
-The public surface is ``__all__`` below plus the ``__all__`` of the three figure modules, ``mcmi_lab.cam``,
-``mcmi_lab.plots`` and ``mcmi_lab.widgets``, which are imported on use (they pull in grad-cam, matplotlib and
-ipywidgets): ``from mcmi_lab.cam import plot_cam_grid``. The notebooks use nothing else (tests/test_notebooks.py).
+The public surface is ``__all__`` below plus the ``__all__`` of the three figure modules, ``mcmi_lab.figures.cam``,
+``mcmi_lab.figures.plots`` and ``mcmi_lab.explorers.widgets``, which are imported on use (they pull in grad-cam,
+matplotlib and ipywidgets): ``from mcmi_lab.figures.cam import plot_cam_grid``. The notebooks use nothing else
+(tests/test_notebooks.py).
 """
 __version__ = "0.1.0"
 
-from .checkpoint import UnsafeCheckpointError, load_checkpoint, load_model, save_checkpoint, save_model
-from .cmi import (CMIMeter, class_centroids, conditional_mutual_information, kl_to_centroids, ncmi, omitted_mass,
-                  per_class_cmi, probabilities, separation)
-from .data import ImageData, batches, few_shot, from_dataset, from_tensors, omit_classes, stratified_split, subset
-from .datasets import DATASETS, load_dataset
-from .dose import (SmoothingSearch, dose_students, dose_teachers, match_label_smoothing, match_temperature, matched,
-                   save_dose_teacher)
-from .evaluate import evaluate, measure_cmi, metrics_from_logits, predict, teacher_omitted_mass
-from .explore import ExploreData, concentration_figure, prepare_explore, select_images, teacher_figure
-from .explore_results import load_run_results, results_figure, results_table
-from .features import capture, feature_shapes
+from .training.checkpoint import UnsafeCheckpointError, load_checkpoint, load_model, save_checkpoint, save_model
+from .metrics.cmi import (CMIMeter, class_centroids, conditional_mutual_information, kl_to_centroids, ncmi, omitted_mass,
+                          per_class_cmi, probabilities, separation)
+from .data.core import ImageData, batches, few_shot, from_dataset, from_tensors, omit_classes, stratified_split, subset
+from .data.registry import DATASETS, load_dataset
+from .study.dose import (SmoothingSearch, dose_students, dose_teachers, match_label_smoothing, match_temperature, matched,
+                         save_dose_teacher)
+from .training.evaluate import evaluate, measure_cmi, metrics_from_logits, predict, teacher_omitted_mass
+from .explorers.explore import ExploreData, concentration_figure, prepare_explore, select_images, teacher_figure
+from .explorers.results import load_run_results, results_figure, results_table
+from .models.features import capture, feature_shapes
 from .kd import KD_METHODS, build_objective, distill, method_hparams
-from .losses import cmim_loss, kd_loss, mcmi_loss, mse_teacher_loss, ncmi_loss
+from .losses.teacher import cmim_loss, kd_loss, mcmi_loss, mse_teacher_loss, ncmi_loss
 from .models import MODELS, build_model, cam_layer, classifier_layer, feature_layers
-from .objectives import MCMIObjective, Objective, StopTraining, kd_objective, mcmi_objective, mll_objective
+from .training.objectives import MCMIObjective, Objective, StopTraining, kd_objective, mcmi_objective, mll_objective
 from .models.wrappers import TemperatureScaled
-from .pipelines import PARAMETERS, PIPELINES, TEACHERS, omit_sets
-from .recipes import (finetune_control, finetune_label_smoothing, finetune_mcmi, finetune_mcmi_doses, finetune_teacher,
-                      load_run_data, model_metrics, temperature_scale, train_student, train_students, train_teacher)
-from .report import build_report, markdown_table
-from .report_card import format_card, inspect_checkpoint, metric_correlations, report_card
-from .runs import figure_path, load_teacher, load_teachers, read_results, save_teacher, write_results
-from .stats import brier_score, derive_seeds, expected_calibration_error, mean_std, paired_difference, spearman
-from .synthetic import SyntheticTask, kl_to_posterior
-from .stack import ModelStack, stack_models, stack_problem, unstack
-from .stack_fit import fit_stack
-from .teacher_objectives import TEACHER_OBJECTIVES, build_teacher_objective, teacher_objective_hparams
-from .train import TrainConfig, fit
+from .study.pipelines import PARAMETERS, PIPELINES, TEACHERS, omit_sets
+from .study.recipes import (finetune_control, finetune_label_smoothing, finetune_mcmi, finetune_mcmi_doses, finetune_teacher,
+                            load_run_data, model_metrics, temperature_scale, train_student, train_students, train_teacher)
+from .report.build import build_report, markdown_table
+from .study.report_card import format_card, inspect_checkpoint, metric_correlations, report_card
+from .study.runs import figure_path, load_teacher, load_teachers, read_results, save_teacher, write_results
+from .metrics.stats import brier_score, derive_seeds, expected_calibration_error, mean_std, paired_difference, spearman
+from .data.synthetic import SyntheticTask, kl_to_posterior
+from .training.stack import ModelStack, stack_models, stack_problem, unstack
+from .training.stack_fit import fit_stack
+from .training.teacher_objectives import TEACHER_OBJECTIVES, build_teacher_objective, teacher_objective_hparams
+from .training.loop import TrainConfig, fit
 from .utils import get_device, set_seed
 
 __all__ = [
@@ -73,9 +75,9 @@ __all__ = [
     # run folders and reports (what the notebooks hand each other)
     "save_teacher", "load_teacher", "load_teachers", "write_results", "read_results", "figure_path",
     "markdown_table", "build_report",
-    # exploring: what the teachers know and a finished run's results (the explorers of mcmi_lab.widgets draw these)
+    # exploring: what the teachers know and a finished run's results (the explorers of mcmi_lab.explorers.widgets draw these)
     "ExploreData", "prepare_explore", "select_images", "teacher_figure", "concentration_figure", "load_run_results",
     "results_table", "results_figure",
-    # headless runs (papermill): the notebooks' parameters and the named pipelines (mcmi_lab.cli.run_pipeline)
+    # headless runs (papermill): the notebooks' parameters and the named pipelines (mcmi_lab.cli.commands.run_pipeline)
     "PARAMETERS", "PIPELINES", "TEACHERS", "omit_sets",
 ]

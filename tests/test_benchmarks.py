@@ -16,15 +16,15 @@ from conftest import random_images, tiny_cnn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks` lives at the repository root
 
 from benchmarks import common  # noqa: E402
-from mcmi_lab.data import augment_batch  # noqa: E402
-from mcmi_lab.evaluate import iter_logits, measure_cmi, predict  # noqa: E402
+from mcmi_lab.data.core import augment_batch  # noqa: E402
+from mcmi_lab.training.evaluate import iter_logits, measure_cmi, predict  # noqa: E402
 
 RATIO_LINE = re.compile(r"^ratios: loop/limit=(\S+) loop/usual=(\S+) mcmi/mll=(\S+) cmi/infer=(\S+)$")
 
 
 def test_quick_run_ends_with_the_ratio_line(capsys):
     pytest.importorskip("torchvision")
-    from mcmi_lab.datasets import fashion_mnist_root
+    from mcmi_lab.data.registry import fashion_mnist_root
 
     try:
         fashion_mnist_root(download=False)

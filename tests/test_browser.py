@@ -54,8 +54,8 @@ def lab(tmp_path):
     from papermill.iorw import load_notebook_node
     from papermill.parameterize import parameterize_notebook
 
-    from mcmi_lab.cli import notebooks_dir
-    from mcmi_lab.pipelines import resolve_parameters
+    from mcmi_lab.cli.commands import notebooks_dir
+    from mcmi_lab.study.pipelines import resolve_parameters
 
     run_dir = tmp_path / "run"
     smoke = resolve_parameters("smoke")
@@ -129,7 +129,7 @@ EXPLORERS = [
 from torch import nn
 from IPython.display import display
 from mcmi_lab import from_tensors
-from mcmi_lab.widgets import concentration_explorer, results_explorer, teacher_explorer
+from mcmi_lab.explorers.widgets import concentration_explorer, results_explorer, teacher_explorer
 
 g = torch.Generator().manual_seed(0)
 labels = torch.arange(60) % 4
@@ -164,7 +164,7 @@ def test_each_explorer_redraws_when_a_control_changes_in_jupyterlab(lab):
     import nbformat
     from playwright.sync_api import sync_playwright
 
-    from mcmi_lab.runs import write_results
+    from mcmi_lab.study.runs import write_results
 
     base, token, folder, run_dir = lab
     results = folder / "results_run"

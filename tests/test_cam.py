@@ -10,8 +10,8 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
-from mcmi_lab import cam
-from mcmi_lab.data import from_tensors
+from mcmi_lab.figures import cam
+from mcmi_lab.data.core import from_tensors
 from mcmi_lab.models import build_model, cam_layer
 
 

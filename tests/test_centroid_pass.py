@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from conftest import random_images, tiny_cnn
-from mcmi_lab.data import batches
-from mcmi_lab.objectives import MCMIObjective, reference_centroids
+from mcmi_lab.data.core import batches
+from mcmi_lab.training.objectives import MCMIObjective, reference_centroids
 
 
 def _class_means(probs, labels, k):

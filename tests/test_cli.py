@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from mcmi_lab import cli
-from mcmi_lab.pipelines import PARAMETERS, PIPELINES, omit_sets, parse_value, resolve_parameters
-from mcmi_lab.report import build_report, markdown_table, render_html
-from mcmi_lab.runs import write_results, write_run_info
+from mcmi_lab.cli import commands as cli
+from mcmi_lab.study.pipelines import PARAMETERS, PIPELINES, omit_sets, parse_value, resolve_parameters
+from mcmi_lab.report.build import build_report, markdown_table, render_html
+from mcmi_lab.study.runs import write_results, write_run_info
 
 T_975_DF2 = 4.302652729911275  # Student t quantile 0.975 with 2 degrees of freedom (tables)
 T_975 = {1: 12.706204736, 2: T_975_DF2, 3: 3.182446305, 4: 2.776445105, 5: 2.570581836, 6: 2.446911851,
@@ -180,7 +180,7 @@ def test_parallel_notebooks_with_a_relative_out_never_move_the_working_directory
     record = ("import os, time\nfrom pathlib import Path\ntime.sleep(0.5)\n"
               "Path(run_dir, NAME + '.cwd').write_text(os.getcwd())\n")
     _tiny_notebook(books / "01_teachers.ipynb", record.replace("NAME", "'01_teachers'") + (
-        "from mcmi_lab.runs import write_results\nrows = [{'teacher': t, 'test_acc': 0.9, 'train_acc': 1.0, "
+        "from mcmi_lab.study.runs import write_results\nrows = [{'teacher': t, 'test_acc': 0.9, 'train_acc': 1.0, "
         "'train_cmi': 0.01, 'test_cmi': 0.1, 'train_ncmi': 0.1, 'test_ncmi': 0.2, 'test_ece': 0.01} "
         "for t in ('mll', 'control', 'mcmi')]\nwrite_results(run_dir, '01_teachers', {'teachers': rows})\n"))
     _tiny_notebook(books / "08_known_bcpd.ipynb", record.replace("NAME", "'08_known_bcpd'"))
@@ -579,8 +579,8 @@ def _write_ten_class_npz(path, value):
 
 
 def test_a_data_file_changed_under_the_same_path_is_refused_like_a_parameter(tmp_path, monkeypatch):
-    from mcmi_lab.datasets import data_fingerprint
-    from mcmi_lab.runs import completed
+    from mcmi_lab.data.registry import data_fingerprint
+    from mcmi_lab.study.runs import completed
     calls = []
 
     def execute(name, run_dir, parameters, kernel_name="python3"):
@@ -612,7 +612,7 @@ def test_a_data_file_changed_under_the_same_path_is_refused_like_a_parameter(tmp
 
 
 def test_only_the_seeds_run_json_names_are_merged(tmp_path):
-    from mcmi_lab.runs import collect_results, seed_dirs
+    from mcmi_lab.study.runs import collect_results, seed_dirs
     out = tmp_path / "run"
     for folder in ("seed_0", "seed_00", "seed_7"):
         write_results(out / folder, "01_teachers", {"teachers": [{"name": folder}]}, {"seed": 0})
@@ -642,7 +642,7 @@ def test_a_run_json_with_wrong_types_is_one_line(tmp_path, capsys, monkeypatch, 
 def test_a_lock_holding_a_reused_pid_is_taken_over_and_a_refusal_says_how_to_clear(tmp_path, monkeypatch):
     import os
     import platform
-    from mcmi_lab.runs import _process_start
+    from mcmi_lab.study.runs import _process_start
     calls = []
     monkeypatch.setattr(cli, "execute_notebook", _recording_execute(calls))
     out, quiet = tmp_path / "run", dict(notebooks=["01_teachers"], seeds=[0], jobs=1, echo=lambda line: None)

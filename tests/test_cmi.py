@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from mcmi_lab.cmi import (CMIMeter, class_centroids, conditional_mutual_information, kl_to_centroids, ncmi,
+from mcmi_lab.metrics.cmi import (CMIMeter, class_centroids, conditional_mutual_information, kl_to_centroids, ncmi,
                           per_class_cmi, probabilities, separation)
 
 

@@ -3,7 +3,7 @@ import torch
 
 from mcmi_lab import (ImageData, batches, few_shot, from_dataset, from_tensors, load_dataset, omit_classes,
                       stratified_split, subset)
-from mcmi_lab.data import augment_batch, epoch_generator
+from mcmi_lab.data.core import augment_batch, epoch_generator
 
 
 # ---- Fashion-MNIST (its discovery and cache, and CIFAR: tests/test_datasets.py) -----------------------------
@@ -114,7 +114,7 @@ def test_stacked_batches_are_each_members_own_batches():
     """stacked_batches (fit_stack's data path: one gather, augmentation and normalisation for N members) against
     its brute-force reference, one `batches` per member: bit-identical images, labels and indices, with two data
     sets (one of them serving two members), three seeds, with and without augmentation and the dropped tail."""
-    from mcmi_lab.data import stacked_batches
+    from mcmi_lab.data.core import stacked_batches
 
     def data(seed):
         images = torch.randint(0, 256, (37, 2, 9, 9), generator=torch.Generator().manual_seed(seed),

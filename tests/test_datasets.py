@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-import mcmi_lab.datasets as datasets_mod
+import mcmi_lab.data.registry as datasets_mod
 from mcmi_lab import DATASETS, load_dataset
-from mcmi_lab.datasets import DatasetSpec, check_dataset, dataset_classes, fashion_mnist_root
-from mcmi_lab.pipelines import PARAMETERS, resolve_parameters
+from mcmi_lab.data.registry import DatasetSpec, check_dataset, dataset_classes, fashion_mnist_root
+from mcmi_lab.study.pipelines import PARAMETERS, resolve_parameters
 
 
 # ---- Fashion-MNIST: where it is found, and a cache keyed by its source ----------------------------------------------
@@ -497,7 +497,7 @@ def test_image_folders_skip_hidden_folders_and_include_nested_ones(tmp_path):
 
 def test_class_names_with_dollars_are_drawn_as_written(tmp_path):
     """A class name `$x^$` failed notebooks 02 and 06 with "ValueError: x^" (matplotlib's math text)."""
-    from mcmi_lab.plots import plot_confusion, plot_kl_distributions, plot_output_projection, plot_per_class_cmi
+    from mcmi_lab.figures.plots import plot_confusion, plot_kl_distributions, plot_output_projection, plot_per_class_cmi
     from mcmi_lab.utils import mpl_text
     assert mpl_text("$x^$ costs 5$") == r"\$x^\$ costs 5\$" and mpl_text("plain") == "plain"
     classes = ("$x^$", "b$")

@@ -16,13 +16,13 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from conftest import random_images
-from mcmi_lab import launch
-from mcmi_lab.checkpoint import load_checkpoint, load_model
-from mcmi_lab.evaluate import evaluate, measure_cmi
+from mcmi_lab.cli import train as launch
+from mcmi_lab.training.checkpoint import load_checkpoint, load_model
+from mcmi_lab.training.evaluate import evaluate, measure_cmi
 from mcmi_lab.kd import build_objective
 from mcmi_lab.models import build_model
-from mcmi_lab.train import fit
-from mcmi_lab.objectives import Objective, kd_objective, mcmi_objective
+from mcmi_lab.training.loop import fit
+from mcmi_lab.training.objectives import Objective, kd_objective, mcmi_objective
 
 FAST = dict(progress="off", batch_size=16, precision="fp32", device="cpu")  # the same on a GPU machine
 
@@ -77,7 +77,7 @@ class Connector(Objective):
 
 
 def _worker(rank, world, port, tmp):
-    from mcmi_lab import train as train_module
+    from mcmi_lab.training import loop as train_module
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
@@ -223,7 +223,7 @@ def test_sync_bn_on_cpu_is_one_clear_line(two_ranks):
 # ---- the launcher ---------------------------------------------------------------------------------------------------
 
 def test_torchrun_launcher_trains_resumes_and_writes_on_rank_zero(tmp_path):
-    from mcmi_lab.datasets import fashion_mnist_root
+    from mcmi_lab.data.registry import fashion_mnist_root
 
     fashion_mnist_root(download=False)  # the data must be here (`make data`); fails with the three ways to get it
     out = tmp_path / "run"
@@ -254,7 +254,7 @@ def test_torchrun_launcher_trains_resumes_and_writes_on_rank_zero(tmp_path):
 def test_torchrun_command_single_and_multi_node():
     single = launch.torchrun_command(["--epochs", "5"], 4)
     assert single[1:] == ["-m", "torch.distributed.run", "--nproc_per_node=4", "--nnodes=1", "--standalone",
-                          "-m", "mcmi_lab.launch", "train", "--epochs", "5"]
+                          "-m", "mcmi_lab.cli.train", "train", "--epochs", "5"]
     multi = launch.torchrun_command(["--out", "runs/x"], 8, nnodes=2, node_rank=1, master_addr="10.0.0.1",
                                     master_port=29400)
     assert multi[3:9] == ["--nproc_per_node=8", "--nnodes=2", "--node_rank=1", "--master_addr=10.0.0.1",

@@ -9,11 +9,11 @@ from torch import nn
 
 from conftest import random_images, tiny_cnn
 from mcmi_lab import finetune_mcmi, fit, measure_cmi, subset
-from mcmi_lab.cmi import conditional_mutual_information, probabilities
-from mcmi_lab.dose import SmoothingSearch, check_target_cmi, cmi_at_temperature, match_temperature, matched
-from mcmi_lab.objectives import MCMIObjective
-from mcmi_lab.synthetic import SyntheticTask
-from mcmi_lab.stats import slope, slope_over_seeds
+from mcmi_lab.metrics.cmi import conditional_mutual_information, probabilities
+from mcmi_lab.study.dose import SmoothingSearch, check_target_cmi, cmi_at_temperature, match_temperature, matched
+from mcmi_lab.training.objectives import MCMIObjective
+from mcmi_lab.data.synthetic import SyntheticTask
+from mcmi_lab.metrics.stats import slope, slope_over_seeds
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,7 @@ def test_the_controller_step_is_the_pi_formula_with_a_ramped_set_point(monkeypat
     """λ_I ← clip(λ_I + g·e, 0, max), λ = clip(λ_I + kp·e, 0, max), e = clip((s − ĉ)/c, −2, 1), the set-point s
     ramping from the first probe's CMI to c over `ramp_updates` updates: checked step by step by hand."""
     measured = iter([0.02, 0.05, 0.12, 0.30, 0.10])
-    monkeypatch.setattr("mcmi_lab.objectives.measure_cmi",
+    monkeypatch.setattr("mcmi_lab.training.objectives.measure_cmi",
                         lambda model, data: {"cmi": next(measured), "accuracy": 1.0})
     obj = MCMIObjective(target_cmi=0.2, control_gain=0.1, control_kp=0.5, ramp_updates=4, max_lam=3.0)
     start, c, lam_i, seen = 0.02, 0.2, 0.0, []
@@ -189,7 +189,7 @@ def test_slope_and_its_interval_over_seeds_by_hand():
 def test_a_teacher_that_has_taught_a_student_can_still_be_fine_tuned(converged):
     """Distilling freezes a teacher in place (requires_grad off); the fine-tune recipes train a copy with all its
     parameters, and leave the teacher as it was."""
-    from mcmi_lab.recipes import finetune_control, finetune_label_smoothing, train_student
+    from mcmi_lab.study.recipes import finetune_control, finetune_label_smoothing, train_student
 
     model, data = converged
     teacher = copy.deepcopy(model)
@@ -240,7 +240,7 @@ def test_a_fine_tune_below_the_floor_at_every_epoch_is_collapsed(converged):
 
 
 def test_the_guard_stops_on_the_eval_mode_probe_not_the_training_batches(converged):
-    from mcmi_lab.objectives import StopTraining
+    from mcmi_lab.training.objectives import StopTraining
 
     model, data = converged
     with pytest.raises(StopTraining, match="eval-mode probe accuracy fell"):
@@ -254,7 +254,7 @@ def test_the_guard_stops_on_the_eval_mode_probe_not_the_training_batches(converg
 def test_dose_teachers_returns_collapsed_teachers_as_rows():
     """Every fine-tune broken in eval mode: the control and label smoothing are collapsed by their final pass, the
     MCMI dose by its epochs (4 steps: no probe, so no guard); temperature scaling cannot be."""
-    from mcmi_lab.dose import dose_teachers
+    from mcmi_lab.study.dose import dose_teachers
 
     torch.manual_seed(0)
     data = random_images(n=128, k=4, size=12)
@@ -275,8 +275,8 @@ def test_dose_teachers_returns_collapsed_teachers_as_rows():
     ([0.1, -0.2], r"doses=\[0.1, -0.2\] is not accepted"),
 ])
 def test_doses_must_be_a_list(converged, doses, match):
-    from mcmi_lab.dose import dose_teachers
-    from mcmi_lab.recipes import finetune_mcmi_doses
+    from mcmi_lab.study.dose import dose_teachers
+    from mcmi_lab.study.recipes import finetune_mcmi_doses
 
     model, data = converged
     with pytest.raises(ValueError, match=match):
@@ -286,8 +286,8 @@ def test_doses_must_be_a_list(converged, doses, match):
 
 
 def test_lam_beside_doses_is_refused_in_one_line(converged):
-    from mcmi_lab.dose import dose_teachers
-    from mcmi_lab.recipes import finetune_mcmi_doses
+    from mcmi_lab.study.dose import dose_teachers
+    from mcmi_lab.study.recipes import finetune_mcmi_doses
 
     model, data = converged
     match = r"lam=0.2 is not accepted beside doses: each dose is a CMI target"
@@ -323,7 +323,7 @@ def test_omitted_mass_against_a_loop():
 
 def test_the_card_carries_the_omitted_mass(converged):
     from mcmi_lab import omitted_mass, predict, report_card
-    from mcmi_lab.report_card import TEACHER_METRICS, format_card
+    from mcmi_lab.study.report_card import TEACHER_METRICS, format_card
 
     model, data = converged
     card = report_card(model, data, data, omitted=[1], temperature=4.0)

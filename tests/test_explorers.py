@@ -1,4 +1,4 @@
-"""The explorers' plain functions (mcmi_lab.explore, mcmi_lab.explore_results) on tiny teachers and a hand-written
+"""The explorers' plain functions (mcmi_lab.explorers.explore, mcmi_lab.explorers.results) on tiny teachers and a hand-written
 run folder, and the ipywidgets layer calling them (no browser: tests/test_browser.py drives JupyterLab)."""
 import math
 
@@ -9,15 +9,15 @@ from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 
 from conftest import random_images, tiny_cnn
-from mcmi_lab.cam import eigen_cams
-from mcmi_lab.cmi import class_centroids, kl_to_centroids, per_class_cmi
-from mcmi_lab.evaluate import predict
-from mcmi_lab.explore import (ALL_CLASSES, class_order, concentration_figure, prepare_explore, select_images,
+from mcmi_lab.figures.cam import eigen_cams
+from mcmi_lab.metrics.cmi import class_centroids, kl_to_centroids, per_class_cmi
+from mcmi_lab.training.evaluate import predict
+from mcmi_lab.explorers.explore import (ALL_CLASSES, class_order, concentration_figure, prepare_explore, select_images,
                               teacher_figure)
-from mcmi_lab.explore_results import (available_views, load_run_results, results_figure, results_table,
+from mcmi_lab.explorers.results import (available_views, load_run_results, results_figure, results_table,
                                       view_choices, zero_shot_confusions)
-from mcmi_lab.plots import METHOD_STYLES, dose_points
-from mcmi_lab.runs import write_results
+from mcmi_lab.figures.plots import METHOD_STYLES, dose_points
+from mcmi_lab.study.runs import write_results
 
 K = 4
 NAMES = ("mll", "control", "mcmi")
@@ -324,7 +324,7 @@ def test_results_refuse_unknown_views_teachers_and_methods(run):
 
 def test_explorers_redraw_through_the_plain_functions(explore, run):
     pytest.importorskip("ipywidgets")
-    from mcmi_lab.widgets import concentration_explorer, results_explorer, teacher_explorer
+    from mcmi_lab.explorers.widgets import concentration_explorer, results_explorer, teacher_explorer
 
     box = teacher_explorer(explore)
     label, among, pick = box.children[0].children

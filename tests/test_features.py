@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from mcmi_lab.features import capture, feature_shapes
+from mcmi_lab.models.features import capture, feature_shapes
 from mcmi_lab.models import build_model, classifier_layer, feature_layers
 
 

@@ -6,14 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mcmi_lab.data import from_tensors
+from mcmi_lab.data.core import from_tensors
 from mcmi_lab.kd import KD_METHODS, CTKDObjective, ReviewKDObjective, build_objective
 from mcmi_lab.kd.logit import ctkd_lambda
-from mcmi_lab.kd_losses import hcl_loss, kdsvd_loss
-from mcmi_lab.logit_losses import ctkd_temperature, dist_loss, gradient_reversal, mlkd_loss, standardize_logits
-from mcmi_lab.losses import kd_loss
+from mcmi_lab.losses.feature import hcl_loss, kdsvd_loss
+from mcmi_lab.losses.logit import ctkd_temperature, dist_loss, gradient_reversal, mlkd_loss, standardize_logits
+from mcmi_lab.losses.teacher import kd_loss
 from mcmi_lab.models import build_model, classifier_layer, feature_layers
-from mcmi_lab.train import fit
+from mcmi_lab.training.loop import fit
 
 
 def rand(*shape, seed=0):

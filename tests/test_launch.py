@@ -4,8 +4,8 @@ import re
 
 import pytest
 
-from mcmi_lab import cli
-from mcmi_lab.checkpoint import load_model, save_model
+from mcmi_lab.cli import commands as cli
+from mcmi_lab.training.checkpoint import load_model, save_model
 from mcmi_lab.kd import KD_METHODS
 from mcmi_lab.models import build_model
 from mcmi_lab.utils import set_seed

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mcmi_lab.cmi import CMIMeter, class_centroids, conditional_mutual_information
-from mcmi_lab.losses import kd_loss, kl_to_centroids_loss, mcmi_loss
+from mcmi_lab.metrics.cmi import CMIMeter, class_centroids, conditional_mutual_information
+from mcmi_lab.losses.teacher import kd_loss, kl_to_centroids_loss, mcmi_loss
 
 
 def test_kd_loss_zero_on_identical_logits_and_matches_formula():

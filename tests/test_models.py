@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from mcmi_lab.features import capture
+from mcmi_lab.models.features import capture
 from mcmi_lab.models import MODELS, build_model, cam_layer, classifier_layer, feature_layers
 from mcmi_lab.models.shufflenetv1 import channel_shuffle
 from mcmi_lab.models.shufflenetv2 import BasicBlock as ShuffleV2Block

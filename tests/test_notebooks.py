@@ -11,9 +11,9 @@ import nbformat
 import papermill
 import pytest
 
-from mcmi_lab.cli import execute_notebook, notebooks_dir
-from mcmi_lab.pipelines import NOTEBOOKS, PARAMETERS, resolve_parameters
-from mcmi_lab.runs import load_teacher, read_results, teacher_path
+from mcmi_lab.cli.commands import execute_notebook, notebooks_dir
+from mcmi_lab.study.pipelines import NOTEBOOKS, PARAMETERS, resolve_parameters
+from mcmi_lab.study.runs import load_teacher, read_results, teacher_path
 
 ALL = ("00_quickstart",) + NOTEBOOKS + ("09_own_data",)
 
@@ -41,7 +41,7 @@ def test_notebook_structure(name):
 
 
 #: The public surface a notebook may import from: mcmi_lab's __all__ and the figure modules' __all__.
-PUBLIC = ("mcmi_lab", "mcmi_lab.cam", "mcmi_lab.plots", "mcmi_lab.widgets")
+PUBLIC = ("mcmi_lab", "mcmi_lab.figures.cam", "mcmi_lab.figures.plots", "mcmi_lab.explorers.widgets")
 
 
 def undeclared_imports(source: str) -> list[str]:
@@ -79,8 +79,8 @@ def test_notebooks_import_only_declared_public_names(name):
 
 
 def test_the_public_name_check_catches_an_undeclared_import():
-    assert undeclared_imports("from mcmi_lab.pipelines import load_run_data") == ["mcmi_lab.pipelines.load_run_data"]
-    assert undeclared_imports("from mcmi_lab.plots import _finish") == ["mcmi_lab.plots._finish"]
+    assert undeclared_imports("from mcmi_lab.study.pipelines import load_run_data") == ["mcmi_lab.study.pipelines.load_run_data"]
+    assert undeclared_imports("from mcmi_lab.figures.plots import _finish") == ["mcmi_lab.figures.plots._finish"]
     assert undeclared_imports("import mcmi_lab as ml\nml.fit\nml.kd_losses") == ["mcmi_lab.kd_losses"]
     assert undeclared_imports("%matplotlib inline\nfrom mcmi_lab import fit, predict") == []
 
@@ -246,7 +246,7 @@ def test_07_dose_response(run):
 
 
 def test_08_known_bcpd(run):
-    from mcmi_lab.synthetic import bayes_accuracy
+    from mcmi_lab.data.synthetic import bayes_accuracy
 
     run_dir, results, params = _execute(run, "08_known_bcpd")
     rows = {r["teacher"]: r for r in results["known_bcpd"]}
@@ -268,7 +268,7 @@ def test_08_known_bcpd(run):
 
 
 def test_report_of_the_smoke_run(run):
-    from mcmi_lab.report import build_report
+    from mcmi_lab.report.build import build_report
 
     out = run[0]
     md, page = build_report(out)
@@ -292,7 +292,7 @@ def test_report_of_the_smoke_run(run):
 
 def test_broken_parameter_fails_the_run_naming_notebook_and_cell(tmp_path):
     exe = Path(sys.executable).with_name("mcmi-lab")
-    cmd = [str(exe)] if exe.is_file() else [sys.executable, "-m", "mcmi_lab.cli"]
+    cmd = [str(exe)] if exe.is_file() else [sys.executable, "-m", "mcmi_lab.cli.commands"]
     # a value that passes the parameter check but breaks a notebook: the MLP has no feature map for Eigen-CAM
     proc = subprocess.run(cmd + ["run", "smoke", "--out", str(tmp_path / "r"), "-p", "teacher_model", "mlp",
                                  "--notebooks", "01_teachers", "04_eigencam"],

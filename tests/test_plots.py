@@ -10,8 +10,8 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
-from mcmi_lab import plots
-from mcmi_lab.data import from_tensors
+from mcmi_lab.figures import plots
+from mcmi_lab.data.core import from_tensors
 
 CLASSES = ["tee", "bag", "boot"]
 
@@ -271,7 +271,7 @@ def tiny_cnn(seed: int) -> nn.Sequential:
 
 def test_cam_explorer_builds_and_redraws():
     pytest.importorskip("ipywidgets")
-    from mcmi_lab.widgets import cam_explorer
+    from mcmi_lab.explorers.widgets import cam_explorer
 
     images = torch.randint(0, 255, (9, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     data = from_tensors(images, torch.arange(9) % 3, CLASSES)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import mcmi_lab as ml
-from mcmi_lab.datasets import DATASETS
+from mcmi_lab.data.registry import DATASETS
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

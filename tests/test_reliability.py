@@ -16,14 +16,14 @@ import torch
 
 from conftest import random_images, tiny_cnn
 from mcmi_lab import few_shot, from_tensors, omit_classes, stratified_split, subset
-from mcmi_lab.checkpoint import (UnsafeCheckpointError, load_checkpoint, load_model, load_state, save_checkpoint,
+from mcmi_lab.training.checkpoint import (UnsafeCheckpointError, load_checkpoint, load_model, load_state, save_checkpoint,
                                  save_model)
-from mcmi_lab.data import batches
-from mcmi_lab.evaluate import evaluate, measure_cmi, predict
+from mcmi_lab.data.core import batches
+from mcmi_lab.training.evaluate import evaluate, measure_cmi, predict
 from mcmi_lab.models import build_model
-from mcmi_lab.recipes import finetune_mcmi
-from mcmi_lab.train import fit
-from mcmi_lab.objectives import Objective, StopTraining, kd_objective, mcmi_objective, mll_objective
+from mcmi_lab.study.recipes import finetune_mcmi
+from mcmi_lab.training.loop import fit
+from mcmi_lab.training.objectives import Objective, StopTraining, kd_objective, mcmi_objective, mll_objective
 
 FAST = dict(progress="off", log=False, batch_size=16, precision="fp32")  # not "auto": the same test on every CPU
 NAN, INF = float("nan"), float("inf")
@@ -151,7 +151,7 @@ def test_load_model_with_a_spec_that_disagrees_names_the_shapes(tmp_path):
 
 
 def test_a_spec_claiming_millions_of_classes_is_refused_before_anything_is_allocated(tmp_path, monkeypatch):
-    import mcmi_lab.checkpoint as ckpt
+    import mcmi_lab.training.checkpoint as ckpt
 
     save_model(tmp_path / "m.pt", build_model("cnn_tiny", 10, 1))
     state = load_checkpoint(tmp_path / "m.pt")
@@ -215,10 +215,10 @@ KILL_SCRIPT = textwrap.dedent('''
     from pathlib import Path
     import torch
     from mcmi_lab import from_tensors
-    from mcmi_lab.checkpoint import save_model
+    from mcmi_lab.training.checkpoint import save_model
     from mcmi_lab.models import build_model
-    from mcmi_lab.train import fit
-    from mcmi_lab.objectives import MCMIObjective
+    from mcmi_lab.training.loop import fit
+    from mcmi_lab.training.objectives import MCMIObjective
 
     torch.set_num_threads(1)
     mode, ckpt, out, ready = sys.argv[1:5]
@@ -462,7 +462,7 @@ def test_resume_from_a_checkpoint_that_is_not_a_training_run(tmp_path):
             resume=True, **FAST)
 
 
-# ---- bad input on the command line (mcmi_lab.launch) -----------------------------------------------------------
+# ---- bad input on the command line (mcmi_lab.cli.train) -----------------------------------------------------------
 
 @pytest.mark.parametrize("argv, match", [
     (["--epochs", "0"], r"argument --epochs: --epochs=0 is not accepted: expected an integer >= 1"),
@@ -484,7 +484,7 @@ def test_resume_from_a_checkpoint_that_is_not_a_training_run(tmp_path):
     (["--master-port", "70000"], r"--master-port=70000 is not accepted: expected an integer in \[1, 65535\]"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else "")
 def test_launch_rejects_bad_values(argv, match, tmp_path, capsys, monkeypatch):
-    from mcmi_lab import launch
+    from mcmi_lab.cli import train as launch
 
     # an argument that has become valid must fail here, not train a 40-epoch teacher inside the suite
     monkeypatch.setattr(launch, "_load_data", lambda *a, **k: pytest.fail(f"{argv} was accepted: training began"))
@@ -511,14 +511,14 @@ def test_launch_rejects_bad_values(argv, match, tmp_path, capsys, monkeypatch):
       "--no-eval"], r"omitting classes \[0, 1, 2, 3, 4, 5, 6, 7, 8, 9\] is not accepted"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else "")
 def test_launch_rejects_bad_combinations(argv, match, tmp_path, capsys, monkeypatch):
-    from mcmi_lab import launch
+    from mcmi_lab.cli import train as launch
 
     if "--omit" not in argv:  # the omitted-classes check needs the data; the others must stop before it
         monkeypatch.setattr(launch, "_load_data", lambda *a, **k: pytest.fail(f"{argv} was accepted: training began"))
     monkeypatch.chdir(tmp_path)
     assert launch.main(["train", "--out", str(tmp_path / "run"), *argv]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("python -m mcmi_lab.launch train: error: ") and len(err.strip().splitlines()) == 1
+    assert err.startswith("python -m mcmi_lab.cli.train train: error: ") and len(err.strip().splitlines()) == 1
     assert re.search(match, err), err
 
 
@@ -531,7 +531,7 @@ def test_launch_rejects_bad_combinations(argv, match, tmp_path, capsys, monkeypa
 ])
 def test_launch_failures_are_one_line(case, code, match, tmp_path, capsys):
     """Errors a user meets through `mcmi-lab train` end in one line and an exit status, never a traceback."""
-    from mcmi_lab import launch
+    from mcmi_lab.cli import train as launch
 
     base = ["train", "--data", "synthetic", "--subset", "40", "--epochs", "1", "--no-eval", "--batch-size", "8"]
     out = tmp_path / "run"
@@ -557,7 +557,7 @@ def test_train_with_stderr_to_a_pipe_ends_in_the_one_line_error(tmp_path):
     argv = ["train", "--data", "synthetic", "--subset", "40", "--epochs", "1", "--no-eval", "--batch-size", "8",
             "--objective", "mcmi", "--lam", "1e30", "--lr", "1e30", "--teacher", str(tmp_path / "t.pt"),
             "--out", str(tmp_path / "run")]
-    code = f"import sys, ipykernel.iostream; from mcmi_lab.cli import main; sys.exit(main({argv!r}))"
+    code = f"import sys, ipykernel.iostream; from mcmi_lab.cli.commands import main; sys.exit(main({argv!r}))"
     proc = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           env=dict(os.environ, PYTHONWARNINGS="ignore"))
     assert proc.returncode == 1, proc.stderr
@@ -571,7 +571,7 @@ def test_report_on_corrupt_or_misshapen_results_names_the_file(tmp_path):
     (out / "seed_0" / "results").mkdir(parents=True)
     bad = out / "seed_0" / "results" / "01_teachers.json"
     bad.write_text('{"teachers": [1,')
-    from mcmi_lab.report import build_report
+    from mcmi_lab.report.build import build_report
     with pytest.raises(ValueError, match=r"results file '.*01_teachers.json' is not valid JSON"):
         build_report(out)
     bad.write_text('{"teachers": 5}')
@@ -584,7 +584,7 @@ def test_report_on_corrupt_or_misshapen_results_names_the_file(tmp_path):
 
 
 def test_launch_refuses_to_overwrite_a_run_without_resume(tmp_path, capsys):
-    from mcmi_lab import launch
+    from mcmi_lab.cli import train as launch
 
     save_checkpoint(tmp_path / "checkpoint.pt", epoch=1)
     assert launch.main(["train", "--out", str(tmp_path)]) == 2
@@ -592,7 +592,7 @@ def test_launch_refuses_to_overwrite_a_run_without_resume(tmp_path, capsys):
 
 
 def test_launch_teacher_with_other_classes(tmp_path, capsys):
-    from mcmi_lab import launch
+    from mcmi_lab.cli import train as launch
 
     save_model(tmp_path / "t.pt", build_model("cnn_tiny", 3, 1))
     argv = ["train", "--objective", "kd", "--teacher", str(tmp_path / "t.pt"), "--data", "synthetic", "--subset", "20",

@@ -8,10 +8,10 @@ import math
 
 import pytest
 
-from mcmi_lab.report import build_report, render_html
-from mcmi_lab.report_markdown import markdown_table, md_escape
-from mcmi_lab.runs import write_results, write_run_info
-from mcmi_lab.stats import seeds_for_half_width
+from mcmi_lab.report.build import build_report, render_html
+from mcmi_lab.report.markdown import markdown_table, md_escape
+from mcmi_lab.study.runs import write_results, write_run_info
+from mcmi_lab.metrics.stats import seeds_for_half_width
 
 #: Student t quantiles 0.975 by degrees of freedom (tables).
 T_975 = {1: 12.706204736, 2: 4.302652729911275, 3: 3.182446305, 4: 2.776445105, 5: 2.570581836,
@@ -392,7 +392,7 @@ def test_every_paired_list_line_carries_its_verdict(tmp_path):
 
 
 def test_a_pair_equal_in_every_seed_is_no_signal_not_a_verdict():
-    from mcmi_lab.report_summary import difference, verdict
+    from mcmi_lab.report.summary import difference, verdict
 
     same = difference({"0": 0.9, "1": 0.95, "2": 0.97}, {"0": 0.9, "1": 0.95, "2": 0.97}, scale=100.0)
     assert (same["mean"], same["low"], same["high"]) == (0.0, 0.0, 0.0)

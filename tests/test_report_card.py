@@ -1,4 +1,4 @@
-"""The teacher report card (mcmi_lab.report_card): each metric against a brute-force formula on tiny logits, the
+"""The teacher report card (mcmi_lab.study.report_card): each metric against a brute-force formula on tiny logits, the
 identities (Brier of a perfect predictor, KL to P* of P* itself), `mcmi-lab inspect` and its one-line errors, and the
 report's "which teacher metric predicts a good student?" section on hand-made results."""
 import dataclasses
@@ -10,16 +10,16 @@ import torch
 from scipy.stats import spearmanr
 from torch import nn
 
-from mcmi_lab import cli
-from mcmi_lab.checkpoint import save_checkpoint, save_model
-from mcmi_lab.data import from_tensors
+from mcmi_lab.cli import commands as cli
+from mcmi_lab.training.checkpoint import save_checkpoint, save_model
+from mcmi_lab.data.core import from_tensors
 from mcmi_lab.models import build_model
-from mcmi_lab.recipes import model_metrics
-from mcmi_lab.report import build_report
-from mcmi_lab.report_card import format_card, metric_correlations, report_card, split_card
-from mcmi_lab.runs import write_results, write_run_info
-from mcmi_lab.stats import brier_score, spearman
-from mcmi_lab.synthetic import SyntheticTask
+from mcmi_lab.study.recipes import model_metrics
+from mcmi_lab.report.build import build_report
+from mcmi_lab.study.report_card import format_card, metric_correlations, report_card, split_card
+from mcmi_lab.study.runs import write_results, write_run_info
+from mcmi_lab.metrics.stats import brier_score, spearman
+from mcmi_lab.data.synthetic import SyntheticTask
 
 T_975_DF2 = 4.302652729911275  # Student t quantile 0.975 with 2 degrees of freedom (tables)
 

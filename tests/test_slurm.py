@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from mcmi_lab import cli, slurm
-from mcmi_lab.runs import LOCK, live_slurm_jobs
+from mcmi_lab.cli import commands as cli
+from mcmi_lab.cli import slurm
+from mcmi_lab.study.runs import LOCK, live_slurm_jobs
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "tools" / "slurm_cluster.sh"
@@ -79,7 +80,7 @@ def _tiny_notebooks(folder: Path, bodies: dict) -> Path:
     return folder
 
 
-TEACHER_ROWS = ("from mcmi_lab.runs import write_results\n"
+TEACHER_ROWS = ("from mcmi_lab.study.runs import write_results\n"
                 "rows = [{'teacher': t, 'test_acc': 0.9, 'train_acc': 1.0, 'train_cmi': 0.01, 'test_cmi': 0.1, "
                 "'train_ncmi': 0.1, 'test_ncmi': 0.2, 'test_ece': 0.01} for t in ('mll', 'control', 'mcmi')]\n"
                 "write_results(run_dir, '01_teachers', {'teachers': rows}, {'seed': seed, 'run_dir': run_dir})\n")
@@ -107,7 +108,7 @@ def _cells_run(notebook: Path) -> int:
 
 
 def _cli(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "mcmi_lab.cli", *args], stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "mcmi_lab.cli.commands", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 
@@ -177,7 +178,7 @@ def test_job_states_from_the_queue_then_from_the_outcome_files(tmp_path):
 
 def test_the_lock_of_a_run_folder_is_held_by_its_live_slurm_jobs(tmp_path, monkeypatch):
     """Without a cluster: squeue's answer stands in for it (the cluster tests below use the real one)."""
-    from mcmi_lab import runs
+    from mcmi_lab.study import runs
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     (tmp_path / LOCK).write_text(f"{int(dead.stdout)} 2026-01-01T00:00:00\nslurm 7 8\nslurm 9\n")
@@ -272,7 +273,7 @@ def test_a_failing_notebook_names_seed_cell_error_job_and_log(slurm_cluster, tmp
 def test_a_detached_study_holds_its_folder_until_its_jobs_end(slurm_cluster, tmp_path, monkeypatch, capsys):
     books = _tiny_notebooks(tmp_path / "books", {
         "01_teachers": ["import time\ntime.sleep(3)", TEACHER_ROWS],
-        "02_concentration": ["from mcmi_lab.runs import write_results\nwrite_results(run_dir, '02_concentration', "
+        "02_concentration": ["from mcmi_lab.study.runs import write_results\nwrite_results(run_dir, '02_concentration', "
                              "{'concentration': []}, {'seed': seed, 'run_dir': run_dir})"]})
     monkeypatch.setenv(cli.NOTEBOOKS_ENV, str(books))
     out = tmp_path / "r"

@@ -18,11 +18,11 @@ import torch
 
 from conftest import random_images, tiny_cnn
 from mcmi_lab import TemperatureScaled, build_model, load_model, save_model
-from mcmi_lab.objectives import kd_objective, mcmi_objective, mll_objective
-from mcmi_lab.recipes import train_student, train_students
-from mcmi_lab.stack import ModelStack, stack_problem, unstack
-from mcmi_lab.stack_fit import fit_stack
-from mcmi_lab.train import TrainConfig, fit
+from mcmi_lab.training.objectives import kd_objective, mcmi_objective, mll_objective
+from mcmi_lab.study.recipes import train_student, train_students
+from mcmi_lab.training.stack import ModelStack, stack_problem, unstack
+from mcmi_lab.training.stack_fit import fit_stack
+from mcmi_lab.training.loop import TrainConfig, fit
 from mcmi_lab.utils import set_seed
 
 ATOL = 1e-5
@@ -331,7 +331,7 @@ def test_finetune_mcmi_doses_stacks_what_finetune_mcmi_trains_dose_by_dose(preci
     fp32, within ~1e-16 in fp64: so the exact check (ATOL, 1e-5) is made in float64 (0.0 measured: the CPU's float64
     convolutions, grouped or not, add in one order), and fp32 is held to the bound of one flip, FLIP_ATOL (measured
     7.5e-4). bf16 (its rounding is no smaller than a flip's effect) is compared over short runs, in the tests above."""
-    from mcmi_lab.recipes import finetune_mcmi, finetune_mcmi_doses
+    from mcmi_lab.study.recipes import finetune_mcmi, finetune_mcmi_doses
 
     data = _data(96)
     teacher = _teacher(data)
@@ -349,8 +349,8 @@ def test_finetune_mcmi_doses_stacks_what_finetune_mcmi_trains_dose_by_dose(preci
 
 
 def test_finetune_mcmi_doses_selects_each_members_epoch_and_falls_back():
-    from mcmi_lab.evaluate import measure_cmi
-    from mcmi_lab.recipes import finetune_mcmi, finetune_mcmi_doses
+    from mcmi_lab.training.evaluate import measure_cmi
+    from mcmi_lab.study.recipes import finetune_mcmi, finetune_mcmi_doses
 
     data = _data(96)
     teacher = _teacher(data)
@@ -378,7 +378,7 @@ def test_stacked_losses_equal_each_objectives_own_forward():
     """fit_stack's batched losses (all-MLL or all-KD stacks) against each objective's own forward on its member's
     logits: the same loss, terms and gradient, for label smoothing, temperatures and weights that differ by member;
     other mixes are left to the objectives."""
-    from mcmi_lab.stack_fit import _StackedLosses
+    from mcmi_lab.training.stack_fit import _StackedLosses
 
     g = torch.Generator().manual_seed(0)
     logits = (3 * torch.randn(3, 16, 5, generator=g)).requires_grad_(True)
@@ -409,7 +409,7 @@ def test_members_with_their_own_data_sets_take_the_one_gather_data_path(monkeypa
     """Members that agree on augmentation draw their batches through data.stacked_batches (one gather for all),
     here from two data sets (one serving two members) with their own seeds, lr, schedules and label smoothing: the
     weights and histories of separate fit runs."""
-    import mcmi_lab.stack_fit as stack_fit
+    import mcmi_lab.training.stack_fit as stack_fit
 
     calls = []
     original = stack_fit.stacked_batches
@@ -452,8 +452,8 @@ def test_stacked_doses_never_select_an_epoch_below_the_eval_mode_floor():
     training batches (batch statistics) never show either."""
     import warnings
 
-    from mcmi_lab.evaluate import measure_cmi
-    from mcmi_lab.recipes import finetune_mcmi_doses
+    from mcmi_lab.training.evaluate import measure_cmi
+    from mcmi_lab.study.recipes import finetune_mcmi_doses
 
     data = _data(96)
     teacher = _teacher(data, epochs=8)

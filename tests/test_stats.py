@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from mcmi_lab.stats import (derive_seeds, expected_calibration_error, format_mean_std, mean_std,
+from mcmi_lab.metrics.stats import (derive_seeds, expected_calibration_error, format_mean_std, mean_std,
                             paired_difference, summarize)
 
 T_0975_3 = 3.182446305284263  # Student-t quantile t_{0.975, 3}, from tables

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch.distributions import Normal
 
-from mcmi_lab.datasets import load_dataset
-from mcmi_lab.synthetic import SyntheticTask, bayes_accuracy, kl_to_posterior, load_synthetic
+from mcmi_lab.data.registry import load_dataset
+from mcmi_lab.data.synthetic import SyntheticTask, bayes_accuracy, kl_to_posterior, load_synthetic
 
 SMALL = dict(num_classes=5, size=8, channels=3, separation=2.0, sigma=0.3, seed=1)
 

@@ -7,14 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mcmi_lab import cli
-from mcmi_lab.checkpoint import load_model
-from mcmi_lab.cmi import class_centroids, conditional_mutual_information, separation
-from mcmi_lab.data import from_tensors
-from mcmi_lab.evaluate import measure_cmi
-from mcmi_lab.losses import cmim_loss, kl_to_centroids_loss, mcmi_loss, mse_teacher_loss, ncmi_loss
-from mcmi_lab.recipes import finetune_teacher, train_teacher
-from mcmi_lab.teacher_objectives import (TEACHER_OBJECTIVES, CMIMObjective, NCMIObjective, build_teacher_objective,
+from mcmi_lab.cli import commands as cli
+from mcmi_lab.training.checkpoint import load_model
+from mcmi_lab.metrics.cmi import class_centroids, conditional_mutual_information, separation
+from mcmi_lab.data.core import from_tensors
+from mcmi_lab.training.evaluate import measure_cmi
+from mcmi_lab.losses.teacher import cmim_loss, kl_to_centroids_loss, mcmi_loss, mse_teacher_loss, ncmi_loss
+from mcmi_lab.study.recipes import finetune_teacher, train_teacher
+from mcmi_lab.training.teacher_objectives import (TEACHER_OBJECTIVES, CMIMObjective, NCMIObjective, build_teacher_objective,
                                          teacher_objective_hparams)
 
 

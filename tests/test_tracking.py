@@ -4,8 +4,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import random_images, tiny_cnn
-from mcmi_lab.tracking import TensorBoardLogger, run_folder
-from mcmi_lab.train import fit
+from mcmi_lab.training.tracking import TensorBoardLogger, run_folder
+from mcmi_lab.training.loop import fit
 
 
 def _scalars(folder) -> dict[str, list[tuple[int, float]]]:

@@ -6,9 +6,9 @@ import torch
 
 from conftest import random_images, tiny_cnn
 from mcmi_lab import subset
-from mcmi_lab.evaluate import evaluate, measure_cmi, predict
-from mcmi_lab.train import TrainConfig, fit
-from mcmi_lab.objectives import MCMIObjective, Objective, StopTraining, kd_objective, mcmi_objective, mll_objective
+from mcmi_lab.training.evaluate import evaluate, measure_cmi, predict
+from mcmi_lab.training.loop import TrainConfig, fit
+from mcmi_lab.training.objectives import MCMIObjective, Objective, StopTraining, kd_objective, mcmi_objective, mll_objective
 
 FAST = dict(progress="off", log=False, batch_size=16, precision="fp32")  # not "auto": the same test on every CPU
 
@@ -212,7 +212,7 @@ def test_teacher_selection_never_reads_test_labels():
     """Poisoned test labels (reported through eval_data) leave the trained and fine-tuned teachers unchanged:
     the teacher is the last epoch's weights, never the best-test-accuracy checkpoint."""
     import dataclasses
-    from mcmi_lab.recipes import finetune_mcmi, train_teacher
+    from mcmi_lab.study.recipes import finetune_mcmi, train_teacher
     train, test = random_images(96, k=4, seed=0), random_images(48, k=4, seed=1)
     poisoned = dataclasses.replace(test, labels=(test.labels + 1) % 4)
     teachers = []
@@ -304,7 +304,7 @@ def test_progress_bars_are_text_bars_even_in_a_kernel(monkeypatch):
     import IPython
     import tqdm.std
 
-    from mcmi_lab.train import TrainConfig, _progress
+    from mcmi_lab.training.loop import TrainConfig, _progress
 
     class Kernel:  # what tqdm.auto takes for a Jupyter kernel (it would then give its ipywidgets bar)
         config = {"IPKernelApp": {}}
@@ -331,7 +331,7 @@ def test_progress_to_a_file_or_pipe_is_no_bar(progress, shown, monkeypatch):
 
     import ipykernel.iostream  # noqa: F401  (imported, but stderr is not its stream)
 
-    from mcmi_lab.train import TrainConfig, _progress
+    from mcmi_lab.training.loop import TrainConfig, _progress
 
     stream = io.StringIO()
     monkeypatch.setattr(sys, "stderr", stream)

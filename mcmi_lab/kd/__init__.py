@@ -1,9 +1,9 @@
-"""The KD methods of the CRD benchmark as objectives for :func:`mcmi_lab.train.fit`, and ``distill`` to run one.
+"""The KD methods of the CRD benchmark as objectives for :func:`mcmi_lab.training.loop.fit`, and ``distill`` to run one.
 
 Every method trains the student on ``ce_weight · CE + kd_weight · KD_T + beta · L_method`` (RepDistiller's
 ``gamma · cls + alpha · div + beta · kd``) with RepDistiller's defaults (``scripts/run_cifar_distill.sh``: CE weight 1,
 KD weight 0 and the method weight beta of each class; Hinton KD: 0.1 CE + 0.9 KD at T = 4). The method losses are
-the pure functions of :mod:`mcmi_lab.kd_losses`; the objectives only pick the features, build the connectors
+the pure functions of :mod:`mcmi_lab.losses.feature`; the objectives only pick the features, build the connectors
 (regressors, embeddings, the CRD memory bank) and weigh the terms.
 
 Where things live:
@@ -16,7 +16,7 @@ Where things live:
 - :mod:`mcmi_lab.kd.logit`: the logit methods DKD, DIST, CTKD (learnable temperature) and MLKD, and the
   ``logit_standardization`` option (also of Hinton KD);
 - :mod:`mcmi_lab.kd.contrastive`: CRD (embeddings, memory banks, negatives, NCE);
-- :mod:`mcmi_lab.kd.registry`: :data:`KD_METHODS` (with Hinton KD, :func:`mcmi_lab.objectives.kd_objective`, and
+- :mod:`mcmi_lab.kd.registry`: :data:`KD_METHODS` (with Hinton KD, :func:`mcmi_lab.training.objectives.kd_objective`, and
   the no-KD baseline ``ce``), :func:`method_hparams`, :func:`build_objective` and :func:`distill`.
 
 Tian et al., Contrastive Representation Distillation, https://arxiv.org/abs/1910.10699, and its code

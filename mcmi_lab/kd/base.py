@@ -19,12 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data import ImageData
-from ..features import capture, restoring_modes
-from ..losses import kd_loss
+from ..data.core import ImageData
+from ..models.features import capture, restoring_modes
+from ..losses.teacher import kd_loss
 from ..models import classifier_layer, feature_layers
-from ..objectives import Objective, accuracy
-from ..runtime import freeze_teacher, memory_format
+from ..training.objectives import Objective, accuracy
+from ..training.runtime import freeze_teacher, memory_format
 from ..utils import check_float
 
 # ---- features: which layers, captured by hooks ------------------------------------------------------------------

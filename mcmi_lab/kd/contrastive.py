@@ -1,6 +1,6 @@
 """Contrastive representation distillation (Tian et al., https://arxiv.org/abs/1910.10699) as RepDistiller runs
 it (github.com/HobbitLong/RepDistiller): embeddings, the memory banks, negatives drawn from the other classes and
-the NCE loss of :mod:`mcmi_lab.kd_losses` in both directions.
+the NCE loss of :mod:`mcmi_lab.losses.feature` in both directions.
 """
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import distributed as dist_utils
-from ..kd_losses import contrast_scores, crd_nce_loss
+from ..training import distributed as dist_utils
+from ..losses.feature import contrast_scores, crd_nce_loss
 from ..utils import check_float, check_int
 from .base import DistillObjective, Embed, _flat_dim
 

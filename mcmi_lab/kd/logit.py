@@ -1,7 +1,7 @@
-"""The KD methods on logits: DKD, DIST, CTKD and MLKD as objectives for :func:`mcmi_lab.train.fit` (Hinton KD is
-:class:`mcmi_lab.objectives.KDObjective`). Each calls the pure loss of :mod:`mcmi_lab.logit_losses`; the defaults
+"""The KD methods on logits: DKD, DIST, CTKD and MLKD as objectives for :func:`mcmi_lab.training.loop.fit` (Hinton KD is
+:class:`mcmi_lab.training.objectives.KDObjective`). Each calls the pure loss of :mod:`mcmi_lab.losses.logit`; the defaults
 are the authors' CIFAR-100 ones. ``logit_standardization=True`` (KD, DKD, MLKD, CTKD) Z-scores both logits first
-(Sun et al., CVPR 2024, :func:`mcmi_lab.logit_losses.standardize_logits`; for MLKD only at the instance level, as
+(Sun et al., CVPR 2024, :func:`mcmi_lab.losses.logit.standardize_logits`; for MLKD only at the instance level, as
 their ``MLKD.py``); the paper pairs it with a base
 temperature 2 and a KD weight 9 (its README), which these objectives leave to the caller.
 """
@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..logit_losses import ctkd_temperature, dist_loss, dkd_loss, mlkd_loss, standardize_logits
-from ..losses import kd_loss
-from ..objectives import Objective, accuracy
-from ..runtime import check_model_input, freeze_teacher, memory_format
+from ..losses.logit import ctkd_temperature, dist_loss, dkd_loss, mlkd_loss, standardize_logits
+from ..losses.teacher import kd_loss
+from ..training.objectives import Objective, accuracy
+from ..training.runtime import check_model_input, freeze_teacher, memory_format
 from ..utils import check_float, check_int
 
 
@@ -81,7 +81,7 @@ class DKDObjective(LogitObjective):
 
 class DISTObjective(LogitObjective):
     """DIST (Huang et al., NeurIPS 2022, https://arxiv.org/abs/2205.10536): ce_weight · CE + kd_weight ·
-    τ²(β·inter + γ·intra) (:func:`mcmi_lab.logit_losses.dist_loss`). Defaults: the authors' CIFAR-100 config
+    τ²(β·inter + γ·intra) (:func:`mcmi_lab.losses.logit.dist_loss`). Defaults: the authors' CIFAR-100 config
     (github.com/hunto/image_classification_sota, ``dist_cifar.yaml``: kd ``dist_t4``, CE weight 1, KD weight 2,
     β = γ = 1)."""
 
@@ -135,7 +135,7 @@ class CTKDObjective(LogitObjective):
 class MLKDObjective(LogitObjective):
     """Multi-level logit distillation (Jin et al., CVPR 2023): ce_weight · CE + kd_weight · the instance-, class- and
     batch-level alignment over the temperatures `temperature` and `extra_temperatures`
-    (:func:`mcmi_lab.logit_losses.mlkd_loss`), defaults those of the authors' code
+    (:func:`mcmi_lab.losses.logit.mlkd_loss`), defaults those of the authors' code
     (github.com/Jin-Ying/Multi-Level-Logit-Distillation: weights 0.1 / 0.9, T = 4 and the fixed 3, 5, 2, 6).
 
     ``logit_standardization=True`` Z-scores the logits of the instance level only; the class and batch levels take

@@ -1,7 +1,7 @@
 """The feature KD methods of the CRD benchmark but CRD (:mod:`mcmi_lab.kd.contrastive`): FitNet, AT, SP, CC, VID,
 RKD, PKT, AB, FT, FSP and NST, and mdistiller's KDSVD, as :class:`~mcmi_lab.kd.base.DistillObjective` subclasses
 (ReviewKD is in :mod:`mcmi_lab.kd.review`, the logit methods in :mod:`mcmi_lab.kd.logit`). Each picks its features,
-builds its connectors and calls the pure loss of :mod:`mcmi_lab.kd_losses`; the defaults are RepDistiller's
+builds its connectors and calls the pure loss of :mod:`mcmi_lab.losses.feature`; the defaults are RepDistiller's
 (mdistiller's for KDSVD).
 """
 from __future__ import annotations
@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kd_losses import (ab_loss, at_loss, correlation_loss, factor_loss, fsp_loss, hint_loss, kdsvd_loss, match_spatial,
-                         nst_loss, pkt_loss, rkd_loss, similarity_loss, vid_loss)
+from ..losses.feature import (ab_loss, at_loss, correlation_loss, factor_loss, fsp_loss, hint_loss, kdsvd_loss, match_spatial,
+                              nst_loss, pkt_loss, rkd_loss, similarity_loss, vid_loss)
 from ..utils import check_float, check_int
 from .base import ConvRegressor, DistillObjective, Embed, _check_same, _conv_stack, _flat_dim, _maps
 
@@ -267,7 +267,7 @@ class NSTObjective(DistillObjective):
 
 
 class KDSVDObjective(DistillObjective):
-    """KD-SVD (Lee et al., ECCV 2018) on the stage maps, mdistiller's form (:func:`mcmi_lab.kd_losses.kdsvd_loss`,
+    """KD-SVD (Lee et al., ECCV 2018) on the stage maps, mdistiller's form (:func:`mcmi_lab.losses.feature.kdsvd_loss`,
     mdistiller's ``KDSVD.py``; the RepDistiller suite has no KDSVD): the RBF relations between the leading
     singular vectors of consecutive stages. k 1, beta 1, CE weight 1. Student and teacher need equal map widths
     per stage (the singular vectors live on the width axis, as in mdistiller)."""

@@ -1,6 +1,6 @@
 """The registry of the KD methods: :data:`KD_METHODS` (name -> factory, Hinton KD being
-:func:`mcmi_lab.objectives.kd_objective` and the no-KD baseline :func:`ce_objective`), :func:`method_hparams`,
-:func:`build_objective` and :func:`distill`, which runs one method through :func:`mcmi_lab.train.fit`.
+:func:`mcmi_lab.training.objectives.kd_objective` and the no-KD baseline :func:`ce_objective`), :func:`method_hparams`,
+:func:`build_objective` and :func:`distill`, which runs one method through :func:`mcmi_lab.training.loop.fit`.
 """
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from typing import Callable, Iterable
 
 from torch import nn
 
-from ..data import ImageData
-from ..objectives import MLLObjective, Objective, kd_objective
-from ..train import TrainConfig, fit
+from ..data.core import ImageData
+from ..training.objectives import MLLObjective, Objective, kd_objective
+from ..training.loop import TrainConfig, fit
 from .base import DistillObjective
 from .contrastive import CRDObjective
 from .logit import CTKDObjective, DISTObjective, DKDObjective, MLKDObjective

@@ -2,7 +2,7 @@
 as mdistiller runs it (``ReviewKD.py``): the student's stage maps and pooled vector, deepest first, pass through
 attention-based fusion (ABF) modules that merge each level with the residual of the deeper one; the outputs are
 compared with the teacher's pre-ReLU stage maps and pooled vector by the hierarchical context loss
-(:func:`mcmi_lab.kd_losses.hcl_loss`).
+(:func:`mcmi_lab.losses.feature.hcl_loss`).
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kd_losses import hcl_loss
+from ..losses.feature import hcl_loss
 from ..utils import check_int
 from .base import DistillObjective, _zoo_layers
 

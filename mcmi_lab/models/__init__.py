@@ -1,7 +1,7 @@
 """The model zoo: RepDistiller / CRD CIFAR architectures, two small CNNs and an MLP, built by name.
 
 Every model maps images (B, C, H, W) to logits (B, K) and nothing else; intermediate features come from
-forward hooks (:func:`mcmi_lab.features.capture`) on the module names that :func:`feature_layers`,
+forward hooks (:func:`mcmi_lab.models.features.capture`) on the module names that :func:`feature_layers`,
 :func:`classifier_layer` and :func:`cam_layer` return. Tian et al., Contrastive Representation Distillation,
 https://arxiv.org/abs/1910.10699, and its code (github.com/HobbitLong/RepDistiller) define the zoo: the
 models here match it layer for layer (same parameter counts, same module names, so its checkpoints load),

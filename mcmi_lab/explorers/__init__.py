@@ -1,0 +1,1 @@
+"""Interactive explorers: the teacher explorer, the results explorer and their widgets."""

@@ -1,0 +1,1 @@
+"""Figures: plots and Eigen-CAM."""

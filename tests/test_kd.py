@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mcmi_lab import kd_losses as L
+from mcmi_lab.losses import feature as L
 from mcmi_lab.losses.logit import dkd_loss
 from mcmi_lab.data.core import from_tensors
 from mcmi_lab.kd import KD_METHODS, CRDObjective, distill, build_objective, method_hparams

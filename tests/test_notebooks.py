@@ -11,6 +11,7 @@ import nbformat
 import papermill
 import pytest
 
+from mcmi_lab import load_checkpoint
 from mcmi_lab.cli.commands import execute_notebook, notebooks_dir
 from mcmi_lab.study.pipelines import NOTEBOOKS, PARAMETERS, resolve_parameters
 from mcmi_lab.study.runs import load_teacher, read_results, teacher_path
@@ -175,6 +176,9 @@ def test_01_teachers(run):
     assert results["meta"]["parameters"]["lam"] == run[2]["lam"]
     assert results["data"]["name"] == "fashion-mnist" and results["data"]["classes"][0] == "T-shirt/top"
     assert results["data"]["image"] == [1, 28, 28] and results["data"]["train_size"] > 0
+    # headless: the MLL teacher's training is checkpointed every epoch, so that a stopped run continues (issue 30)
+    state = load_checkpoint(run_dir / "checkpoints" / "train_mll.ckpt")
+    assert state["epoch"] == run[2]["teacher_epochs"] and len(state["history"]) == run[2]["teacher_epochs"]
 
 
 def test_02_concentration(run):

@@ -194,7 +194,7 @@ def judged(d: dict | None, digits: int = 2, sign: int = 1, effect: float | None 
     if d is None:
         return "—"
     extra = [paper_check(d, effect)]
-    n = seeds_needed(d) if points else None
+    n = seeds_needed(d) if points and not verdict(d, sign).startswith("no signal") else None  # no spread to size
     if n is not None:
         extra.append(f"±2 points needs {n} seeds")
     tail = "; ".join(e for e in extra if e)
